@@ -1,0 +1,179 @@
+"""Per-token log-probs of chosen tokens from hidden states, without materializing [N x V] logits.
+
+This file is the specification of the op and its CPU path. For hidden states ``H (N, d)``, the lm_head
+weight ``W (V, d)`` (optional bias ``b (V,)``, optional LoRA factors ``A (r, d)``, ``B (V, r)``, scale
+``s``), targets ``y (N,)`` and temperature ``T``:
+
+    z      = (H W^T + b + s (H A^T) B^T) / T                      # (N, V), never stored whole
+    lse    = logsumexp(z, -1)                                      # (N,)
+    logp   = z[y] - lse                                            # (N,)
+    ent    = lse - sum_j p_j z_j,      p = softmax(z)              # (N,) entropy
+    kl     = k1: logp - ref | k2: (logp - ref)^2 / 2 | k3: exp(ref - logp) - (ref - logp) - 1
+
+Backward, with upstream gradients ``g_lp, g_ent, g_kl`` (N,):
+
+    g      = g_lp + g_kl * dkl/dlogp          # k1: 1, k2: logp - ref, k3: 1 - exp(ref - logp)
+    dz_j   = g (1[j = y] - p_j) - g_ent p_j (log p_j + ent)
+    dX     = dz / T                               (X = pre-temperature logits)
+    dH     = dX W + s (dX B) A ;  dW = dX^T H ;  db = sum_n dX ;  dB = s dX^T (H A^T) ;  dA = s (dX B)^T H
+
+Tokens are processed in chunks: forward keeps only ``lse`` (plus the outputs); backward recomputes each
+chunk's logits. Weight-side gradients are only computed (and their ``V x d`` buffers only allocated)
+when the corresponding input requires grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+_CHUNK_ELEMENTS = 1 << 22  # logits elements per chunk (16 MiB in fp32)
+
+
+@dataclass
+class LogProbOutput:
+    logps: torch.Tensor  # (N,) float32
+    entropy: torch.Tensor | None = None  # (N,) float32, when requested
+    kl: torch.Tensor | None = None  # (N,) float32, when ref_logps was given
+
+
+def kl_from_logps(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from sampled-token log-probs (Schulman's k1/k2/k3)."""
+    delta = ref_logps - logps
+    if estimator == "k1":
+        return -delta
+    if estimator == "k2":
+        return 0.5 * delta * delta
+    if estimator == "k3":
+        return torch.exp(delta) - delta - 1.0
+    raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+def _dkl_dlogp(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    delta = ref_logps - logps
+    if estimator == "k1":
+        return torch.ones_like(logps)
+    if estimator == "k2":
+        return -delta
+    return 1.0 - torch.exp(delta)  # k3
+
+
+def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
+                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False) -> LogProbOutput:
+    """Full-logits implementation (materializes N x V). Independent check for tests and benchmarks."""
+    logits = hidden.float() @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    if lora_a is not None:
+        logits = logits + lora_scale * (hidden.float() @ lora_a.float().T) @ lora_b.float().T
+    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    logps = logp_all.gather(-1, targets[:, None].long()).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
+    kl = kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None else None
+    return LogProbOutput(logps, ent, kl)
+
+
+def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature):
+    """Pre-temperature logits of one chunk (fp32) and the LoRA projection (for backward)."""
+    x = (h @ weight.T).float()  # (c, V); half inputs multiply in their dtype, accumulate fp32 after
+    u = None
+    if bias is not None:
+        x += bias.float()
+    if lora_a is not None:
+        u = h @ lora_a.T  # (c, r)
+        x += scale * (u @ lora_b.T).float()
+    return x / temperature if temperature != 1.0 else x, u
+
+
+class ChunkedLogProbs(torch.autograd.Function):
+    """autograd.Function: forward saves H, W (by reference), targets and per-token lse/logp/entropy."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
+                kl_estimator, chunk_size):
+        N = hidden.shape[0]
+        dev = hidden.device
+        lse = torch.empty(N, device=dev, dtype=torch.float32)
+        logps = torch.empty_like(lse)
+        ent = torch.empty_like(lse)
+        with torch.no_grad():
+            for s in range(0, N, chunk_size):
+                e = min(N, s + chunk_size)
+                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature)
+                m = torch.logsumexp(z, dim=-1)  # (c,)
+                lse[s:e] = m
+                logps[s:e] = z.gather(-1, targets[s:e, None].long()).squeeze(-1) - m
+                p = torch.softmax(z, dim=-1)
+                ent[s:e] = m - (p * z).sum(-1)
+        kl = (kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None
+              else torch.zeros_like(logps))
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent)
+        ctx.cfg = (lora_scale, temperature, kl_estimator, chunk_size)
+        return logps, ent, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_kl):
+        hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent = ctx.saved_tensors
+        scale, temperature, estimator, chunk = ctx.cfg
+        need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        N = hidden.shape[0]
+        g = torch.zeros_like(logps) if g_lp is None else g_lp.float()
+        if g_kl is not None and ref_logps is not None:
+            g = g + g_kl.float() * _dkl_dlogp(logps, ref_logps.float(), estimator)
+        g_ent = None if g_ent is None or not torch.any(g_ent != 0) else g_ent.float()
+
+        dH = torch.empty_like(hidden) if need_h else None
+        dW = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
+        db = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
+        dA = torch.zeros(lora_a.shape, device=hidden.device, dtype=torch.float32) if need_a else None
+        dB = torch.zeros(lora_b.shape, device=hidden.device, dtype=torch.float32) if need_bb else None
+        for s in range(0, N, chunk):
+            e = min(N, s + chunk)
+            h = hidden[s:e]
+            z, u = _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature)
+            logp_all = z - lse[s:e, None]
+            p = logp_all.exp()  # softmax, (c, V)
+            dz = p.mul_(-g[s:e, None])  # g * (-p), in place over p
+            dz.scatter_add_(-1, targets[s:e, None].long(), g[s:e, None])  # + g at the target
+            if g_ent is not None:
+                dz -= g_ent[s:e, None] * logp_all.exp() * (logp_all + ent[s:e, None])
+            if temperature != 1.0:
+                dz /= temperature
+            dzc = dz.to(weight.dtype)
+            if need_h:
+                dh = dzc @ weight
+                if lora_a is not None:
+                    dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
+                dH[s:e] = dh.to(hidden.dtype)
+            if need_w:
+                dW += dz.T @ h.float()
+            if need_b:
+                db += dz.sum(0)
+            if need_bb:
+                dB += scale * (dz.T @ u.float())
+            if need_a:
+                dA += scale * ((dz @ lora_b.float()).T @ h.float())
+        cast = lambda t, ref: None if t is None else t.to(ref.dtype)
+        return (dH, cast(dW, weight), cast(db, bias), cast(dA, lora_a), cast(dB, lora_b),
+                None, None, None, None, None, None)
+
+
+def default_chunk_size(vocab: int) -> int:
+    return max(1, min(4096, _CHUNK_ELEMENTS // max(1, vocab)))
+
+
+def chunked_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
+                     temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
+                     chunk_size=None) -> LogProbOutput:
+    """Chunked reference / CPU path. Shapes: hidden (N, d), weight (V, d), targets (N,)."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("give both lora_a and lora_b, or neither")
+    chunk = chunk_size or default_chunk_size(weight.shape[0])
+    ref = None if ref_logps is None else ref_logps.detach()
+    logps, ent, kl = ChunkedLogProbs.apply(hidden, weight, bias, lora_a, lora_b, targets, ref,
+                                           float(lora_scale), float(temperature), kl_estimator, chunk)
+    return LogProbOutput(logps, ent if with_entropy else None, kl if ref_logps is not None else None)

@@ -1,0 +1,3 @@
+from lowalign.cli import main
+
+raise SystemExit(main())

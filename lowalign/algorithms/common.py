@@ -1,0 +1,67 @@
+"""Small pieces every trainer uses: optimizer/schedule, evaluation, resume, final save."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lowalign.evaluation import greedy_accuracy
+
+
+def make_optimizer(params, oc, total_steps: int):
+    opt = torch.optim.AdamW(params, lr=oc.learning_rate, weight_decay=oc.weight_decay, betas=(0.9, 0.99))
+
+    def factor(step: int) -> float:
+        if oc.warmup_steps and step < oc.warmup_steps:
+            return (step + 1) / oc.warmup_steps
+        frac = (step - oc.warmup_steps) / max(1, total_steps - oc.warmup_steps)
+        if oc.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        if oc.schedule == "linear":
+            return max(0.0, 1 - frac)
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def evaluate(ctx, role: str = "policy") -> dict:
+    e = ctx.cfg.eval
+    res = greedy_accuracy(ctx.bundle, ctx.data.eval_rows(e.num_examples), ctx.data.checker,
+                          batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role)
+    return {"accuracy": res["accuracy"], "n": res["n"], "samples": res["samples"]}
+
+
+def start_or_resume(ctx, adapters, optimizer, scheduler) -> tuple[int, dict]:
+    """Returns (start step, baseline metrics). Evaluates the baseline on a fresh run; on resume restores
+    adapters, optimizer, scheduler and RNG state and drops metrics rows past the checkpoint."""
+    if ctx.cfg.resume:
+        ckpt = ctx.checkpointer.latest()
+        if ckpt is not None:
+            state = ctx.checkpointer.load(ckpt, ctx.bundle, adapters, optimizer, scheduler)
+            ctx.run_dir.truncate_metrics(state["step"])
+            ctx.console.print(f"resumed from {ckpt} (step {state['step']})")
+            return state["step"], state["baseline"]
+        ctx.console.print("[yellow]resume: no checkpoint yet, starting from step 0[/]")
+    ctx.run_dir.truncate_metrics(0)
+    baseline = evaluate(ctx)
+    ctx.run_dir.write_json("baseline.json", baseline)
+    ctx.console.print(f"baseline held-out accuracy: {baseline['accuracy']:.3f}")
+    return 0, baseline
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Seed for everything random inside one step: a pure function of (seed, step), so a resumed run
+    draws exactly what an uninterrupted one would."""
+    return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
+
+
+def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None) -> dict:
+    final = evaluate(ctx)
+    for name in adapters:
+        ctx.bundle.save_adapter(name, ctx.run_dir.path / "adapters" / name)
+    if len(ctx.bundle.heads):
+        ctx.bundle.save_heads(ctx.run_dir.path / "adapters" / "heads.safetensors")
+    return {"baseline": {k: v for k, v in baseline.items() if k != "samples"},
+            "final": {k: v for k, v in final.items() if k != "samples"},
+            "final_samples": final["samples"], **(extra or {})}

@@ -1,0 +1,132 @@
+"""GRPO on the shared base: rollouts from the policy adapter, rewards, group advantages, clipped loss.
+
+One step:
+  1. sample ``prompts_per_step`` prompts, ``num_generations`` completions each, from the policy adapter
+     (HF generate, KV cache, no merged weights);
+  2. score them with the weighted reward sources; group-relative advantages;
+  3. old log-probs (only when num_iterations > 1) and reference log-probs (only when beta > 0, adapters
+     off) through the fused log-prob path, no grad;
+  4. ``num_iterations`` optimizer steps on the clipped surrogate (micro-batched).
+Deterministic: all randomness of step ``s`` derives from ``(seed, s)``, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from lowalign.algorithms.common import finish, make_optimizer, start_or_resume, step_seed
+from lowalign.generation import generate
+from lowalign.logprobs import token_logprobs
+from lowalign.losses import grpo_advantages, grpo_loss
+from lowalign.rewards import RewardSources
+from lowalign.runtime import Progress, seed_everything
+
+POLICY = "policy"
+
+
+def _expand_columns(rows: list[dict], g: int) -> dict[str, list]:
+    keys = [k for k in rows[0] if k != "prompt"]
+    return {k: [r[k] for r in rows for _ in range(g)] for k in keys}
+
+
+def completion_logprobs(bundle, roll, tc, *, ref=None, with_entropy=False, rows=None):
+    """Per-token log-probs of the completion tokens: (B, C) (+ entropy / KL when asked)."""
+    sl = slice(None) if rows is None else rows
+    P = roll.prompt_ids.shape[1]
+    out = token_logprobs(bundle, roll.input_ids[sl], roll.attention_mask[sl], roll.target_mask[sl],
+                         temperature=tc.temperature, with_entropy=with_entropy)
+    ent = out.entropy[:, P:] if out.entropy is not None else None
+    return out.logps[:, P:], ent
+
+
+def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    t0 = time.time()
+    seed_everything(step_seed(cfg.seed, step))
+    rows = ctx.data.batch(step, tc.prompts_per_step, cfg.seed)
+    G = tc.num_generations
+    with bundle.use(POLICY):
+        roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
+                        do_sample=True, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
+                        num_generations=G)
+    t_gen = time.time() - t0
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    rb = rewards(prompts, roll.texts, _expand_columns(rows, G))
+    adv = grpo_advantages(rb.total, G, scale=tc.scale_rewards, leave_one_out=tc.leave_one_out)
+    adv = adv.to(bundle.device)
+    cmask = roll.completion_mask.float()
+    B = cmask.shape[0]
+
+    old = ref = None
+    with torch.no_grad():
+        if tc.num_iterations > 1:
+            with bundle.use(POLICY):
+                old, _ = completion_logprobs(bundle, roll, tc)
+        if tc.beta != 0.0:
+            with bundle.use("reference"):
+                ref, _ = completion_logprobs(bundle, roll, tc)
+
+    mb = tc.micro_batch_size or B
+    chunks = [slice(s, min(B, s + mb)) for s in range(0, B, mb)]
+    n_items = cmask.sum()
+    params = bundle.adapter_parameters(POLICY)
+    agg = {}
+    with bundle.use(POLICY):
+        for _ in range(tc.num_iterations):
+            for sl in chunks:
+                lp, ent = completion_logprobs(bundle, roll, tc, with_entropy=True, rows=sl)
+                out = grpo_loss(lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
+                                ref_logps=None if ref is None else ref[sl], beta=tc.beta,
+                                epsilon_low=tc.epsilon_low, epsilon_high=tc.epsilon_high,
+                                loss_type=tc.loss_type, max_completion_length=tc.max_new_tokens,
+                                kl_estimator=tc.kl_estimator, entropy=ent, num_items=n_items)
+                # dapo normalizes by the global token count already; the others average micro-batches
+                scale = 1.0 if tc.loss_type == "dapo" else (sl.stop - sl.start) / B
+                (out.loss * scale).backward()
+                for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
+                    agg[k] = agg.get(k, 0.0) + float(v) * (sl.stop - sl.start) / B / tc.num_iterations
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+    lengths = cmask.sum(1)
+    m = {"step": step + 1, "reward": rb.total.mean().item(), "reward_std": rb.total.std().item(),
+         **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
+         **agg, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
+         "completion_length": lengths.mean().item(),
+         "frac_reward_zero_std": (rb.total.view(-1, G).std(1) == 0).float().mean().item(),
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
+    return m
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    if tc.num_generations < 2:
+        from lowalign.config import ConfigError
+
+        raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
+    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    rewards = RewardSources(cfg.rewards, scorer=getattr(bundle, "score_texts", None))
+    opt, sched = make_optimizer(bundle.adapter_parameters(POLICY), tc.optim, tc.steps)
+    start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
+    bundle.base.train()
+    fields = ("reward", "kl", "clip_ratio/region", "completion_length")
+    with Progress(tc.steps, start, fields, desc="grpo", every=tc.log_every) as bar:
+        for step in range(start, tc.steps):
+            m = grpo_step(ctx, step, opt, sched, rewards)
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
+                from lowalign.algorithms.common import evaluate
+
+                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+            ctx.run_dir.log(m)
+            bar.update(step + 1, m)
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                ctx.checkpointer.keep = tc.keep_checkpoints
+                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+    hist = ctx.run_dir.read_metrics()
+    tail = hist[-10:]
+    extra = {"steps": tc.steps, "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}
+    return finish(ctx, [POLICY], baseline, extra)

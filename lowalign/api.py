@@ -1,0 +1,104 @@
+"""The single entry point behind the CLI and notebooks: resolve config, validate, load once, run."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowalign import config as C
+from lowalign.runtime import Checkpointer, RunDir, peak_memory_bytes, seed_everything
+
+
+@dataclass
+class RunContext:
+    """What an algorithm receives: config, the model bundle, data, run dir and checkpointer."""
+
+    cfg: C.RunConfig
+    bundle: object
+    data: object
+    run_dir: RunDir
+    checkpointer: Checkpointer
+    console: object
+
+
+def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
+    """Returns the validated config and a short name for the run directory."""
+    overrides = list(overrides or [])
+    if isinstance(config, C.RunConfig):
+        cfg = C.from_dict(dataclasses.asdict(config), overrides)
+        return cfg, cfg.algorithm
+    if isinstance(config, dict):
+        return C.from_dict(config, overrides), config.get("algorithm", "run")
+    p = Path(config)
+    if p.is_dir():  # a run directory: resume it with its own resolved config
+        if not (p / "config.yaml").exists():
+            raise C.ConfigError(f"{p} is a directory without config.yaml (not a lowalign run directory)")
+        cfg = C.from_dict(C.load_raw(p / "config.yaml"), [f"output_dir={p}", "resume=true", *overrides])
+        return cfg, p.name
+    return C.load(p, overrides), p.stem
+
+
+def default_output_dir(name: str) -> Path:
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def run(config, overrides=None, *, quiet: bool = False) -> dict:
+    from rich.console import Console
+
+    console = Console(stderr=True, quiet=quiet)
+    t0 = time.time()
+    cfg, name = resolve_config(config, overrides)
+    if cfg.resume and not cfg.output_dir:
+        raise C.ConfigError("resume: true needs output_dir (the run directory to continue)")
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(name)
+    if not cfg.resume and (out / "checkpoints" / "latest").exists():
+        raise C.ConfigError(f"output_dir: {out} already holds a run; pass resume=true or a new output_dir")
+    cfg.output_dir = str(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+
+    from lowalign.data import check_prompt_lengths, load_prompt_data
+
+    data = load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)  # before any model work
+    run_dir = RunDir(out)
+    console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
+    run_dir.write_config(C.to_dict(cfg))
+
+    from lowalign.bundle import ModelBundle
+
+    bundle = ModelBundle.load(cfg.model)
+    for note in check_prompt_lengths(data, bundle.tokenizer, cfg.data):
+        console.print(f"[yellow]data:[/] {note}")
+    _, entry = C.ALGORITHMS[cfg.algorithm]
+    mod, fn = entry.split(":")
+    ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
+    summary = getattr(importlib.import_module(mod), fn)(ctx)
+    summary["wall_time_s"] = round(time.time() - t0, 2)
+    summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
+    summary["output_dir"] = str(out)
+    run_dir.write_json("summary.json", summary)
+    print_summary(console, summary)
+    return summary
+
+
+def print_summary(console, summary: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title="lowalign results")
+    t.add_column("metric")
+    t.add_column("baseline", justify="right")
+    t.add_column("final", justify="right")
+    keys = [k for k in summary.get("final", {}) if isinstance(summary["final"].get(k), (int, float))]
+    for k in keys:
+        b = summary.get("baseline", {}).get(k)
+        t.add_row(k, "-" if b is None else f"{b:.4g}", f"{summary['final'][k]:.4g}")
+    t.add_row("wall time (s)", "", f"{summary['wall_time_s']:.1f}")
+    t.add_row("peak memory (MiB)", "", f"{summary['peak_memory_bytes'] / 2**20:.0f}")
+    console.print(t)
+    console.print(f"summary: {summary['output_dir']}/summary.json")

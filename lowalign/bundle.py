@@ -1,0 +1,352 @@
+"""ModelBundle: one base model, many roles.
+
+The base (optionally bitsandbytes 4-bit/8-bit) is loaded once. Roles:
+
+* ``"reference"``: the base with every adapter disabled;
+* ``"<adapter>"`` (``"policy"``, ``"reward"``, ``"value"``, ...): that LoRA adapter active.
+
+Scalar heads (reward/value) are small ``nn.Linear`` modules reading the backbone's last hidden state.
+This is the only module in lowalign that touches PEFT or bitsandbytes internals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lowalign.config import ConfigError, LoraConfig, ModelConfig
+
+REFERENCE = "reference"
+
+
+def check_unsloth_available() -> None:
+    """Config-time check for ``model.backend: unsloth`` (GPU only)."""
+    if not torch.cuda.is_available():
+        raise ConfigError("model.backend: 'unsloth' needs a CUDA GPU and none is visible; use backend: hf")
+    try:
+        import unsloth  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("model.backend: 'unsloth' is not installed (pip install 'lowalign[unsloth]')") from e
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device: '{name}' requested but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def resolve_path(name_or_path: str) -> str:
+    from lowalign.tiny import resolve_builtin
+
+    builtin = resolve_builtin(name_or_path)
+    if builtin is not None:
+        if not (builtin / "config.json").exists():
+            raise ConfigError(f"model.name_or_path: built-in weights missing at {builtin} "
+                              "(rebuild with scripts/build_tiny.py)")
+        return str(builtin)
+    return name_or_path
+
+
+def guard_avx512bf16(model: nn.Module) -> int:
+    """bitsandbytes' CPU path repacks a Linear4bit weight in place when it runs under eval()/no_grad on
+    CPUs with AVX512-BF16; later backward passes then silently lose LoRA gradients. Turn that off on
+    every Linear4bit. Returns how many layers were guarded."""
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+@dataclass
+class LMHead:
+    """What the fused log-prob kernel needs of the output layer in the current role."""
+
+    weight: torch.Tensor  # (V, d)
+    bias: torch.Tensor | None  # (V,)
+    lora_a: torch.Tensor | None = None  # (r, d)
+    lora_b: torch.Tensor | None = None  # (V, r)
+    lora_scale: float = 1.0
+
+
+class ModelBundle:
+    """A base causal LM loaded once, with named LoRA adapters and scalar heads."""
+
+    def __init__(self, model: nn.Module, tokenizer, cfg: ModelConfig, device: torch.device,
+                 dtype: torch.dtype):
+        self.base = model  # transformers CausalLM (LoRA layers get injected in place)
+        self.peft = None  # peft.PeftModel once an adapter exists
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.device = device
+        self.dtype = dtype
+        self.heads = nn.ModuleDict()
+        self.adapter_configs: dict[str, LoraConfig] = {}
+        self._role = REFERENCE
+
+    # ---- loading --------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, cfg: ModelConfig) -> ModelBundle:
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        if cfg.backend == "unsloth":
+            check_unsloth_available()
+        device = resolve_device(cfg.device)
+        dtype = resolve_dtype(cfg.dtype, device)
+        path = resolve_path(cfg.name_or_path)
+        kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        if cfg.quantization == "nf4":
+            kw["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True)
+        elif cfg.quantization == "int8":
+            kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        if cfg.quantization != "none":
+            kw["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
+                                else str(device)}
+        if cfg.backend == "unsloth":  # pragma: no cover - GPU only
+            from unsloth import FastLanguageModel
+
+            model, tok = FastLanguageModel.from_pretrained(
+                path, dtype=dtype, load_in_4bit=cfg.quantization == "nf4",
+                load_in_8bit=cfg.quantization == "int8")
+        else:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        if cfg.quantization == "none":
+            model.to(device)
+        else:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            guard_avx512bf16(model)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ConfigError("model: final_logit_softcapping is not supported by the fused log-prob path")
+        for p in model.parameters():
+            p.requires_grad_(False)
+        tok.padding_side = "left"
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        model.config.use_cache = True
+        return cls(model, tok, cfg, device, dtype)
+
+    # ---- adapters and heads -----------------------------------------------------------------------
+
+    def add_adapter(self, name: str, lora: LoraConfig, init_from: str | None = None) -> None:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        if name == REFERENCE or name in self.adapter_configs:
+            raise ValueError(f"adapter name '{name}' is reserved or already exists")
+        pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        if self.peft is None:
+            self.peft = get_peft_model(self.base, pcfg, adapter_name=name)
+        else:
+            self.peft.add_adapter(name, pcfg)
+        self.adapter_configs[name] = lora
+        if init_from:
+            self.load_adapter(name, init_from)
+        guard_avx512bf16(self.base)
+        self._activate(name)
+
+    def add_head(self, name: str, out_features: int = 1) -> nn.Linear:
+        head = nn.Linear(self.hidden_size, out_features).to(self.device, torch.float32)
+        nn.init.normal_(head.weight, std=1.0 / (self.hidden_size + 1) ** 0.5)
+        nn.init.zeros_(head.bias)
+        self.heads[name] = head
+        return head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.config.hidden_size
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        tag = f".{name}."
+        return [p for n, p in self.base.named_parameters() if "lora_" in n and tag in n]
+
+    def _activate(self, name: str) -> None:
+        self.peft.base_model.set_adapter(name)  # makes `name` active and trainable, the others frozen
+        self._role = name
+
+    @contextlib.contextmanager
+    def use(self, role: str):
+        """Switch roles without copying the base: ``"reference"`` disables all adapters."""
+        prev = self._role
+        if role != REFERENCE and role not in self.adapter_configs:
+            raise KeyError(f"unknown role '{role}'; have: {[REFERENCE, *self.adapter_configs]}")
+        try:
+            if role == REFERENCE:
+                ctx = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
+                self._role = REFERENCE
+                with ctx:
+                    yield self
+            else:
+                self._activate(role)
+                yield self
+        finally:
+            if prev != REFERENCE:
+                self._activate(prev)
+            self._role = prev
+
+    @property
+    def role(self) -> str:
+        return self._role
+
+    # ---- forward pieces ------------------------------------------------------------------------
+
+    @property
+    def causal_lm(self) -> nn.Module:
+        return self.base  # LoRA layers are injected in place, so this follows the active role
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Backbone output (final norm applied, no lm_head): (B, T, d)."""
+        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+    def lm_head(self) -> LMHead:
+        head = self.base.get_output_embeddings()
+        base_layer = getattr(head, "base_layer", head)
+        out = LMHead(weight=base_layer.weight, bias=base_layer.bias)
+        if hasattr(head, "lora_A") and self._role in getattr(head, "lora_A", {}):
+            out.lora_a = head.lora_A[self._role].weight
+            out.lora_b = head.lora_B[self._role].weight
+            out.lora_scale = float(head.scaling[self._role])
+        return out
+
+    def score(self, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar head on the last non-pad token's hidden state, in the current role: (B, out)."""
+        h = self.hidden_states(input_ids, attention_mask)
+        last = last_token_index(attention_mask)
+        feats = h[torch.arange(h.shape[0], device=h.device), last].float()
+        return self.heads[head](feats)
+
+    # ---- saving ---------------------------------------------------------------------------------
+
+    def save_adapter(self, name: str, directory: str | Path) -> Path:
+        """Standard PEFT format (adapter_config.json + adapter_model.safetensors), written atomically."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+        try:
+            self.peft.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
+            src = tmp / name if (tmp / name).is_dir() else tmp  # peft nests non-default adapters
+            _replace_dir(src, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return directory
+
+    def load_adapter(self, name: str, directory: str | Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        f = directory / "adapter_model.safetensors"
+        if not f.exists():
+            raise FileNotFoundError(f"no adapter_model.safetensors in {directory}")
+        state = load_file(str(f), device=str(self.device))
+        res = set_peft_model_state_dict(self.peft, state, adapter_name=name)
+        missing = [k for k in res.unexpected_keys]
+        if missing:
+            raise ValueError(f"adapter at {directory} does not fit adapter '{name}': unexpected {missing[:3]}")
+
+    def save_heads(self, path: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
+        meta = {"shapes": json.dumps({n: list(h.weight.shape) for n, h in self.heads.items()})}
+        _atomic(Path(path), lambda p: save_file(state, str(p), metadata=meta))
+
+    def load_heads(self, path: str | Path) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), "pt") as f:
+            shapes = json.loads(f.metadata()["shapes"])
+        for name, (out, _) in shapes.items():
+            if name not in self.heads:
+                self.add_head(name, out)
+        self.heads.load_state_dict(load_file(str(path), device=str(self.device)))
+
+    # ---- memory ---------------------------------------------------------------------------------
+
+    def memory_report(self, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+        """Bytes held by the base weights, each adapter, each head, and the optimizer state."""
+        report: dict[str, int] = {"base": 0}
+        adapter_ptrs = {}
+        for name in self.adapter_configs:
+            ps = self.adapter_parameters(name)
+            report[f"adapter:{name}"] = sum(_nbytes(p) for p in ps)
+            adapter_ptrs.update({p.data_ptr(): name for p in ps})
+        seen = set()
+        for t in [*self.base.parameters(), *self.base.buffers()]:
+            ptr = t.data_ptr()
+            if ptr in adapter_ptrs or ptr in seen:
+                continue
+            seen.add(ptr)
+            report["base"] += _nbytes(t)
+        for name, h in self.heads.items():
+            report[f"head:{name}"] = sum(_nbytes(p) for p in h.parameters())
+        if optimizer is not None:
+            report["optimizer"] = sum(_nbytes(v) for st in optimizer.state.values()
+                                      for v in st.values() if torch.is_tensor(v))
+        report["total"] = sum(v for k, v in report.items())
+        return report
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last attended position per row (works for left or right padding): (B,)."""
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (pos * attention_mask.long()).max(dim=1).values
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)

@@ -1,0 +1,95 @@
+"""`lowalign run | validate | ls | cp`: the command-line recipe runner."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+def recipe_path(name: str) -> Path:
+    p = Path(name)
+    if p.exists():
+        return p
+    for cand in (RECIPES_DIR / name, RECIPES_DIR / f"{name}.yaml"):
+        if cand.exists():
+            return cand
+    return p  # let the loader report it
+
+
+def _list_recipes() -> list[tuple[str, str]]:
+    import yaml
+
+    out = []
+    for f in sorted(RECIPES_DIR.glob("*.yaml")):
+        try:
+            desc = (yaml.safe_load(f.read_text()) or {}).get("description", "")
+        except yaml.YAMLError:
+            desc = "(invalid YAML)"
+        out.append((f.stem, desc))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="lowalign", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a recipe (or resume a run directory)")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key.sub=value")
+    v = sub.add_parser("validate", help="check a recipe without loading any model")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    sub.add_parser("ls", help="list the built-in recipes")
+    c = sub.add_parser("cp", help="copy a built-in recipe to edit it")
+    c.add_argument("name")
+    c.add_argument("dest")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+    from lowalign.config import ConfigError
+
+    try:
+        if args.cmd == "ls":
+            for name, desc in _list_recipes():
+                print(f"{name:<20} {desc}")
+            return 0
+        if args.cmd == "cp":
+            src = recipe_path(args.name)
+            if not src.exists():
+                names = [n for n, _ in _list_recipes()]
+                raise ConfigError(f"no recipe named '{args.name}'; have: {', '.join(names)}")
+            dest = Path(args.dest)
+            if dest.is_dir():
+                dest = dest / src.name
+            shutil.copyfile(src, dest)
+            print(f"copied {src} -> {dest}")
+            return 0
+        if args.cmd == "validate":
+            from lowalign.api import resolve_config
+
+            cfg, _ = resolve_config(recipe_path(args.recipe), args.overrides)
+            print(f"ok: {args.recipe} ({cfg.algorithm}, model {cfg.model.name_or_path})")
+            return 0
+        from lowalign.api import run
+
+        run(recipe_path(args.recipe), args.overrides)
+        return 0
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from lowalign.data import DataError
+        from lowalign.rewards import RewardError
+
+        if isinstance(e, (DataError, RewardError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

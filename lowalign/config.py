@@ -1,0 +1,328 @@
+"""Recipe configs: dataclasses with a help string per field, loaded from YAML with dotted overrides.
+
+Everything here is validated before any model is loaded: unknown keys (with the closest valid key),
+wrong types and missing files are :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid; the message names the field."""
+
+
+def F(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False):
+    """A dataclass field carrying its help string (``path=True``: must name an existing file)."""
+    meta = {"help": help, "path": path}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- sections shared by all algorithms ----------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = F("builtin:tiny", "Hugging Face id, local model directory, or builtin:tiny.")
+    quantization: Literal["none", "nf4", "int8"] = F("none", "bitsandbytes quantization of the base.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
+        "auto", "Compute dtype of the base (auto: float32 on CPU, bfloat16 on CUDA when supported).")
+    gradient_checkpointing: bool = F(False, "Recompute activations in backward to save memory.")
+    trust_remote_code: bool = F(False, "Allow model code from the hub/local dir to run (off: safer).")
+    backend: Literal["hf", "unsloth"] = F("hf", "Model backend; unsloth needs a CUDA GPU and the extra.")
+    device: str = F("auto", "auto (cuda if available, else cpu), cpu, or cuda[:N].")
+    logprob_impl: Literal["auto", "reference", "triton"] = F(
+        "auto", "Fused log-prob implementation (auto: triton on CUDA, chunked reference on CPU).")
+
+
+@dataclass
+class LoraConfig:
+    r: int = F(16, "LoRA rank.")
+    alpha: float = F(32.0, "LoRA alpha (scale = alpha / r).")
+    dropout: float = F(0.0, "LoRA dropout.")
+    target_modules: list[str] = F(
+        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        help="Module names that get LoRA (all attention and MLP projections by default).")
+    init_from: str | None = F(None, "Directory of a saved PEFT adapter to start the policy from.", path=True)
+
+
+@dataclass
+class TaskConfig:
+    ops: str = F("+", "Operators of the arithmetic task (subset of '+-*').")
+    max_operand: int = F(99, "Largest operand.")
+    eval_fraction: float = F(0.1, "Share of the problem space held out for evaluation.")
+    split_seed: int = F(1234, "Seed of the fixed train/held-out split.")
+
+
+@dataclass
+class DataConfig:
+    source: str = F("builtin:arithmetic", "builtin:arithmetic, a hub dataset name, or a local file.")
+    path: str | None = F(None, "Local JSONL/JSON/parquet file (overrides source).", path=True)
+    split: str = F("train", "Dataset split to train on (hub or multi-split sources).")
+    eval_split: str | None = F(None, "Held-out split for evaluation (hub sources).")
+    eval_path: str | None = F(None, "Local held-out file for evaluation.", path=True)
+    prompt_column: str = F("prompt", "Column holding the prompt (question for GSM8K-format).")
+    answer_column: str = F("answer", "Column holding the reference answer.")
+    answer_format: Literal["plain", "gsm8k"] = F(
+        "plain", "How to read the reference answer (gsm8k: the number after '####').")
+    prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
+    max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).")
+    truncation: Literal["error", "left", "drop"] = F("error", "What to do with over-long prompts.")
+    task: TaskConfig = F(factory=TaskConfig, help="Arithmetic task settings (builtin:arithmetic).")
+
+
+@dataclass
+class EvalConfig:
+    num_examples: int = F(500, "Held-out examples for greedy accuracy before and after training.")
+    batch_size: int = F(250, "Prompts per generation batch during evaluation.")
+    max_new_tokens: int = F(8, "Generation budget during evaluation.")
+    every: int = F(0, "Also evaluate every N steps during training (0: only before and after).")
+
+
+@dataclass
+class RewardSpec:
+    fn: str | None = F(None, "Import path 'package.module:function' of a reward function.")
+    adapter: str | None = F(None, "Name of a trained reward adapter in the bundle (learned reward).")
+    weight: float = F(1.0, "Weight in the weighted sum of rewards.")
+    name: str | None = F(None, "Name in logs (defaults to the function or adapter name).")
+
+
+@dataclass
+class RunConfig:
+    algorithm: str = F("grpo", "Which algorithm runs this recipe (see `lowalign ls`).")
+    description: str = F("", "One line shown by `lowalign ls`.")
+    seed: int = F(0, "Seed of everything; same seed on the same machine gives the same numbers.")
+    output_dir: str | None = F(None, "Run directory (default runs/<recipe>-<timestamp>).")
+    resume: bool = F(False, "Continue from the latest checkpoint in output_dir.")
+    threads: int = F(0, "torch CPU threads (0: leave torch's default).")
+    model: ModelConfig = F(factory=ModelConfig, help="Base model and its loading options.")
+    lora: LoraConfig = F(factory=LoraConfig, help="The policy adapter.")
+    data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")
+    eval: EvalConfig = F(factory=EvalConfig, help="Held-out evaluation.")
+    rewards: list[RewardSpec] = F(factory=list, help="Reward sources combined by weighted sum.")
+    train: Any = F(None, "Algorithm-specific settings (fields depend on `algorithm`).")
+
+
+# ---- algorithm registry (filled by lowalign.algorithms) ----------------------------------------
+
+ALGORITHMS: dict[str, tuple[type, str]] = {}  # name -> (train config class, "module:function")
+
+
+def register_algorithm(name: str, train_cls: type, entry: str) -> None:
+    ALGORITHMS[name] = (train_cls, entry)
+
+
+def _ensure_registry():
+    importlib.import_module("lowalign.algorithms")
+
+
+# ---- parsing ------------------------------------------------------------------------------------
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(sorted(valid))}."
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            hint = _suggest(str(value), map(str, choices))
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}.{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: unsupported type {_type_name(tp)}")
+
+
+def build(cls: type, raw: Any, where: str = ""):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key '{dotted}'.{_suggest(str(key), names)}")
+        if key == "train" and cls is RunConfig:
+            continue  # resolved once the algorithm is known
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} must look like key.sub=value")
+        k, v = o.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+    return out
+
+
+def load_raw(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file not found: {p}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
+    return raw
+
+
+def from_dict(raw: dict, overrides: list[str] | None = None, base_dir: Path | None = None) -> RunConfig:
+    """Validate a raw mapping (+ ``key.sub=value`` overrides) into a :class:`RunConfig`."""
+    _ensure_registry()
+    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    for k, v in parse_overrides(overrides or []):
+        _set_dotted(raw, k, v)
+    cfg = build(RunConfig, raw)
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm: unknown '{cfg.algorithm}'.{_suggest(cfg.algorithm, ALGORITHMS)}")
+    train_cls, _ = ALGORITHMS[cfg.algorithm]
+    cfg.train = build(train_cls, raw.get("train"), "train")
+    _check_paths(cfg, "", base_dir)
+    _check_semantics(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    return from_dict(load_raw(path), overrides)
+
+
+def _check_paths(obj, where: str, base_dir: Path | None) -> None:
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        dotted = f"{where}.{f.name}" if where else f.name
+        if f.metadata.get("path") and v is not None and not Path(v).exists():
+            raise ConfigError(f"{dotted}: file or directory not found: {v}")
+        if dataclasses.is_dataclass(v):
+            _check_paths(v, dotted, base_dir)
+    if isinstance(obj, RunConfig):
+        for i, r in enumerate(obj.rewards):
+            _check_paths(r, f"rewards[{i}]", base_dir)
+
+
+def _check_semantics(cfg: RunConfig) -> None:
+    name = cfg.model.name_or_path
+    if (name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists()):
+        raise ConfigError(f"model.name_or_path: directory not found: {name}")
+    if name.startswith("builtin:"):
+        from lowalign.tiny import BUILTINS
+
+        if name not in BUILTINS:
+            raise ConfigError(f"model.name_or_path: unknown built-in '{name}'.{_suggest(name, BUILTINS)}")
+    for i, r in enumerate(cfg.rewards):
+        if (r.fn is None) == (r.adapter is None):
+            raise ConfigError(f"rewards[{i}]: give exactly one of 'fn' or 'adapter'")
+        if r.fn is not None:
+            from lowalign.rewards import import_reward
+
+            import_reward(r.fn, f"rewards[{i}].fn")
+    if cfg.model.backend == "unsloth":
+        from lowalign.bundle import check_unsloth_available
+
+        check_unsloth_available()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, type, help) for every field, for `lowalign validate --help-fields`-style output."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += describe(tp, key + ".")
+        else:
+            out.append((key, _type_name(tp), f.metadata.get("help", "")))
+    return out

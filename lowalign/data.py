@@ -1,0 +1,158 @@
+"""Prompt data for RL and SFT: the built-in arithmetic task, local JSONL/JSON/parquet files or hub datasets.
+
+Rows are dicts with at least ``prompt`` and ``answer``; any other column is passed to reward functions.
+Batches are a pure function of ``(seed, step)``, so the data position of a run is just its step.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowalign.config import ConfigError, DataConfig
+from lowalign.tasks.arithmetic import ArithmeticTask, is_correct
+
+_NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+class DataError(ValueError):
+    """Bad data: missing columns, empty set, over-long prompts."""
+
+
+def gsm8k_answer(text: str) -> str:
+    """The final answer of a GSM8K solution: the number after '####', commas dropped."""
+    tail = text.split("####")[-1]
+    m = _NUM_RE.findall(tail)
+    if not m:
+        raise DataError(f"no number after '####' in answer {text[:80]!r}")
+    return m[-1].replace(",", "")
+
+
+def numeric_match(completion: str, answer: str) -> bool:
+    """Last number in the completion (or the one after '####') equals the answer numerically."""
+    tail = completion.split("####")[-1]
+    nums = _NUM_RE.findall(tail)
+    if not nums:
+        return False
+    try:
+        return abs(float(nums[-1].replace(",", "")) - float(answer)) < 1e-6
+    except ValueError:
+        return False
+
+
+def _read_table(path: str | None, source: str, split: str) -> list[dict]:
+    import datasets
+
+    datasets.disable_progress_bar()
+    if path is not None:
+        suffix = Path(path).suffix.lower()
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
+        if kind is None:
+            raise ConfigError(f"data.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet, .csv)")
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+    else:
+        ds = datasets.load_dataset(source, split=split)
+    return [dict(r) for r in ds]
+
+
+@dataclass
+class PromptData:
+    """Training rows (or a task that generates them) and held-out rows, plus the answer checker."""
+
+    train_rows: list[dict] | None
+    eval_rows_all: list[dict]
+    checker: object
+    task: ArithmeticTask | None = None
+
+    def batch(self, step: int, n: int, seed: int) -> list[dict]:
+        """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""
+        if self.task is not None:
+            return self.task.train_rows(n, seed=seed * 1_000_003 + step)
+        rows = self.train_rows
+        out, pos = [], step * n
+        while len(out) < n:
+            epoch, i = divmod(pos, len(rows))
+            order = list(range(len(rows)))
+            random.Random(seed * 7919 + epoch).shuffle(order)
+            take = min(n - len(out), len(rows) - i)
+            out += [rows[j] for j in order[i:i + take]]
+            pos += take
+        return out
+
+    def eval_rows(self, n: int) -> list[dict]:
+        return self.eval_rows_all[:n]
+
+
+def _normalize(rows: list[dict], cfg: DataConfig, where: str) -> list[dict]:
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    missing = [c for c in (cfg.prompt_column, cfg.answer_column) if c not in rows[0]]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. "
+                        "Set data.prompt_column / data.answer_column.")
+    out = []
+    for r in rows:
+        row = dict(r)
+        try:
+            row["prompt"] = cfg.prompt_template.format(**{**r, "prompt": r[cfg.prompt_column]})
+        except KeyError as e:
+            raise ConfigError(f"data.prompt_template: unknown field {e} (columns: {sorted(r)})") from e
+        ans = str(r[cfg.answer_column])
+        row["answer"] = gsm8k_answer(ans) if cfg.answer_format == "gsm8k" else ans.strip()
+        out.append(row)
+    return out
+
+
+def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
+    """Read and validate rows (cheap: no model, no tokenizer)."""
+    if cfg.path is None and cfg.source == "builtin:arithmetic":
+        t = cfg.task
+        task = ArithmeticTask(ops=t.ops, max_operand=t.max_operand, eval_fraction=t.eval_fraction,
+                              split_seed=t.split_seed)
+        return PromptData(None, task.eval_rows(), is_correct, task)
+    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
+    rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split), cfg, where)
+    if cfg.eval_path or cfg.eval_split:
+        ev_where = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"data.eval_split={cfg.eval_split}"
+        ev = _normalize(_read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test"), cfg, ev_where)
+    else:  # hold out a seeded slice (at most 10%) and keep it out of training
+        order = list(range(len(rows)))
+        random.Random(seed).shuffle(order)
+        k = min(n_eval, len(rows) // 10)
+        if k == 0:
+            raise DataError(f"{where}: too few rows ({len(rows)}) to hold out an evaluation set; "
+                            "set data.eval_path")
+        ev = [rows[i] for i in order[:k]]
+        rows = [rows[i] for i in sorted(order[k:])]
+    checker = numeric_match if cfg.answer_format == "gsm8k" else lambda c, a: c.strip() == a
+    return PromptData(rows, ev, checker)
+
+
+def check_prompt_lengths(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
+    """Apply the truncation policy to over-long prompts; returns notes for the log."""
+    if data.train_rows is None:
+        return []
+    notes = []
+    for name, rows in (("train", data.train_rows), ("eval", data.eval_rows_all)):
+        lens = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
+        long = [i for i, n in enumerate(lens) if n > cfg.max_prompt_tokens]
+        if not long:
+            continue
+        ex = rows[long[0]]["prompt"]
+        msg = (f"{len(long)} of {len(rows)} {name} prompts exceed data.max_prompt_tokens="
+               f"{cfg.max_prompt_tokens} (longest {max(lens)} tokens; e.g. {ex[:100]!r}...)")
+        if cfg.truncation == "error":
+            raise DataError(msg + ". Raise the limit or set data.truncation to 'left' or 'drop'.")
+        if cfg.truncation == "drop":
+            keep = set(range(len(rows))) - set(long)
+            rows[:] = [r for i, r in enumerate(rows) if i in keep]
+            if not rows:
+                raise DataError(msg + "; nothing left after dropping them")
+        else:  # left: keep the end of the prompt (the question sits there)
+            for i in long:
+                ids = tokenizer(rows[i]["prompt"], add_special_tokens=False).input_ids
+                rows[i]["prompt"] = tokenizer.decode(ids[-cfg.max_prompt_tokens:])
+        notes.append(msg + f"; {cfg.truncation}")
+    return notes

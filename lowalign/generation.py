@@ -1,0 +1,79 @@
+"""Rollouts from the training weights: HF generation with a KV cache on the bundle in its current role
+(no merged copy, no second model), left-padded prompts, stop at EOS."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor  # (B, P) left padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C) right padded after EOS
+    completion_mask: torch.Tensor  # (B, C) 1 up to and including the first EOS
+    texts: list[str]  # decoded completions (special tokens dropped)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.completion_ids], 1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], 1)
+
+    @property
+    def target_mask(self) -> torch.Tensor:
+        """(B, P + C) mask of the completion tokens, aligned with input_ids."""
+        return torch.cat([torch.zeros_like(self.prompt_mask), self.completion_mask], 1)
+
+
+def _appends_eos(tok) -> bool:
+    ids = tok("a").input_ids
+    return tok.eos_token_id is not None and len(ids) > 0 and ids[-1] == tok.eos_token_id
+
+
+def encode_prompts(tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids. Keeps a tokenizer's BOS but never lets it append EOS (ByT5 does)."""
+    special = not _appends_eos(tok)
+    enc = tok(texts, add_special_tokens=special, padding=True, return_tensors="pt")
+    return enc.input_ids.to(device), enc.attention_mask.to(device)
+
+
+def completion_mask_from_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """1 up to and including the first EOS of each row, 0 after it: (B, C)."""
+    is_eos = ids == eos_id
+    after = torch.cumsum(is_eos.long(), 1) - is_eos.long()  # EOSes strictly before each position
+    return (after == 0).long()
+
+
+@torch.no_grad()
+def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_generations: int = 1) -> Rollout:
+    """Sample ``num_generations`` completions per prompt (rows grouped by prompt, contiguous)."""
+    tok = bundle.tokenizer
+    model = bundle.causal_lm
+    ids, mask = encode_prompts(tok, prompts, bundle.device)
+    if num_generations > 1:
+        ids = ids.repeat_interleave(num_generations, 0)
+        mask = mask.repeat_interleave(num_generations, 0)
+    was_training = model.training
+    model.eval()
+    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+              use_cache=True)
+    if do_sample:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    else:
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    if was_training:
+        model.train()
+    comp = out[:, ids.shape[1]:]
+    if comp.shape[1] == 0:
+        comp = torch.full((ids.shape[0], 1), tok.eos_token_id, device=ids.device, dtype=ids.dtype)
+    cmask = completion_mask_from_ids(comp, tok.eos_token_id)
+    comp = torch.where(cmask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
+    texts = tok.batch_decode(comp, skip_special_tokens=True)
+    return Rollout(ids, mask, comp, cmask, texts)

@@ -1,0 +1,41 @@
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+torch.set_num_threads(2)
+
+
+def _save_random(tmp_path_factory, name, cfg_cls, **kw):
+    from lowalign.tiny import byte_tokenizer
+
+    d = tmp_path_factory.mktemp(name)
+    torch.manual_seed(0)
+    cfg = cfg_cls(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, eos_token_id=1, bos_token_id=None, **kw)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random-weight Llama config saved as a local model directory."""
+    from transformers import LlamaConfig
+
+    return _save_random(tmp_path_factory, "llama", LlamaConfig, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory):
+    """A tiny random-weight Qwen2 config (tied embeddings, qkv bias) saved locally."""
+    from transformers import Qwen2Config
+
+    return _save_random(tmp_path_factory, "qwen2", Qwen2Config, tie_word_embeddings=True)
