@@ -5,6 +5,8 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU-only machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 torch.set_num_threads(2)
 

@@ -1,0 +1,347 @@
+"""Triton kernels for fused per-token log-probs (+ entropy, + KL), never storing [N x V] logits.
+
+Layout: ``@triton.jit`` kernels -> host functions -> ``torch.autograd.Function``. The math is the one
+specified in ``reference.py``; the derivation is repeated where it is used.
+
+Forward (grid: token blocks). For each block of BLOCK_N tokens, walk the vocabulary in BLOCK_V tiles:
+
+    z     = (H W^T + U B^T + b) / T          one (BLOCK_N, BLOCK_V) tile at a time, tl.dot over d (and r)
+    m'    = max(m, rowmax z);  a = exp(m - m')                     online log-sum-exp
+    s     = s a + sum_j exp(z_j - m')                              -> lse = m + log s
+    t     = t a + sum_j exp(z_j - m') z_j                          -> E_p[z] = t / s, entropy = lse - t / s
+    z_y  += z[y] where the tile holds the target                   -> logp = z_y - lse
+    kl    = k1 | k2 | k3 of (ref - logp), fused at the end
+
+where ``U = s_lora H A^T`` (N, r) is precomputed on the host (an N x r matmul) so the LoRA term is just
+one more inner loop over r.
+
+Backward. With g = g_lp + g_kl dkl/dlogp (host, elementwise), and p_j = exp(z_j - lse):
+
+    dz_j = g (1[j = y] - p_j) - g_ent p_j (z_j - lse + ent) ;  dx = dz / T
+
+* ``_bwd_dh_kernel`` (grid: token blocks) recomputes each logits tile and accumulates
+  dH += dx W and dU += dx B into fp32 buffers owned by that program (no atomics, so deterministic).
+  The host then adds dH += s dU A and forms dA = s dU^T H.
+* ``_bwd_dw_kernel`` (grid: vocabulary blocks), launched only when W, b or B require grad, accumulates
+  dW += dx^T H, db += sum_n dx, dB += dx^T U. A frozen lm_head costs no weight-gradient work and no
+  V x d buffer.
+
+Precision: fp32 accumulation everywhere. fp32 inputs use ``input_precision="ieee"`` (no TF32). Half
+inputs feed tensor cores in their own dtype on a GPU; under ``TRITON_INTERPRET=1`` every load is upcast
+to fp32 right away (the interpreter gets bf16 arithmetic wrong).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from lowalign.kernels.logprobs.reference import KL_ESTIMATORS, LogProbOutput, _dkl_dlogp
+
+_KL_ID = {"k1": 1, "k2": 2, "k3": 3}
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
+                 stride_h, stride_w, stride_u, stride_b2, inv_t,
+                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    # z[n, v] = (sum_k H[n,k] W[v,k] + sum_k U[n,k] B[v,k] + b[v]) / T, fp32 accumulation
+    n_ok = offs_n < N
+    v_ok = offs_v < V
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_D):
+        offs_k = k0 + tl.arange(0, BLOCK_D)
+        k_ok = offs_k < D
+        h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :], mask=v_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        acc += tl.dot(h, tl.trans(w), input_precision=PREC)
+    if HAS_LORA:
+        for k0 in range(0, R, BLOCK_R):
+            offs_k = k0 + tl.arange(0, BLOCK_R)
+            k_ok = offs_k < R
+            u = tl.load(u_ptr + offs_n[:, None] * stride_u + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            b2 = tl.load(b2_ptr + offs_v[:, None] * stride_b2 + offs_k[None, :],
+                         mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+            # the LoRA term is r/d of the work: always fp32 (U is kept in fp32 by the host)
+            acc += tl.dot(u.to(tl.float32), tl.trans(b2.to(tl.float32)), input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_t
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, ref_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr,
+                N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
+                HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=n_ok, other=0)
+    m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)  # running max
+    s = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m)
+    t = tl.zeros((BLOCK_N,), dtype=tl.float32)  # sum exp(z - m) z
+    zy = tl.zeros((BLOCK_N,), dtype=tl.float32)  # target logit
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
+                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        zs = tl.where(v_ok[None, :], z, 0.0)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])  # 0 on padding columns
+        s = s * alpha + tl.sum(p, axis=1)
+        t = t * alpha + tl.sum(p * zs, axis=1)
+        zy += tl.sum(tl.where(offs_v[None, :] == y[:, None], zs, 0.0), axis=1)
+        m = m_new
+    lse = m + tl.log(s)
+    logp = zy - lse
+    tl.store(lse_ptr + offs_n, lse, mask=n_ok)
+    tl.store(logp_ptr + offs_n, logp, mask=n_ok)
+    tl.store(ent_ptr + offs_n, lse - t / s, mask=n_ok)
+    if HAS_REF:
+        d = tl.load(ref_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32) - logp  # ref - logp
+        if KL_EST == 1:
+            kl = -d
+        elif KL_EST == 2:
+            kl = 0.5 * d * d
+        else:
+            kl = tl.exp(d) - d - 1.0
+        tl.store(kl_ptr + offs_n, kl, mask=n_ok)
+
+
+@triton.jit
+def _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT: tl.constexpr):
+    # dx_j = [g (1[j=y] - p_j) - g_ent p_j (z_j - lse + ent)] / T
+    v_ok = offs_v < V
+    logp_all = z - lse[:, None]
+    p = tl.where(v_ok[None, :], tl.exp(logp_all), 0.0)
+    dz = tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
+    if HAS_ENT:
+        dz -= gent[:, None] * p * (logp_all + ent[:, None])
+    return dz * inv_t
+
+
+@triton.jit
+def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr, dh_ptr, du_ptr,
+                   N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
+                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DH: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    y = tl.load(y_ptr + offs_n, mask=n_ok, other=0)
+    lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)
+    g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)
+    ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
+    gent = tl.load(gent_ptr + offs_n, mask=n_ok, other=0.0) if HAS_ENT else g
+    for v0 in range(0, V, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < V
+        z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
+                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT)
+        if NEED_DH:  # dH[n, :] += dx W[v, :]   (this program owns rows offs_n: plain read-add-write)
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + tl.arange(0, BLOCK_D)
+                k_ok = offs_k < D
+                w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
+                            mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+                w = w.to(tl.float32) if UPCAST else w
+                ptrs = dh_ptr + offs_n[:, None] * D + offs_k[None, :]
+                msk = n_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc += tl.dot(dx.to(w.dtype), w, input_precision=PREC)
+                tl.store(ptrs, acc, mask=msk)
+        if HAS_LORA:  # dU[n, :] += dx B[v, :]
+            for k0 in range(0, R, BLOCK_R):
+                offs_k = k0 + tl.arange(0, BLOCK_R)
+                k_ok = offs_k < R
+                b2 = tl.load(b2_ptr + offs_v[:, None] * stride_b2 + offs_k[None, :],
+                             mask=v_ok[:, None] & k_ok[None, :], other=0.0)
+                ptrs = du_ptr + offs_n[:, None] * R + offs_k[None, :]
+                msk = n_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc += tl.dot(dx, b2.to(tl.float32), input_precision="ieee")
+                tl.store(ptrs, acc, mask=msk)
+
+
+@triton.jit
+def _bwd_dw_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr,
+                   dw_ptr, db_ptr, db2_ptr, N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
+                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ENT: tl.constexpr,
+                   NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_B2: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid = tl.program_id(0)
+    offs_v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V
+    dbias = tl.zeros((BLOCK_V,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        y = tl.load(y_ptr + offs_n, mask=n_ok, other=0)
+        lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)
+        g = tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)  # 0 on padding rows -> dx = 0 there
+        ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
+        gent = tl.load(gent_ptr + offs_n, mask=n_ok, other=0.0) if HAS_ENT else g
+        z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
+                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT)
+        if NEED_BIAS:
+            dbias += tl.sum(dx, axis=0)
+        if NEED_W:  # dW[v, :] += dx^T H[n, :]
+            for k0 in range(0, D, BLOCK_D):
+                offs_k = k0 + tl.arange(0, BLOCK_D)
+                k_ok = offs_k < D
+                h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                h = h.to(tl.float32) if UPCAST else h
+                ptrs = dw_ptr + offs_v[:, None] * D + offs_k[None, :]
+                msk = v_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc += tl.dot(tl.trans(dx.to(h.dtype)), h, input_precision=PREC)
+                tl.store(ptrs, acc, mask=msk)
+        if NEED_B2:  # dB[v, :] += dx^T U[n, :]
+            for k0 in range(0, R, BLOCK_R):
+                offs_k = k0 + tl.arange(0, BLOCK_R)
+                k_ok = offs_k < R
+                u = tl.load(u_ptr + offs_n[:, None] * stride_u + offs_k[None, :],
+                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                ptrs = db2_ptr + offs_v[:, None] * R + offs_k[None, :]
+                msk = v_ok[:, None] & k_ok[None, :]
+                acc = tl.load(ptrs, mask=msk, other=0.0)
+                acc += tl.dot(tl.trans(dx), u.to(tl.float32), input_precision="ieee")
+                tl.store(ptrs, acc, mask=msk)
+    if NEED_BIAS:
+        tl.store(db_ptr + offs_v, dbias, mask=v_ok)
+
+
+# ---- host side -----------------------------------------------------------------------------------
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _blocks(D: int, R: int) -> dict:
+    """Static tile sizes (multi-config autotune does not run under the interpreter)."""
+    if _interpreting():
+        bn, bv, bd = 16, 32, 16
+    else:
+        bn, bv, bd = 64, 128, 64
+    return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=min(bd, max(16, triton.next_power_of_2(D))),
+                BLOCK_R=max(16, triton.next_power_of_2(max(R, 1))))
+
+
+def _flags(hidden: torch.Tensor) -> dict:
+    upcast = _interpreting() or hidden.dtype == torch.float32
+    return dict(UPCAST=upcast, PREC="ieee" if upcast else "tf32")
+
+
+def _common(hidden, weight, u, lora_b, bias):
+    N, D = hidden.shape
+    V = weight.shape[0]
+    R = u.shape[1] if u is not None else 0
+    dummy = hidden  # any valid pointer for absent optional inputs (never read: constexpr-guarded)
+    args = (hidden, weight, dummy if u is None else u, dummy if lora_b is None else lora_b,
+            dummy if bias is None else bias)
+    strides = (hidden.stride(0), weight.stride(0), u.stride(0) if u is not None else 0,
+               lora_b.stride(0) if lora_b is not None else 0)
+    return N, V, D, R, args, strides
+
+
+class TritonLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
+                kl_estimator):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        lora_b = lora_b.contiguous() if lora_b is not None else None
+        # U = s H A^T, (N, r) in fp32: tiny, and keeps the LoRA term exact for half inputs
+        u = (lora_scale * (hidden.float() @ lora_a.float().T)).contiguous() if lora_a is not None else None
+        N, V, D, R, args, strides = _common(hidden, weight, u, lora_b, bias)
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        lse, logp, ent = torch.empty(N, **f32), torch.empty(N, **f32), torch.empty(N, **f32)
+        kl = torch.zeros(N, **f32)
+        ref = ref_logps.contiguous() if ref_logps is not None else logp
+        tgt = targets.contiguous()
+        bl = _blocks(D, R)
+        _fwd_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
+            *args, tgt, ref, lse, logp, ent, kl, N, V, D, R, *strides, 1.0 / temperature,
+            HAS_BIAS=bias is not None, HAS_LORA=u is not None, HAS_REF=ref_logps is not None,
+            KL_EST=_KL_ID[kl_estimator], **_flags(hidden), **bl)
+        ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, u, tgt, ref_logps, lse, logp, ent)
+        ctx.cfg = (lora_scale, temperature, kl_estimator)
+        return logp, ent, kl
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent, g_kl):
+        hidden, weight, bias, lora_a, lora_b, u, tgt, ref_logps, lse, logp, ent = ctx.saved_tensors
+        scale, temperature, estimator = ctx.cfg
+        need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        g = torch.zeros_like(logp) if g_lp is None else g_lp.float().contiguous()
+        if g_kl is not None and ref_logps is not None:
+            g = (g + g_kl.float() * _dkl_dlogp(logp, ref_logps.float(), estimator)).contiguous()
+        has_ent = g_ent is not None and bool(torch.any(g_ent != 0))
+        gent = g_ent.float().contiguous() if has_ent else g
+        N, V, D, R, args, strides = _common(hidden, weight, u, lora_b, bias)
+        f32 = dict(device=hidden.device, dtype=torch.float32)
+        bl, fl = _blocks(D, R), _flags(hidden)
+        common = dict(HAS_BIAS=bias is not None, HAS_LORA=u is not None, HAS_ENT=has_ent, **fl, **bl)
+        inv_t = 1.0 / temperature
+        dH = dA = dW = db = dB = None
+        if need_h or need_a:
+            dh = torch.zeros(N, D, **f32) if need_h else torch.zeros(1, **f32)
+            du = torch.zeros(N, max(R, 1), **f32)
+            _bwd_dh_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
+                *args, tgt, lse, g, ent, gent, dh, du, N, V, D, R, *strides, inv_t, NEED_DH=need_h, **common)
+            if u is not None:
+                du = du[:, :R]
+                if need_h:
+                    dh += scale * (du @ lora_a.float())
+                if need_a:
+                    dA = (scale * (du.T @ hidden.float())).to(lora_a.dtype)
+            dH = dh.to(hidden.dtype) if need_h else None
+        if need_w or need_b or need_bb:
+            dw = torch.zeros(V, D, **f32) if need_w else torch.zeros(1, **f32)
+            dbias = torch.zeros(V, **f32) if need_b else torch.zeros(1, **f32)
+            db2 = torch.zeros(V, max(R, 1), **f32) if need_bb else torch.zeros(1, **f32)
+            _bwd_dw_kernel[(triton.cdiv(V, bl["BLOCK_V"]),)](
+                *args, tgt, lse, g, ent, gent, dw, dbias, db2, N, V, D, R, *strides, inv_t,
+                NEED_W=need_w, NEED_BIAS=need_b, NEED_B2=need_bb, **common)
+            dW = dw.to(weight.dtype) if need_w else None
+            db = dbias.to(bias.dtype) if need_b else None
+            dB = db2[:, :R].to(lora_b.dtype) if need_bb else None
+        return dH, dW, db, dA, dB, None, None, None, None, None
+
+
+def triton_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
+                    temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False) -> LogProbOutput:
+    """Triton path; same contract as :func:`reference.chunked_logprobs`."""
+    if kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("give both lora_a and lora_b, or neither")
+    if not (hidden.is_cuda or _interpreting()):
+        raise RuntimeError("the Triton log-prob kernel needs a CUDA tensor (or TRITON_INTERPRET=1)")
+    ref = None if ref_logps is None else ref_logps.detach().float()
+    logp, ent, kl = TritonLogProbs.apply(hidden, weight, bias, lora_a, lora_b, targets, ref, float(lora_scale),
+                                         float(temperature), kl_estimator)
+    return LogProbOutput(logp, ent if with_entropy else None, kl if ref_logps is not None else None)
