@@ -63,9 +63,13 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    from lowalign.data import check_prompt_lengths, load_prompt_data
+    from lowalign.data import load_prompt_data, prepare_prompts
 
     data = load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)  # before any model work
+    if cfg.rewards:
+        from lowalign.rewards import RewardSources
+
+        RewardSources(cfg.rewards).probe(data.batch(0, 2, cfg.seed))
     run_dir = RunDir(out)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
     run_dir.write_config(C.to_dict(cfg))
@@ -73,7 +77,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     from lowalign.bundle import ModelBundle
 
     bundle = ModelBundle.load(cfg.model)
-    for note in check_prompt_lengths(data, bundle.tokenizer, cfg.data):
+    for note in prepare_prompts(data, bundle.tokenizer, cfg.data):
         console.print(f"[yellow]data:[/] {note}")
     _, entry = C.ALGORITHMS[cfg.algorithm]
     mod, fn = entry.split(":")

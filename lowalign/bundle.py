@@ -65,6 +65,23 @@ def resolve_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """AutoTokenizer, except that a local directory's declared ``tokenizer_class`` wins: transformers 5
+    may substitute the model type's default class (e.g. an empty Qwen2Tokenizer for a byte tokenizer)."""
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cfg_file = Path(path) / "tokenizer_config.json"
+    if cfg_file.exists():
+        declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        if declared and type(tok).__name__.removesuffix("Fast") != declared.removesuffix("Fast"):
+            cls = tokenizer_class_from_name(declared)
+            if cls is not None:
+                tok = cls.from_pretrained(path)
+    return tok
+
+
 def guard_avx512bf16(model: nn.Module) -> int:
     """bitsandbytes' CPU path repacks a Linear4bit weight in place when it runs under eval()/no_grad on
     CPUs with AVX512-BF16; later backward passes then silently lose LoRA gradients. Turn that off on
@@ -107,7 +124,7 @@ class ModelBundle:
 
     @classmethod
     def load(cls, cfg: ModelConfig) -> ModelBundle:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         if cfg.backend == "unsloth":
             check_unsloth_available()
@@ -131,7 +148,7 @@ class ModelBundle:
                 path, dtype=dtype, load_in_4bit=cfg.quantization == "nf4",
                 load_in_8bit=cfg.quantization == "int8")
         else:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+            tok = load_tokenizer(path, cfg.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
         if cfg.quantization == "none":
             model.to(device)

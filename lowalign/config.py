@@ -70,6 +70,7 @@ class TaskConfig:
 class DataConfig:
     source: str = F("builtin:arithmetic", "builtin:arithmetic, a hub dataset name, or a local file.")
     path: str | None = F(None, "Local JSONL/JSON/parquet file (overrides source).", path=True)
+    subset: str | None = F(None, "Hub dataset configuration name (e.g. 'main' for openai/gsm8k).")
     split: str = F("train", "Dataset split to train on (hub or multi-split sources).")
     eval_split: str | None = F(None, "Held-out split for evaluation (hub sources).")
     eval_path: str | None = F(None, "Local held-out file for evaluation.", path=True)
@@ -78,6 +79,7 @@ class DataConfig:
     answer_format: Literal["plain", "gsm8k"] = F(
         "plain", "How to read the reference answer (gsm8k: the number after '####').")
     prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
+    chat_template: bool = F(False, "Wrap each prompt as a user message with the tokenizer's chat template.")
     max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).")
     truncation: Literal["error", "left", "drop"] = F("error", "What to do with over-long prompts.")
     task: TaskConfig = F(factory=TaskConfig, help="Arithmetic task settings (builtin:arithmetic).")

@@ -42,7 +42,7 @@ def numeric_match(completion: str, answer: str) -> bool:
         return False
 
 
-def _read_table(path: str | None, source: str, split: str) -> list[dict]:
+def _read_table(path: str | None, source: str, split: str, subset: str | None = None) -> list[dict]:
     import datasets
 
     datasets.disable_progress_bar()
@@ -51,9 +51,14 @@ def _read_table(path: str | None, source: str, split: str) -> list[dict]:
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
         if kind is None:
             raise ConfigError(f"data.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet, .csv)")
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        if Path(path).stat().st_size == 0:
+            raise DataError(f"data file {path} is empty")
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+        except Exception as e:  # the datasets library's own errors do not name the file
+            raise DataError(f"could not read {path} as {kind}: {type(e).__name__}: {e}") from e
     else:
-        ds = datasets.load_dataset(source, split=split)
+        ds = datasets.load_dataset(source, subset, split=split)
     return [dict(r) for r in ds]
 
 
@@ -113,10 +118,10 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
                               split_seed=t.split_seed)
         return PromptData(None, task.eval_rows(), is_correct, task)
     where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
-    rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split), cfg, where)
-    if cfg.eval_path or cfg.eval_split:
+    rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split, cfg.subset), cfg, where)
+    if cfg.eval_path or (cfg.eval_split and cfg.path is None):  # eval_split names a split of a hub source
         ev_where = f"data.eval_path={cfg.eval_path}" if cfg.eval_path else f"data.eval_split={cfg.eval_split}"
-        ev = _normalize(_read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test"), cfg, ev_where)
+        ev = _normalize(_read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset), cfg, ev_where)
     else:  # hold out a seeded slice (at most 10%) and keep it out of training
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
@@ -130,10 +135,18 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
     return PromptData(rows, ev, checker)
 
 
-def check_prompt_lengths(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
-    """Apply the truncation policy to over-long prompts; returns notes for the log."""
+def prepare_prompts(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
+    """Render chat templates, then apply the truncation policy to over-long prompts (before training).
+    Returns notes for the log."""
     if data.train_rows is None:
         return []
+    if cfg.chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError("data.chat_template: true, but the tokenizer has no chat template")
+        for rows in (data.train_rows, data.eval_rows_all):
+            for r in rows:
+                r["prompt"] = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
+                                                            tokenize=False, add_generation_prompt=True)
     notes = []
     for name, rows in (("train", data.train_rows), ("eval", data.eval_rows_all)):
         lens = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]

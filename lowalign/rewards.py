@@ -66,6 +66,16 @@ class RewardSources:
     def names(self) -> list[str]:
         return [n for n, *_ in self.sources]
 
+    def probe(self, rows: list[dict]) -> None:
+        """Call every reward *function* once on a few data rows, with the reference answers as completions,
+        so a broken function fails before any model is loaded."""
+        prompts = [r["prompt"] for r in rows]
+        completions = [str(r.get("answer", "")) for r in rows]
+        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        for name, _, fn, _ in self.sources:
+            if fn is not None:
+                _call_checked(name, fn, prompts, completions, columns)
+
     def __call__(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> RewardBatch:
         parts, total = {}, torch.zeros(len(completions), dtype=torch.float32)
         for name, weight, fn, adapter in self.sources:
