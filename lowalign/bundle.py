@@ -117,6 +117,7 @@ class ModelBundle:
         self.device = device
         self.dtype = dtype
         self.heads = nn.ModuleDict()
+        self.head_weights: dict[str, torch.Tensor] = {}  # multi-output head -> weights combining its outputs
         self.adapter_configs: dict[str, LoraConfig] = {}
         self._role = REFERENCE
 
@@ -241,8 +242,11 @@ class ModelBundle:
         return self.base  # LoRA layers are injected in place, so this follows the active role
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Backbone output (final norm applied, no lm_head): (B, T, d)."""
-        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        """Backbone output (final norm applied, no lm_head): (B, T, d). Position ids follow the attention
+        mask, exactly as HF generation computes them, so left-padded rows score what was sampled."""
+        pos = position_ids_from_mask(attention_mask)
+        out = self.base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                                      use_cache=False)
         return out.last_hidden_state
 
     def lm_head(self) -> LMHead:
@@ -258,9 +262,48 @@ class ModelBundle:
     def score(self, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar head on the last non-pad token's hidden state, in the current role: (B, out)."""
         h = self.hidden_states(input_ids, attention_mask)
-        last = last_token_index(attention_mask)
+        last = last_token_index(attention_mask)  # (B,)
         feats = h[torch.arange(h.shape[0], device=h.device), last].float()
         return self.heads[head](feats)
+
+    @torch.no_grad()
+    def score_texts(self, adapter: str, prompts: list[str], completions: list[str],
+                    batch_size: int = 256) -> torch.Tensor:
+        """Learned reward of (prompt, completion) pairs: role ``adapter``, head ``adapter`` on the EOS
+        position, multi-output heads combined by ``head_weights``: (B,) on CPU."""
+        from lowalign.generation import encode_completions
+
+        out = []
+        with self.use(adapter):
+            for s in range(0, len(prompts), batch_size):
+                b = encode_completions(self.tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
+                                       self.device)
+                r = self.score(adapter, b.input_ids, b.attention_mask)  # (b, K)
+                w = self.head_weights.get(adapter)
+                out.append((r @ w.to(r) if w is not None else r[:, 0]).cpu())
+        return torch.cat(out)
+
+    def load_reward(self, name: str, path: str | Path) -> None:
+        """Add a trained reward adapter + head (a reward_model run's output) as one more role."""
+        path = Path(path)
+        if (path / "adapters").is_dir():
+            path = path / "adapters"
+        meta_f, acfg_f = path / "reward_meta.json", path / name / "adapter_config.json"
+        if not meta_f.exists() or not acfg_f.exists():
+            raise ConfigError(f"rewards: {path} holds no reward adapter '{name}' (expected {acfg_f} and {meta_f})")
+        acfg = json.loads(acfg_f.read_text())
+        prev = self._role
+        self.add_adapter(name, LoraConfig(r=acfg["r"], alpha=acfg["lora_alpha"],
+                                          target_modules=sorted(acfg["target_modules"]), dropout=0.0))
+        self.load_adapter(name, path / name)
+        self.load_heads(path / "heads.safetensors")
+        meta = json.loads(meta_f.read_text())
+        if meta.get("weights"):
+            self.head_weights[name] = torch.tensor(meta["weights"], dtype=torch.float32)
+        for p in self.adapter_parameters(name) + list(self.heads[name].parameters()):
+            p.requires_grad_(False)
+        if prev != REFERENCE:
+            self._activate(prev)  # adding an adapter activates it; give the previous role back
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -333,6 +376,12 @@ class ModelBundle:
                                       for v in st.values() if torch.is_tensor(v))
         report["total"] = sum(v for k, v in report.items())
         return report
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, ... over attended tokens; 1 on padding (as transformers' generate does): (B, T)."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 1)
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,12 @@ class DataConfig:
     eval_path: str | None = F(None, "Local held-out file for evaluation.", path=True)
     prompt_column: str = F("prompt", "Column holding the prompt (question for GSM8K-format).")
     answer_column: str = F("answer", "Column holding the reference answer.")
+    chosen_column: str = F("chosen", "Preference data: column of the preferred completion (string or messages).")
+    rejected_column: str = F("rejected", "Preference data: column of the dispreferred completion.")
+    pairs: Literal["correctness", "onpolicy", "mixed"] = F(
+        "mixed", "Built-in preference pairs (builtin:arithmetic): right vs near-miss answers, the model's own "
+        "samples ranked by the task reward, or half of each.")
+    num_pairs: int = F(2000, "Built-in preference pairs to generate.")
     answer_format: Literal["plain", "gsm8k"] = F(
         "plain", "How to read the reference answer (gsm8k: the number after '####').")
     prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
@@ -96,7 +102,8 @@ class EvalConfig:
 @dataclass
 class RewardSpec:
     fn: str | None = F(None, "Import path 'package.module:function' of a reward function.")
-    adapter: str | None = F(None, "Name of a trained reward adapter in the bundle (learned reward).")
+    adapter: str | None = F(None, "Name of a trained reward adapter (learned reward), loaded from `path`.")
+    path: str | None = F(None, "Run directory (or its adapters/ folder) of a reward_model run.", path=True)
     weight: float = F(1.0, "Weight in the weighted sum of rewards.")
     name: str | None = F(None, "Name in logs (defaults to the function or adapter name).")
 
@@ -222,16 +229,27 @@ def build(cls: type, raw: Any, where: str = ""):
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``a.b.c=v``; a numeric part indexes a list (``rewards.0.weight=2``)."""
     parts = dotted.split(".")
     node = tree
-    for p in parts[:-1]:
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"override '{dotted}': '{p}' is not a section")
-        node = nxt
-    node[parts[-1]] = value
+    for i, p in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not p.isdigit() or int(p) >= len(node):
+                raise ConfigError(f"override '{dotted}': '{p}' is not an index of a list of {len(node)}")
+            if last:
+                node[int(p)] = value
+            else:
+                node = node[int(p)]
+            continue
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{parts[i - 1]}' is not a section")
+        if last:
+            node[p] = value
+        else:
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -302,6 +320,8 @@ def _check_semantics(cfg: RunConfig) -> None:
     for i, r in enumerate(cfg.rewards):
         if (r.fn is None) == (r.adapter is None):
             raise ConfigError(f"rewards[{i}]: give exactly one of 'fn' or 'adapter'")
+        if r.adapter is not None and r.path is None:
+            raise ConfigError(f"rewards[{i}].path: a learned reward needs the reward_model run that trained it")
         if r.fn is not None:
             from lowalign.rewards import import_reward
 

@@ -77,3 +77,17 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
     comp = torch.where(cmask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
     texts = tok.batch_decode(comp, skip_special_tokens=True)
     return Rollout(ids, mask, comp, cmask, texts)
+
+
+def encode_completions(tok, prompts: list[str], completions: list[str], device) -> Rollout:
+    """Teacher-forcing batch: left-padded prompts + right-padded ``completion + EOS`` (same layout as a
+    rollout, so the same log-prob code serves SFT, DPO and GRPO)."""
+    ids, mask = encode_prompts(tok, prompts, device)
+    comp = [tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id] for c in completions]
+    C = max(map(len, comp))
+    cids = torch.full((len(comp), C), tok.pad_token_id, dtype=torch.long)
+    cmask = torch.zeros(len(comp), C, dtype=torch.long)
+    for i, c in enumerate(comp):
+        cids[i, :len(c)] = torch.tensor(c)
+        cmask[i, :len(c)] = 1
+    return Rollout(ids, mask, cids.to(device), cmask.to(device), list(completions))

@@ -38,7 +38,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-
 from lowalign.kernels.logprobs.reference import KL_ESTIMATORS, LogProbOutput, _dkl_dlogp
 
 _KL_ID = {"k1": 1, "k2": 2, "k3": 3}

@@ -32,7 +32,7 @@ def evaluate(ctx, role: str = "policy") -> dict:
     return {"accuracy": res["accuracy"], "n": res["n"], "samples": res["samples"]}
 
 
-def start_or_resume(ctx, adapters, optimizer, scheduler) -> tuple[int, dict]:
+def start_or_resume(ctx, adapters, optimizer, scheduler, evaluate_fn=None) -> tuple[int, dict]:
     """Returns (start step, baseline metrics). Evaluates the baseline on a fresh run; on resume restores
     adapters, optimizer, scheduler and RNG state and drops metrics rows past the checkpoint."""
     if ctx.cfg.resume:
@@ -44,9 +44,10 @@ def start_or_resume(ctx, adapters, optimizer, scheduler) -> tuple[int, dict]:
             return state["step"], state["baseline"]
         ctx.console.print("[yellow]resume: no checkpoint yet, starting from step 0[/]")
     ctx.run_dir.truncate_metrics(0)
-    baseline = evaluate(ctx)
+    baseline = (evaluate_fn or evaluate)(ctx)
     ctx.run_dir.write_json("baseline.json", baseline)
-    ctx.console.print(f"baseline held-out accuracy: {baseline['accuracy']:.3f}")
+    shown = {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)}
+    ctx.console.print(f"baseline (held-out): {shown}")
     return 0, baseline
 
 
@@ -56,12 +57,12 @@ def step_seed(seed: int, step: int) -> int:
     return (seed * 1_000_003 + step * 7919 + 17) % (2**63 - 1)
 
 
-def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None) -> dict:
-    final = evaluate(ctx)
+def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None, evaluate_fn=None) -> dict:
+    final = (evaluate_fn or evaluate)(ctx)
     for name in adapters:
         ctx.bundle.save_adapter(name, ctx.run_dir.path / "adapters" / name)
     if len(ctx.bundle.heads):
         ctx.bundle.save_heads(ctx.run_dir.path / "adapters" / "heads.safetensors")
     return {"baseline": {k: v for k, v in baseline.items() if k != "samples"},
             "final": {k: v for k, v in final.items() if k != "samples"},
-            "final_samples": final["samples"], **(extra or {})}
+            "final_samples": final.get("samples", []), "memory": ctx.bundle.memory_report(), **(extra or {})}

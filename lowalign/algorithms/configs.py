@@ -53,3 +53,44 @@ class SFTConfig:
     checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+
+
+@dataclass
+class DPOConfig:
+    steps: int = F(150, "Optimizer steps.")
+    batch_size: int = F(32, "Preference pairs per step.")
+    beta: float = F(0.1, "KL strength: implicit reward = beta (logp - ref) (DPO, arXiv 2305.18290).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = F(
+        "sigmoid", "sigmoid (DPO), ipo (arXiv 2310.12036), hinge (SLiC), robust (rDPO, arXiv 2403.00409).")
+    label_smoothing: float = F(0.0, "Assumed label-noise rate (conservative DPO / robust DPO).")
+    rpo_alpha: float = F(0.0, "Weight of a token-mean NLL on the chosen completion added to the loss (RPO, "
+                              "arXiv 2404.19733): keeps chosen log-probs from falling with the rejected ones.")
+    precompute_ref: bool = F(True, "Compute reference log-probs once for the whole set (cached on disk next "
+                                   "to the run, keyed by data and model), so training runs only the policy.")
+    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.")
+    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.")
+    eval_pairs: int = F(500, "Held-out pairs for the preference accuracy.")
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+
+
+@dataclass
+class RewardModelConfig:
+    steps: int = F(300, "Optimizer steps.")
+    batch_size: int = F(32, "Pairs (bradley_terry) or pairs' completions (regression) per step.")
+    objective: Literal["bradley_terry", "regression"] = F(
+        "bradley_terry", "Pairwise -log sigma(r_c - r_r - margin), or multi-attribute regression of the task's "
+        "scored attributes (correctness, format, length) combined by `attribute_weights`.")
+    margin: float = F(0.0, "Bradley-Terry margin.")
+    attribute_weights: list[float] = F(factory=lambda: [1.0, 0.1, 0.1],
+                                       help="Regression: weights of (correctness, format, length) in the reward.")
+    adapter_name: str = F("reward", "Name of the reward adapter and its head.")
+    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.")
+    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.")
+    eval_pairs: int = F(500, "Held-out pairs for the pairwise accuracy.")
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
+    checkpoint_every: int = F(100, "Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")

@@ -109,7 +109,10 @@ def train(ctx) -> dict:
 
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
     bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
-    rewards = RewardSources(cfg.rewards, scorer=getattr(bundle, "score_texts", None))
+    for spec in cfg.rewards:
+        if spec.adapter is not None:  # a learned reward: one more adapter + head on the same base
+            bundle.load_reward(spec.adapter, spec.path)
+    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
     opt, sched = make_optimizer(bundle.adapter_parameters(POLICY), tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
     bundle.base.train()

@@ -1,6 +1,8 @@
 """Pure loss functions and advantage estimators on tensors."""
 
 from lowalign.losses.common import LossOutput, masked_mean
+from lowalign.losses.dpo import DPO_LOSSES, bradley_terry_loss, dpo_loss, multi_objective_loss
 from lowalign.losses.grpo import AGGREGATIONS, grpo_advantages, grpo_loss
 
-__all__ = ["AGGREGATIONS", "LossOutput", "grpo_advantages", "grpo_loss", "masked_mean"]
+__all__ = ["AGGREGATIONS", "DPO_LOSSES", "LossOutput", "bradley_terry_loss", "dpo_loss", "grpo_advantages",
+           "grpo_loss", "masked_mean", "multi_objective_loss"]

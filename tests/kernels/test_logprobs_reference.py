@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from lowalign.kernels.logprobs import chunked_logprobs, fused_logprobs, naive_logprobs
 
 SHAPES = [(37, 1000, 24, 0), (64, 384, 32, 4), (5, 77, 8, 2)]  # (N, V, d, lora rank)

@@ -14,7 +14,6 @@ import os
 
 import pytest
 import torch
-
 from lowalign.kernels.logprobs import fused_logprobs, naive_logprobs
 
 from .test_logprobs_reference import assert_rel, grads_of, make

@@ -1,0 +1,123 @@
+"""DPO on the shared base: the policy adapter against the same base with adapters off.
+
+Chosen and rejected completions go through the fused log-prob path in one batch. Reference log-probs
+are precomputed once for the whole set (cached next to the run, keyed by data and model) or computed
+per step with adapters off; either way no second model exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from lowalign.algorithms.common import evaluate, finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.pairs import pair_batch, run_pairs
+from lowalign.generation import encode_completions
+from lowalign.logprobs import token_logprobs
+from lowalign.losses import dpo_loss
+from lowalign.runtime import Progress, seed_everything
+
+POLICY = "policy"
+
+
+def sequence_logps(bundle, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed completion log-probs and lengths, chosen then rejected: (2B,), (2B,)."""
+    prompts = [p["prompt"] for p in pairs] * 2
+    comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    b = encode_completions(bundle.tokenizer, prompts, comps, bundle.device)
+    out = token_logprobs(bundle, b.input_ids, b.attention_mask, b.target_mask)
+    m = b.target_mask.float()
+    return (out.logps * m).sum(1), m.sum(1)
+
+
+@torch.no_grad()
+def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tensor:
+    """Adapter-off log-probs of every pair, (n, 2) [chosen, rejected], cached on disk by data + model."""
+    m = ctx.cfg.model
+    key = hashlib.sha256(json.dumps([pairs, m.name_or_path, m.quantization, m.dtype, ctx.cfg.lora.init_from],
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    cache = ctx.run_dir.path.parent / ".lowalign-cache" / f"ref_logps-{key}.pt"
+    if cache.exists():
+        return torch.load(cache)
+    out = []
+    with ctx.bundle.use("reference"):
+        for s in range(0, len(pairs), batch_size):
+            lp, _ = sequence_logps(ctx.bundle, pairs[s:s + batch_size])
+            n = len(pairs[s:s + batch_size])
+            out.append(torch.stack([lp[:n], lp[n:]], 1).cpu())
+    ref = torch.cat(out)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    torch.save(ref, tmp)
+    tmp.replace(cache)
+    return ref
+
+
+@torch.no_grad()
+def preference_accuracy(ctx, pairs: list[dict], batch_size: int = 128) -> float:
+    """Share of held-out pairs where the policy's implicit reward prefers the chosen completion."""
+    ref = reference_logps(ctx, pairs)
+    hits = 0
+    with ctx.bundle.use(POLICY):
+        for s in range(0, len(pairs), batch_size):
+            chunk = pairs[s:s + batch_size]
+            lp, _ = sequence_logps(ctx.bundle, chunk)
+            n = len(chunk)
+            r = ref[s:s + n].to(lp.device)
+            hits += int(((lp[:n] - r[:, 0]) > (lp[n:] - r[:, 1])).sum())
+    return hits / max(1, len(pairs))
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    data = run_pairs(ctx, tc, role=POLICY)  # the fresh adapter is the starting policy
+    ref_all = reference_logps(ctx, data.train) if tc.precompute_ref else None
+    params = bundle.adapter_parameters(POLICY)
+    opt, sched = make_optimizer(params, tc.optim, tc.steps)
+    start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
+    if "preference_accuracy" not in baseline:
+        baseline["preference_accuracy"] = 0.5  # a fresh adapter equals the reference: every margin is 0
+    bundle.base.train()
+    with Progress(tc.steps, start, ("loss", "rewards/accuracy", "rewards/margin"), desc="dpo",
+                  every=tc.log_every) as bar:
+        for step in range(start, tc.steps):
+            seed_everything(step_seed(cfg.seed, step))
+            idx = pair_batch(data.train, step, tc.batch_size, cfg.seed)
+            pairs = [data.train[i] for i in idx]
+            n = len(pairs)
+            with bundle.use(POLICY):
+                lp, lens = sequence_logps(bundle, pairs)
+            if ref_all is not None:
+                ref = ref_all[idx].to(lp.device)
+                ref_c, ref_r = ref[:, 0], ref[:, 1]
+            else:
+                with torch.no_grad(), bundle.use("reference"):
+                    rl, _ = sequence_logps(bundle, pairs)
+                ref_c, ref_r = rl[:n], rl[n:]
+            out = dpo_loss(lp[:n], lp[n:], ref_c, ref_r, beta=tc.beta, loss_type=tc.loss_type,
+                           label_smoothing=tc.label_smoothing, chosen_lengths=lens[:n], rejected_lengths=lens[n:])
+            loss = out.loss
+            if tc.rpo_alpha:
+                nll = -(lp[:n] / lens[:n].clamp(min=1)).mean()
+                loss = loss + tc.rpo_alpha * nll
+                out.metrics["nll/chosen"] = nll.detach()
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
+                 "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
+                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+            ctx.run_dir.log(m)
+            bar.update(step + 1, m)
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                ctx.checkpointer.keep = tc.keep_checkpoints
+                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+    summary = finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)})
+    summary["final"]["preference_accuracy"] = preference_accuracy(ctx, data.eval)
+    return summary

@@ -1,0 +1,47 @@
+"""Supervised fine-tuning of the policy adapter on (prompt, answer) rows: mean token NLL of the answer
+(+ EOS), computed through the fused log-prob path (no full-vocabulary logits)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowalign.algorithms.common import finish, make_optimizer, start_or_resume, step_seed
+from lowalign.generation import encode_completions
+from lowalign.logprobs import token_logprobs
+from lowalign.losses import masked_mean
+from lowalign.runtime import Progress, seed_everything
+
+POLICY = "policy"
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    params = bundle.adapter_parameters(POLICY)
+    opt, sched = make_optimizer(params, tc.optim, tc.steps)
+    start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
+    bundle.base.train()
+    with Progress(tc.steps, start, ("loss", "token_acc"), desc="sft", every=tc.log_every) as bar:
+        for step in range(start, tc.steps):
+            seed_everything(step_seed(cfg.seed, step))
+            rows = ctx.data.batch(step, tc.batch_size, cfg.seed)
+            b = encode_completions(bundle.tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows],
+                                   bundle.device)
+            with bundle.use(POLICY):
+                out = token_logprobs(bundle, b.input_ids, b.attention_mask, b.target_mask)
+            P = b.prompt_ids.shape[1]
+            lp, m = out.logps[:, P:], b.completion_mask.float()
+            loss = -masked_mean(lp, m)
+            loss.backward()
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
+                       "token_acc": masked_mean((lp.detach() > -0.6931).float(), m).item()}  # p > 1/2
+            ctx.run_dir.log(metrics)
+            bar.update(step + 1, metrics)
+            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
+                ctx.checkpointer.keep = tc.keep_checkpoints
+                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+    return finish(ctx, [POLICY], baseline, {"steps": tc.steps})

@@ -1,0 +1,196 @@
+"""Preference pairs ``{prompt, chosen, rejected}`` for DPO and reward models.
+
+Sources:
+* local JSONL/JSON/parquet files or hub datasets, with string columns or conversational columns (lists
+  of ``{role, content}`` messages, rendered with the tokenizer's chat template when it has one);
+* built-in sets from the arithmetic task, so everything runs offline:
+  - ``correctness``: the right answer vs a plausible mistake (off by one or ten, a dropped carry,
+    swapped digits, a stray suffix);
+  - ``onpolicy``: completions sampled from the current model, ranked by the task reward (a correct one,
+    or the reference answer when none was, vs the model's own wrong one);
+  - ``mixed``: half of each.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from lowalign.config import ConfigError
+from lowalign.data import DataError, _read_table
+from lowalign.tasks.arithmetic import ArithmeticTask, format_reward, is_correct, length_reward
+
+
+@dataclass
+class PreferenceData:
+    train: list[dict]
+    eval: list[dict]
+
+
+# ---- built-in pairs from the arithmetic task -----------------------------------------------------
+
+
+def near_miss(answer: str, a: int, b: int, rng: random.Random) -> str:
+    """A plausible wrong answer to ``a + b`` (never the right one)."""
+    n = int(answer)
+    cands = [n + 1, n - 1, n + 10, n - 10, n + 2]
+    no_carry = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(f"{a:03d}", f"{b:03d}")))
+    cands.append(no_carry)
+    if len(answer) > 1:
+        cands.append(int(answer[::-1]))
+    text = str(rng.choice([c for c in cands if c != n and c >= 0] or [n + 1]))
+    if rng.random() < 0.1:  # occasionally a format slip, so format/length attributes vary too
+        text = rng.choice([text + " ", text + text[-1], text + "?"])
+    return text
+
+
+def _operands(prompt: str) -> tuple[int, int]:
+    expr = prompt.removeprefix("Q: ").removesuffix("= A:")
+    for op in "+-*":
+        if op in expr[1:]:
+            x, y = expr.split(op, 1)
+            return int(x), int(y)
+    raise ValueError(prompt)
+
+
+def correctness_pairs(task: ArithmeticTask, n: int, seed: int, rows: list[dict] | None = None) -> list[dict]:
+    rng = random.Random(seed)
+    rows = rows or task.train_rows(n, seed=seed)
+    out = []
+    for r in rows:
+        a, b = _operands(r["prompt"])
+        out.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": near_miss(r["answer"], a, b, rng),
+                    "answer": r["answer"], "source": "near_miss"})
+    return out
+
+
+@torch.no_grad()
+def onpolicy_pairs(bundle, rows: list[dict], samples: int, max_new_tokens: int, seed: int, role: str,
+                   batch_size: int = 256) -> list[dict]:
+    """Sample ``samples`` completions per prompt in ``role``; pair a correct one (or the reference
+    answer) with the model's own wrong one. Prompts the model always gets right give no pair."""
+    from lowalign.generation import generate
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    out = []
+    with bundle.use(role):
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s:s + batch_size]
+            roll = generate(bundle, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens, do_sample=True,
+                            temperature=1.0, num_generations=samples)
+            for i, r in enumerate(chunk):
+                texts = roll.texts[i * samples:(i + 1) * samples]
+                good = [t for t in texts if is_correct(t, r["answer"])]
+                bad = [t for t in texts if not is_correct(t, r["answer"]) and t.strip()]
+                if bad:
+                    out.append({"prompt": r["prompt"], "chosen": rng.choice(good) if good else r["answer"],
+                                "rejected": rng.choice(bad), "answer": r["answer"], "source": "onpolicy"})
+    return out
+
+
+def builtin_pairs(kind: str, task: ArithmeticTask, n: int, seed: int, bundle=None, samples: int = 4,
+                  max_new_tokens: int = 6, role: str = "reference") -> list[dict]:
+    if kind == "correctness":
+        return correctness_pairs(task, n, seed)
+    rows = task.train_rows(n if kind == "onpolicy" else n // 2, seed=seed)
+    pol = onpolicy_pairs(bundle, rows, samples, max_new_tokens, seed, role)
+    if kind == "onpolicy":
+        return pol
+    if kind == "mixed":
+        return pol + correctness_pairs(task, n - len(pol), seed + 1)
+    raise ConfigError(f"data.pairs: unknown kind '{kind}' (correctness, onpolicy, mixed)")
+
+
+def eval_pairs(task: ArithmeticTask, n: int, seed: int) -> list[dict]:
+    """Held-out pairs (held-out prompts, near-miss rejections): never seen in training."""
+    return correctness_pairs(task, n, seed, rows=task.eval_rows(n))
+
+
+def attributes(pairs_side: list[tuple[str, str, str]]) -> torch.Tensor:
+    """Scored attributes (correctness, format, length) of (prompt, completion, answer) triples: (B, 3)."""
+    prompts = [p for p, _, _ in pairs_side]
+    comps = [c for _, c, _ in pairs_side]
+    answers = [a for _, _, a in pairs_side]
+    corr = [1.0 if is_correct(c, a) else 0.0 for c, a in zip(comps, answers)]
+    fmt = format_reward(prompts, comps)
+    ln = length_reward(prompts, comps, answer=answers)
+    return torch.tensor([corr, fmt, ln]).T
+
+
+ATTRIBUTES = ("correctness", "format", "length")
+
+
+# ---- files and hub datasets -------------------------------------------------------------------------
+
+
+def _render(messages, tokenizer, add_generation_prompt: bool) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+def normalize_pair(row: dict, cfg, tokenizer, where: str) -> dict:
+    """One row in string or conversational format -> {prompt, chosen, rejected} strings."""
+    p, c, r = row.get(cfg.prompt_column), row.get(cfg.chosen_column), row.get(cfg.rejected_column)
+    if isinstance(c, list):  # conversational: messages; the prompt may be inside chosen/rejected (HH style)
+        if not c or not isinstance(c[-1], dict) or "content" not in c[-1]:
+            raise DataError(f"{where}: conversational '{cfg.chosen_column}' must be a list of {{role, content}}")
+        prompt_msgs = p if isinstance(p, list) else c[:-1]
+        if isinstance(p, str):
+            prompt_msgs = [{"role": "user", "content": p}]
+        return {"prompt": _render(prompt_msgs, tokenizer, True), "chosen": c[-1]["content"],
+                "rejected": r[-1]["content"]}
+    if isinstance(p, list):
+        p = _render(p, tokenizer, True)
+    return {"prompt": p, "chosen": c, "rejected": r}
+
+
+def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
+    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
+    rows = _read_table(cfg.path, cfg.source, cfg.split, cfg.subset)
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    need = [cfg.chosen_column, cfg.rejected_column]
+    if not isinstance(rows[0].get(cfg.chosen_column), list):
+        need.insert(0, cfg.prompt_column)
+    missing = [k for k in need if k not in rows[0]]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. "
+                        "Set data.prompt_column / data.chosen_column / data.rejected_column.")
+    pairs = [normalize_pair(r, cfg, tokenizer, where) for r in rows]
+    if cfg.eval_path or (cfg.eval_split and cfg.path is None):
+        ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
+        ev = [normalize_pair(r, cfg, tokenizer, where) for r in ev_rows]
+    else:
+        order = list(range(len(pairs)))
+        random.Random(seed).shuffle(order)
+        k = min(n_eval, len(pairs) // 10)
+        ev = [pairs[i] for i in order[:k]]
+        pairs = [pairs[i] for i in sorted(order[k:])]
+    return PreferenceData(apply_length_policy(pairs, tokenizer, cfg, "train"), apply_length_policy(ev, tokenizer,
+                                                                                                     cfg, "eval"))
+
+
+def apply_length_policy(pairs: list[dict], tokenizer, cfg, name: str) -> list[dict]:
+    """Over-long prompts: error (count + example), drop, or keep the prompt's end ('left')."""
+    lens = [len(tokenizer(p["prompt"], add_special_tokens=False).input_ids) for p in pairs]
+    long = [i for i, n in enumerate(lens) if n > cfg.max_prompt_tokens]
+    if not long:
+        return pairs
+    msg = (f"{len(long)} of {len(pairs)} {name} prompts exceed data.max_prompt_tokens={cfg.max_prompt_tokens} "
+           f"(longest {max(lens)} tokens; e.g. {pairs[long[0]]['prompt'][:100]!r}...)")
+    if cfg.truncation == "error":
+        raise DataError(msg + ". Raise the limit or set data.truncation to 'left' or 'drop'.")
+    if cfg.truncation == "drop":
+        keep = [p for i, p in enumerate(pairs) if i not in set(long)]
+        if not keep:
+            raise DataError(msg + "; nothing left after dropping them")
+        return keep
+    for i in long:
+        ids = tokenizer(pairs[i]["prompt"], add_special_tokens=False).input_ids
+        pairs[i]["prompt"] = tokenizer.decode(ids[-cfg.max_prompt_tokens:])
+    return pairs

@@ -1,0 +1,66 @@
+"""Reward models (Bradley-Terry and multi-attribute regression) and GRPO rewarded by the learned adapter."""
+
+import json
+
+import pytest
+import torch
+
+from lowalign.tiny import TINY_DIR
+
+from .helpers import cli, metrics, summary
+
+SMALL = ["data.num_pairs=64", "train.eval_pairs=32", "train.batch_size=8", "train.checkpoint_every=0",
+         "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm") / "rm"
+    cli("run", "recipes/rm_tiny.yaml", f"output_dir={out}", "train.steps=6", *SMALL)
+    return out
+
+
+def test_bradley_terry_run(rm_run):
+    s = summary(rm_run)
+    assert 0 <= s["baseline"]["pairwise_accuracy"] <= 1 and 0 <= s["final"]["pairwise_accuracy"] <= 1
+    ad = rm_run / "adapters"
+    assert (ad / "reward" / "adapter_model.safetensors").exists() and (ad / "heads.safetensors").exists()
+    assert json.loads((ad / "reward_meta.json").read_text())["objective"] == "bradley_terry"
+    assert s["memory"]["head:reward"] == (256 + 1) * 4  # one scalar output on a 256-wide hidden state
+
+
+def test_regression_run(tmp_path):
+    out = tmp_path / "rmreg"
+    cli("run", "recipes/rm_tiny.yaml", f"output_dir={out}", "train.steps=4", "train.objective=regression", *SMALL)
+    s = summary(out)
+    assert {"mae/correctness", "mae/format", "mae/length", "pairwise_accuracy"} <= s["final"].keys()
+    assert json.loads((out / "adapters" / "reward_meta.json").read_text())["weights"] == [1.0, 0.1, 0.1]
+
+
+def test_grpo_with_learned_reward_keeps_one_base(rm_run, tmp_path):
+    out = tmp_path / "grpo_rm"
+    cli("run", "recipes/grpo_rm_tiny.yaml", f"output_dir={out}", f"rewards.0.path={rm_run}", "train.steps=2",
+        "train.prompts_per_step=4", "train.num_generations=4", "eval.num_examples=20", "threads=1")
+    rows = metrics(out)
+    assert "rewards/adapter:reward" in rows[0] and rows[0]["reward"] == rows[0]["rewards/adapter:reward"]
+    mem = summary(out)["memory"]
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(TINY_DIR)
+    uniq = {t.data_ptr(): t for t in [*plain.parameters(), *plain.buffers()]}.values()
+    assert mem["base"] == sum(t.numel() * t.element_size() for t in uniq)  # exactly one copy of the base
+    assert mem["adapter:policy"] > 0 and mem["adapter:reward"] > 0 and mem["head:reward"] > 0
+
+
+def test_learned_reward_scores_match_training_head(rm_run):
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4))
+    b.load_reward("reward", rm_run)
+    assert b.role == "policy" and all(p.requires_grad for p in b.adapter_parameters("policy"))
+    s1 = b.score_texts("reward", ["Q: 1+2= A:", "Q: 1+2= A:"], ["3", "4"])
+    s2 = b.score_texts("reward", ["Q: 1+2= A:"], ["3"])
+    assert s1.shape == (2,) and torch.isfinite(s1).all()
+    torch.testing.assert_close(s1[:1], s2, rtol=1e-5, atol=1e-5)  # padding does not change a score

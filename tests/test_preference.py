@@ -1,0 +1,53 @@
+import json
+import random
+
+import pytest
+
+from lowalign.config import DataConfig
+from lowalign.data import DataError
+from lowalign.preference import correctness_pairs, load_file_pairs, near_miss
+from lowalign.tasks.arithmetic import ArithmeticTask
+from lowalign.tiny import byte_tokenizer
+
+
+def test_near_miss_is_plausible_and_wrong():
+    rng = random.Random(0)
+    for a in range(0, 100, 7):
+        for b in range(0, 100, 11):
+            m = near_miss(str(a + b), a, b, rng)
+            assert m.strip() != str(a + b) and len(m) <= len(str(a + b)) + 2
+
+
+def test_correctness_pairs_are_seeded():
+    t = ArithmeticTask()
+    assert correctness_pairs(t, 20, 1) == correctness_pairs(t, 20, 1) != correctness_pairs(t, 20, 2)
+
+
+def _write(tmp_path, rows):
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
+
+
+def test_string_and_conversational_formats(tmp_path):
+    s = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(30)]
+    d = load_file_pairs(DataConfig(path=str(_write(tmp_path, s))), byte_tokenizer(), 0, 100)
+    assert len(d.eval) == 3 and len(d.train) == 27 and d.train[0]["chosen"] == "good"
+    conv = [{"chosen": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}],
+             "rejected": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "go away"}]}
+            for i in range(30)]
+    d = load_file_pairs(DataConfig(path=str(_write(tmp_path, conv))), byte_tokenizer(), 0, 100)
+    p = d.train[0]
+    assert p["prompt"].startswith("user: hi") and p["prompt"].endswith("assistant: ")  # no chat template
+    assert (p["chosen"], p["rejected"]) == ("hello", "go away")
+
+
+def test_errors_name_columns_and_lengths(tmp_path):
+    f = _write(tmp_path, [{"question": "q", "good": "a", "bad": "b"}] * 20)
+    with pytest.raises(DataError, match=r"missing column\(s\) \['prompt', 'chosen', 'rejected'\]"):
+        load_file_pairs(DataConfig(path=str(f)), byte_tokenizer(), 0, 10)
+    f = _write(tmp_path, [{"prompt": "x" * (100 if i < 3 else 5), "chosen": "a", "rejected": "b"} for i in range(40)])
+    with pytest.raises(DataError, match=r"[23] of 36 train prompts exceed data.max_prompt_tokens=50 \(longest 100 tokens"):
+        load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50), byte_tokenizer(), 0, 4)
+    d = load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50, truncation="drop"), byte_tokenizer(), 0, 4)
+    assert all(len(p["prompt"]) <= 50 for p in d.train)
