@@ -47,7 +47,8 @@ def test_errors_name_columns_and_lengths(tmp_path):
     with pytest.raises(DataError, match=r"missing column\(s\) \['prompt', 'chosen', 'rejected'\]"):
         load_file_pairs(DataConfig(path=str(f)), byte_tokenizer(), 0, 10)
     f = _write(tmp_path, [{"prompt": "x" * (100 if i < 3 else 5), "chosen": "a", "rejected": "b"} for i in range(40)])
-    with pytest.raises(DataError, match=r"[23] of 36 train prompts exceed data.max_prompt_tokens=50 \(longest 100 tokens"):
+    msg = r"[23] of 36 train prompts exceed data.max_prompt_tokens=50 \(longest 100 tokens"
+    with pytest.raises(DataError, match=msg):
         load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50), byte_tokenizer(), 0, 4)
     d = load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50, truncation="drop"), byte_tokenizer(), 0, 4)
     assert all(len(p["prompt"]) <= 50 for p in d.train)

@@ -73,7 +73,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
 BAD_REWARDS = {
     "raises": ("def r(prompts, completions, **kw):\n    raise KeyError('oops')\n", "raised KeyError"),
     "short": ("def r(prompts, completions, **kw):\n    return [1.0]\n", "returned 1 values for"),
-    "nan": ("def r(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n", "returned a non-finite value"),
+    "nan": ("def r(prompts, completions, **kw):\n    return [float('nan')] * len(completions)\n",
+            "returned a non-finite value"),
 }
 
 
