@@ -24,6 +24,7 @@ class RunContext:
     run_dir: RunDir
     checkpointer: Checkpointer
     console: object
+    resumed_state: dict | None = None  # the checkpoint's state.json (+ "extra") when resuming
 
 
 def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
@@ -47,18 +48,39 @@ def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def init_distributed() -> tuple[int, int]:
+    """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, NCCL on GPUs)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), world
+
+
 def run(config, overrides=None, *, quiet: bool = False) -> dict:
     from rich.console import Console
 
-    console = Console(stderr=True, quiet=quiet)
     t0 = time.time()
-    cfg, name = resolve_config(config, overrides)
+    cfg, name = resolve_config(config, overrides)  # validate before joining any process group
+    rank, world = init_distributed()
+    if world > 1 and cfg.algorithm != "essa":
+        raise C.ConfigError(f"algorithm: '{cfg.algorithm}' runs in one process; only essa is distributed")
+    console = Console(stderr=True, quiet=quiet or rank > 0)
     if cfg.resume and not cfg.output_dir:
         raise C.ConfigError("resume: true needs output_dir (the run directory to continue)")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(name)
     if not cfg.resume and (out / "checkpoints" / "latest").exists():
         raise C.ConfigError(f"output_dir: {out} already holds a run; pass resume=true or a new output_dir")
     cfg.output_dir = str(out)
+    if rank > 0:  # every rank holds the same state; rank 0 owns the run directory
+        out = out / f".rank{rank}"
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)

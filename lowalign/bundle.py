@@ -207,6 +207,15 @@ class ModelBundle:
         tag = f".{name}."
         return [p for n, p in self.base.named_parameters() if "lora_" in n and tag in n]
 
+    def lora_factors(self, name: str) -> list[tuple[str, nn.Parameter, nn.Parameter, float]]:
+        """(module name, A (r, d_in), B (d_out, r), scale) of every LoRA module of adapter ``name``;
+        the module computes ``x A^T B^T * scale``."""
+        out = []
+        for mod_name, m in self.base.named_modules():
+            if hasattr(m, "lora_A") and name in getattr(m, "lora_A", {}):
+                out.append((mod_name, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
+        return out
+
     def _activate(self, name: str) -> None:
         self.peft.base_model.set_adapter(name)  # makes `name` active and trainable, the others frozen
         self._role = name
@@ -259,12 +268,30 @@ class ModelBundle:
             out.lora_scale = float(head.scaling[self._role])
         return out
 
-    def score(self, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scalar head on the last non-pad token's hidden state, in the current role: (B, out)."""
+    def add_likelihood_feature(self, head: str) -> None:
+        """Give ``head`` a second input: the completion's mean token log-prob in the current role (fused
+        log-prob path, same backbone pass), scaled by a learned (1 -> out) linear map initialised to 1."""
+        lin = nn.Linear(1, self.heads[head].out_features).to(self.device, torch.float32)
+        nn.init.ones_(lin.weight)
+        nn.init.zeros_(lin.bias)
+        self.heads[f"{head}__loglik"] = lin
+
+    def score(self, head: str, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              target_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Scalar head on the last non-pad token's hidden state, in the current role: (B, out). When the
+        head has a likelihood feature, ``target_mask`` marks the completion whose mean log-prob it reads."""
         h = self.hidden_states(input_ids, attention_mask)
         last = last_token_index(attention_mask)  # (B,)
-        feats = h[torch.arange(h.shape[0], device=h.device), last].float()
-        return self.heads[head](feats)
+        out = self.heads[head](h[torch.arange(h.shape[0], device=h.device), last].float())
+        if f"{head}__loglik" in self.heads:
+            if target_mask is None:
+                raise ValueError(f"head '{head}' reads the completion likelihood: pass target_mask")
+            from lowalign.logprobs import logprobs_from_hidden
+
+            lp = logprobs_from_hidden(self, h, input_ids, target_mask).logps  # (B, T)
+            mean_lp = lp.sum(1) / target_mask.sum(1).clamp(min=1)
+            out = out + self.heads[f"{head}__loglik"](mean_lp[:, None])
+        return out
 
     @torch.no_grad()
     def score_texts(self, adapter: str, prompts: list[str], completions: list[str],
@@ -278,7 +305,7 @@ class ModelBundle:
             for s in range(0, len(prompts), batch_size):
                 b = encode_completions(self.tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
                                        self.device)
-                r = self.score(adapter, b.input_ids, b.attention_mask)  # (b, K)
+                r = self.score(adapter, b.input_ids, b.attention_mask, b.target_mask)  # (b, K)
                 w = self.head_weights.get(adapter)
                 out.append((r @ w.to(r) if w is not None else r[:, 0]).cpu())
         return torch.cat(out)
@@ -300,7 +327,9 @@ class ModelBundle:
         meta = json.loads(meta_f.read_text())
         if meta.get("weights"):
             self.head_weights[name] = torch.tensor(meta["weights"], dtype=torch.float32)
-        for p in self.adapter_parameters(name) + list(self.heads[name].parameters()):
+        for h in [k for k in self.heads if k == name or k.startswith(f"{name}__")]:
+            self.heads[h].requires_grad_(False)
+        for p in self.adapter_parameters(name):
             p.requires_grad_(False)
         if prev != REFERENCE:
             self._activate(prev)  # adding an adapter activates it; give the previous role back
@@ -347,9 +376,12 @@ class ModelBundle:
 
         with safe_open(str(path), "pt") as f:
             shapes = json.loads(f.metadata()["shapes"])
-        for name, (out, _) in shapes.items():
+        for name, (out, inp) in shapes.items():
             if name not in self.heads:
-                self.add_head(name, out)
+                if inp == 1 and name.endswith("__loglik"):
+                    self.add_likelihood_feature(name.removesuffix("__loglik"))
+                else:
+                    self.add_head(name, out)
         self.heads.load_state_dict(load_file(str(path), device=str(self.device)))
 
     # ---- memory ---------------------------------------------------------------------------------

@@ -25,10 +25,19 @@ def token_logprobs(bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
     Shapes: input_ids, attention_mask, target_mask (B, T); ref_logps (B, T) aligned the same way.
     """
+    hidden = bundle.hidden_states(input_ids, attention_mask)  # (B, T, d)
+    return logprobs_from_hidden(bundle, hidden, input_ids, target_mask, temperature=temperature,
+                                ref_logps=ref_logps, kl_estimator=kl_estimator, with_entropy=with_entropy,
+                                impl=impl)
+
+
+def logprobs_from_hidden(bundle, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor, *,
+                         temperature: float = 1.0, ref_logps: torch.Tensor | None = None, kl_estimator: str = "k3",
+                         with_entropy: bool = False, impl: str | None = None) -> TokenLogProbs:
+    """As :func:`token_logprobs`, from backbone hidden states (B, T, d) already computed."""
     B, T = input_ids.shape
     if bool(target_mask[:, 0].any()):
         raise ValueError("target_mask[:, 0] must be 0: the first token has no prefix to predict it from")
-    hidden = bundle.hidden_states(input_ids, attention_mask)  # (B, T, d)
     sel = target_mask[:, 1:].bool()  # (B, T-1) positions t>=1 predicted from hidden at t-1
     h = hidden[:, :-1][sel]  # (N, d)
     y = input_ids[:, 1:][sel]  # (N,)

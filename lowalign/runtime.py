@@ -111,7 +111,8 @@ class Checkpointer:
         self.root = run_dir.path / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, bundle, adapters: list[str], state: dict, optimizer=None, scheduler=None) -> Path:
+    def save(self, step: int, bundle, adapters: list[str], state: dict, optimizer=None, scheduler=None,
+             extra: dict | None = None) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp_step_{step:06d}_"))
@@ -122,7 +123,7 @@ class Checkpointer:
                 bundle.save_heads(tmp / "heads.safetensors")
             torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
                         "scheduler": scheduler.state_dict() if scheduler else None,
-                        "rng": rng_state()}, tmp / "trainer.pt")
+                        "rng": rng_state(), "extra": extra}, tmp / "trainer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, default=_jsonable))
             if final.exists():
                 shutil.rmtree(final)
@@ -153,7 +154,9 @@ class Checkpointer:
         if scheduler is not None and blob["scheduler"] is not None:
             scheduler.load_state_dict(blob["scheduler"])
         set_rng_state(blob["rng"])
-        return json.loads((path / "state.json").read_text())
+        state = json.loads((path / "state.json").read_text())
+        state["extra"] = blob.get("extra")
+        return state
 
 
 # ---- memory and progress -----------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Algorithms, one file each. Each registers its train-config dataclass and its entry function."""
 
-from lowalign.algorithms.configs import DPOConfig, GRPOConfig, RewardModelConfig, SFTConfig
+from lowalign.algorithms.configs import DPOConfig, ESSAConfig, GRPOConfig, RewardModelConfig, SFTConfig
 from lowalign.config import register_algorithm
 
 register_algorithm("grpo", GRPOConfig, "lowalign.algorithms.grpo:train")
 register_algorithm("sft", SFTConfig, "lowalign.algorithms.sft:train")
 register_algorithm("dpo", DPOConfig, "lowalign.algorithms.dpo:train")
 register_algorithm("reward_model", RewardModelConfig, "lowalign.algorithms.reward_model:train")
+register_algorithm("essa", ESSAConfig, "lowalign.algorithms.essa:train")
 
-__all__ = ["DPOConfig", "GRPOConfig", "RewardModelConfig", "SFTConfig"]
+__all__ = ["DPOConfig", "ESSAConfig", "GRPOConfig", "RewardModelConfig", "SFTConfig"]

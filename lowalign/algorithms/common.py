@@ -41,6 +41,7 @@ def start_or_resume(ctx, adapters, optimizer, scheduler, evaluate_fn=None) -> tu
             state = ctx.checkpointer.load(ckpt, ctx.bundle, adapters, optimizer, scheduler)
             ctx.run_dir.truncate_metrics(state["step"])
             ctx.console.print(f"resumed from {ckpt} (step {state['step']})")
+            ctx.resumed_state = state
             return state["step"], state["baseline"]
         ctx.console.print("[yellow]resume: no checkpoint yet, starting from step 0[/]")
     ctx.run_dir.truncate_metrics(0)

@@ -87,6 +87,10 @@ class RewardModelConfig:
     attribute_weights: list[float] = F(factory=lambda: [1.0, 0.1, 0.1],
                                        help="Regression: weights of (correctness, format, length) in the reward.")
     adapter_name: str = F("reward", "Name of the reward adapter and its head.")
+    likelihood_feature: bool = F(False, "Also feed the head the completion's mean token log-prob under the "
+                                        "reward adapter (fused kernel, same backbone pass), times a learned "
+                                        "scale: the LM's own likelihood is a correctness signal a last-token "
+                                        "head cannot read directly.")
     onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.")
     max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.")
     eval_pairs: int = F(500, "Held-out pairs for the pairwise accuracy.")
@@ -94,3 +98,27 @@ class RewardModelConfig:
     checkpoint_every: int = F(100, "Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+
+
+@dataclass
+class ESSAConfig:
+    generations: int = F(100, "ES generations (one population evaluation + one update each).")
+    population_size: int = F(32, "Members per generation (even: antithetic pairs +eps / -eps).")
+    sigma: float = F(0.03, "Noise std. With sigma_mode=absolute it is in singular-value units; it must be "
+                           "large enough to change the model's outputs (0.03 works on the tiny model from a "
+                           "fresh LoRA; 0.1 x mean|s| on a trained LoRA did not move it).")
+    sigma_mode: Literal["absolute", "relative"] = F("absolute", "absolute, or sigma x mean |s| of the start.")
+    optimizer: Literal["adam", "sgd", "cma"] = F("adam", "Ascent on the ES gradient (adam, sgd) or a diagonal "
+                                                         "CMA-ES (sep-CMA, Ros & Hansen 2008).")
+    learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.")
+    weight_decay: float = F(0.0, "Decoupled weight decay toward s = 0.")
+    prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).")
+    do_sample: bool = F(False, "Sampled (true) or greedy (false) decoding for fitness.")
+    temperature: float = F(1.0, "Sampling temperature when do_sample.")
+    max_new_tokens: int = F(6, "Completion budget.")
+    top_fraction: float = F(1.0, "Evolve only the top fraction of singular values per module (rest frozen).")
+    s_init: float = F(0.0, "Singular values of a fresh LoRA (U, V random orthonormal); 0 starts at the base.")
+    checkpoint_every: int = F(10, "Save a checkpoint every N generations (0: only at the end).")
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
+    log_every: int = F(5, "Print a progress line every N generations when not on a terminal.")
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")

@@ -24,7 +24,7 @@ def _scores(bundle, name, pairs):
     prompts = [p["prompt"] for p in pairs] * 2
     comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     b = encode_completions(bundle.tokenizer, prompts, comps, bundle.device)
-    return bundle.score(name, b.input_ids, b.attention_mask)
+    return bundle.score(name, b.input_ids, b.attention_mask, b.target_mask)
 
 
 def _targets(pairs):
@@ -65,6 +65,8 @@ def train(ctx) -> dict:
         raise ConfigError(f"train.attribute_weights: need {K} weights for {ATTRIBUTES}")
     bundle.add_adapter(name, cfg.lora, init_from=cfg.lora.init_from)
     bundle.add_head(name, K)
+    if tc.likelihood_feature:
+        bundle.add_likelihood_feature(name)
     if K > 1:
         bundle.head_weights[name] = torch.tensor(tc.attribute_weights, dtype=torch.float32)
     data = run_pairs(ctx, tc, role="reference")  # pairs sampled from the base model itself
@@ -72,7 +74,8 @@ def train(ctx) -> dict:
         from lowalign.config import ConfigError
 
         raise ConfigError("train.objective: 'regression' needs scored attributes (built-in task data)")
-    params = bundle.adapter_parameters(name) + list(bundle.heads[name].parameters())
+    params = bundle.adapter_parameters(name) + [p for k, h in bundle.heads.items()
+                                                if k == name or k.startswith(f"{name}__") for p in h.parameters()]
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
     evaluate_fn = lambda c: pairwise_eval(c, data.eval)
     start, baseline = start_or_resume(ctx, [name], opt, sched, evaluate_fn=evaluate_fn)

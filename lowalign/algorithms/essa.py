@@ -1,0 +1,157 @@
+"""ESSA: evolution strategies over the singular values of the policy LoRA (arXiv 2507.04453).
+
+Each LoRA update is written ``scale * B A = U diag(s) V^T`` (SVD; a fresh LoRA gets random orthonormal
+``U, V``); ``U`` and ``V`` are frozen and only ``s`` evolves, so training is forward passes only: no
+autograd, no optimizer state over weights, and the base can stay in nf4/int8 inference mode. The
+adapter is stored as ``A = V^T``, ``B = U diag(s) / scale``, so it exports as an ordinary PEFT adapter.
+
+Distributed (``torchrun --nproc_per_node K -m lowalign run RECIPE``): rank ``r`` evaluates members
+``i % K == r``; ranks all-reduce only fitness scalars and derive every perturbation from shared seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from lowalign.algorithms.common import finish, start_or_resume
+from lowalign.es import ESState, cma_update, es_update, population
+from lowalign.generation import generate
+from lowalign.rewards import RewardSources
+from lowalign.runtime import Progress, peak_memory_bytes, seed_everything
+
+POLICY = "policy"
+
+
+class SingularValueLoRA:
+    """The policy adapter re-parameterized by its singular values: ``theta`` = the evolving ones."""
+
+    def __init__(self, bundle, fresh: bool, seed: int, s_init: float, top_fraction: float):
+        self.mods = bundle.lora_factors(POLICY)
+        g = torch.Generator().manual_seed(seed)
+        self.U, self.s0, self.sel = [], [], []
+        with torch.no_grad():
+            for _, A, B, scale in self.mods:
+                r, d_in = A.shape
+                d_out = B.shape[0]
+                if fresh:
+                    U = torch.linalg.qr(torch.randn(d_out, r, generator=g))[0]
+                    Vh = torch.linalg.qr(torch.randn(d_in, r, generator=g))[0].T
+                    s = torch.full((r,), float(s_init))
+                else:  # SVD of the existing update
+                    U, s, Vh = torch.linalg.svd(scale * B.float().cpu() @ A.float().cpu(), full_matrices=False)
+                    U, s, Vh = U[:, :r], s[:r], Vh[:r]
+                A.copy_(Vh.to(A))
+                k = max(1, math.ceil(top_fraction * r))
+                self.U.append(U.to(B.device, torch.float32))
+                self.s0.append(s.clone())
+                self.sel.append(torch.argsort(s, descending=True, stable=True)[:k])
+        self.sizes = [len(i) for i in self.sel]
+
+    def initial_theta(self) -> torch.Tensor:
+        return torch.cat([s[i] for s, i in zip(self.s0, self.sel)]).float()
+
+    @torch.no_grad()
+    def apply(self, theta: torch.Tensor) -> None:
+        """Write ``B = U diag(s) / scale`` for every module, with the selected entries of s from theta."""
+        off = 0
+        for (_, _, B, scale), U, s0, sel, n in zip(self.mods, self.U, self.s0, self.sel, self.sizes):
+            s = s0.clone()
+            s[sel] = theta[off:off + n]
+            off += n
+            B.copy_((U * (s.to(U.device) / scale)).to(B))
+
+
+def _dist():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def fitness_of(bundle, rewards, rows, tc, seed: int) -> float:
+    torch.manual_seed(seed)  # the same sampling seed for every member of a generation
+    with bundle.use(POLICY):
+        roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
+                        do_sample=tc.do_sample, temperature=tc.temperature)
+    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+    return float(rewards([r["prompt"] for r in rows], roll.texts, cols).total.mean())
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    if tc.population_size < 2 or tc.population_size % 2:
+        from lowalign.config import ConfigError
+
+        raise ConfigError("train.population_size: must be even and >= 2 (antithetic pairs)")
+    rank, world = _dist()
+    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    for p in bundle.base.parameters():
+        p.requires_grad_(False)
+    bundle.base.eval()
+    sv = SingularValueLoRA(bundle, fresh=cfg.lora.init_from is None, seed=cfg.seed, s_init=tc.s_init,
+                           top_fraction=tc.top_fraction)
+    theta0 = sv.initial_theta()
+    sigma = tc.sigma * (theta0.abs().mean().item() if tc.sigma_mode == "relative" else 1.0)
+    n = theta0.numel()
+    state = ESState(theta0.clone(), torch.zeros(n), torch.ones(n) if tc.optimizer == "cma" else torch.zeros(n),
+                    sigma=sigma)
+    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
+    sv.apply(state.theta)
+
+    # a plain inference pass over one minibatch: the memory yardstick for the run
+    fitness_of(bundle, rewards, ctx.data.batch(0, tc.prompts_per_generation, cfg.seed), tc, cfg.seed)
+    inference_peak = peak_memory_bytes(bundle.device)
+
+    start, baseline = start_or_resume(ctx, [POLICY], None, None)
+    if ctx.resumed_state:
+        state = ESState.from_state_dict(ctx.resumed_state["extra"]["es"])
+    sv.apply(state.theta)
+    t_start = time.time()
+    with Progress(tc.generations, start, ("fitness/mean", "fitness/max", "update_norm", "evals_per_s"),
+                  desc="essa", every=tc.log_every) as bar, torch.no_grad():
+        for gen in range(start, tc.generations):
+            if tc.max_time_s and time.time() - t_start > tc.max_time_s:
+                break
+            t0 = time.time()
+            seed_everything(cfg.seed * 7_919 + gen)
+            rows = ctx.data.batch(gen, tc.prompts_per_generation, cfg.seed)
+            fit = torch.zeros(tc.population_size, dtype=torch.float64)
+            for i, theta_i in population(state, tc.population_size, sigma, cfg.seed, gen, tc.optimizer):
+                if i % world != rank:
+                    continue
+                sv.apply(theta_i)
+                fit[i] = fitness_of(bundle, rewards, rows, tc, seed=cfg.seed * 31 + gen)
+            if world > 1:
+                dist.all_reduce(fit)  # only fitness scalars cross ranks
+            fit = fit.float()
+            if tc.optimizer == "cma":
+                norm = cma_update(state, fit, seed=cfg.seed, generation=gen)
+            else:
+                norm = es_update(state, fit, sigma=sigma, lr=tc.learning_rate, seed=cfg.seed, generation=gen,
+                                 optimizer=tc.optimizer, weight_decay=tc.weight_decay)
+            sv.apply(state.theta)
+            dt = time.time() - t0
+            m = {"step": gen + 1, "fitness/mean": fit.mean().item(), "fitness/max": fit.max().item(),
+                 "fitness/min": fit.min().item(), "fitness/std": fit.std().item(), "update_norm": norm,
+                 "theta_norm": float(state.theta.norm()), "sigma": state.sigma if tc.optimizer == "cma" else sigma,
+                 "evals_per_s": round(tc.population_size * tc.prompts_per_generation / dt, 1),
+                 "time/generation_s": round(dt, 3), "elapsed_s": round(time.time() - t_start, 2)}
+            if cfg.eval.every and (gen + 1) % cfg.eval.every == 0 and gen + 1 < tc.generations:
+                from lowalign.algorithms.common import evaluate
+
+                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+            ctx.run_dir.log(m)
+            bar.update(gen + 1, m)
+            if tc.checkpoint_every and (gen + 1) % tc.checkpoint_every == 0:
+                ctx.checkpointer.keep = tc.keep_checkpoints
+                ctx.checkpointer.save(gen + 1, bundle, [POLICY], {"baseline": baseline},
+                                      extra={"es": state.state_dict()})
+    summary = finish(ctx, [POLICY], baseline, {"generations": state.step, "num_singular_values": n,
+                                               "sigma": sigma, "world_size": world})
+    summary["inference_peak_memory_bytes"] = inference_peak
+    summary["theta"] = state.theta.tolist()
+    return summary
