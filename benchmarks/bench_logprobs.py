@@ -77,7 +77,8 @@ def worker(impl, N, V, d, dtype, reps, frozen) -> dict:
 
 
 def run_worker(impl, N, V, d, dtype, reps, frozen):
-    cmd = [sys.executable, __file__, "--worker", impl, f"{N}x{V}x{d}", "--dtype", dtype, "--reps", str(reps)]
+    cmd = [sys.executable, __file__, "--worker", impl, "--shapes", f"{N}x{V}x{d}", "--dtype", dtype,
+           "--reps", str(reps)]
     if frozen:
         cmd.append("--frozen")
     p = subprocess.run(cmd, capture_output=True, text=True)

@@ -44,6 +44,22 @@ def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
     return C.load(p, overrides), p.stem
 
 
+def load_data(cfg: C.RunConfig):
+    """Prompt rows (or the built-in task) for most algorithms; for preference algorithms with a file or
+    hub source, the validated pairs (only the tokenizer is loaded for chat templates and lengths)."""
+    from lowalign.data import PromptData, load_prompt_data
+
+    builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
+    if C.DATA_KINDS.get(cfg.algorithm) == "preferences" and not builtin:
+        from lowalign.bundle import load_tokenizer, resolve_path
+        from lowalign.preference import load_file_pairs
+
+        tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+        n_eval = getattr(cfg.train, "eval_pairs", 500)
+        return PromptData(None, [], None, pairs=load_file_pairs(cfg.data, tok, cfg.seed, n_eval))
+    return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
+
+
 def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -85,10 +101,10 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    from lowalign.data import load_prompt_data, prepare_prompts
+    from lowalign.data import prepare_prompts
 
-    data = load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)  # before any model work
-    if cfg.rewards:
+    data = load_data(cfg)  # before any model work
+    if cfg.rewards and data.pairs is None:
         from lowalign.rewards import RewardSources
 
         RewardSources(cfg.rewards).probe(data.batch(0, 2, cfg.seed))

@@ -127,10 +127,12 @@ class RunConfig:
 # ---- algorithm registry (filled by lowalign.algorithms) ----------------------------------------
 
 ALGORITHMS: dict[str, tuple[type, str]] = {}  # name -> (train config class, "module:function")
+DATA_KINDS: dict[str, str] = {}  # name -> "prompts" | "preferences"
 
 
-def register_algorithm(name: str, train_cls: type, entry: str) -> None:
+def register_algorithm(name: str, train_cls: type, entry: str, data: str = "prompts") -> None:
     ALGORITHMS[name] = (train_cls, entry)
+    DATA_KINDS[name] = data
 
 
 def _ensure_registry():

@@ -70,6 +70,7 @@ class PromptData:
     eval_rows_all: list[dict]
     checker: object
     task: ArithmeticTask | None = None
+    pairs: object = None  # PreferenceData, for preference algorithms on files / hub sets
 
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""

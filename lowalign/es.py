@@ -56,6 +56,8 @@ class ESState:
 
 def population(state: ESState, pop_size: int, sigma: float, seed: int, generation: int, method: str = "es"):
     """Yield (member index, parameter vector) for the whole population, one vector at a time."""
+    if method not in ("es", "cma"):
+        raise ValueError(f"method must be 'es' or 'cma', got {method!r}")
     n = state.theta.numel()
     std = sigma if method == "es" else state.sigma * state.v.sqrt()
     for i in range(pop_size):

@@ -62,14 +62,20 @@ def test_list_index_overrides():
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
-def test_shipped_recipes_validate_and_show_command(recipe, tmp_path):
+def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths in recipes resolve against an empty directory
     raw = C.load_raw(recipe)
+    missing = [(f"rewards.{i}.path", rf"rewards\[{i}\]\.path") for i, r in enumerate(raw.get("rewards") or [])
+               if r.get("path")]  # built by another recipe
+    if (raw.get("data") or {}).get("path"):
+        missing.append(("data.path", r"data\.path"))  # the user's own file
     overrides = []
-    for i, r in enumerate(raw.get("rewards") or []):
-        if r.get("path"):  # built by another recipe: its absence is reported, then point it at a stand-in
-            with pytest.raises(C.ConfigError, match=rf"rewards\[{i}\]\.path: file or directory not found"):
-                C.load(recipe)
-            overrides.append(f"rewards.{i}.path={tmp_path}")
+    for key, pattern in missing:  # each absence is reported by name, then a stand-in lets validation go on
+        with pytest.raises(C.ConfigError, match=pattern + ": file or directory not found"):
+            C.load(recipe, overrides)
+        stand_in = tmp_path / key
+        stand_in.write_text("")
+        overrides.append(f"{key}={stand_in}")
     C.load(recipe, overrides)
     head = recipe.read_text().splitlines()[:4]
     assert any(f"lowalign run recipes/{recipe.name}" in ln for ln in head), "header must show the command"

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 import torch
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-_CHUNK_ELEMENTS = 1 << 22  # logits elements per chunk (16 MiB in fp32)
+_CHUNK_ELEMENTS = 1 << 23  # logits elements per chunk (32 MiB in fp32) ...
+_MIN_CHUNK = 128  # ... but never fewer tokens than this: tiny chunks starve the matmuls at large V
 
 
 @dataclass
@@ -92,12 +93,12 @@ class ChunkedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
-                kl_estimator, chunk_size):
+                kl_estimator, chunk_size, with_entropy):
         N = hidden.shape[0]
         dev = hidden.device
         lse = torch.empty(N, device=dev, dtype=torch.float32)
         logps = torch.empty_like(lse)
-        ent = torch.empty_like(lse)
+        ent = torch.zeros_like(lse)
         with torch.no_grad():
             for s in range(0, N, chunk_size):
                 e = min(N, s + chunk_size)
@@ -105,12 +106,13 @@ class ChunkedLogProbs(torch.autograd.Function):
                 m = torch.logsumexp(z, dim=-1)  # (c,)
                 lse[s:e] = m
                 logps[s:e] = z.gather(-1, targets[s:e, None].long()).squeeze(-1) - m
-                p = torch.softmax(z, dim=-1)
-                ent[s:e] = m - (p * z).sum(-1)
+                if with_entropy:  # ent = lse - sum_j p_j z_j: two extra passes over the chunk, only on request
+                    ent[s:e] = m - (torch.softmax(z, dim=-1) * z).sum(-1)
         kl = (kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None
               else torch.zeros_like(logps))
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent)
         ctx.cfg = (lora_scale, temperature, kl_estimator, chunk_size)
+        ctx.with_entropy = with_entropy
         return logps, ent, kl
 
     @staticmethod
@@ -122,7 +124,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         g = torch.zeros_like(logps) if g_lp is None else g_lp.float()
         if g_kl is not None and ref_logps is not None:
             g = g + g_kl.float() * _dkl_dlogp(logps, ref_logps.float(), estimator)
-        g_ent = None if g_ent is None or not torch.any(g_ent != 0) else g_ent.float()
+        g_ent = None if g_ent is None or not ctx.with_entropy or not torch.any(g_ent != 0) else g_ent.float()
 
         dH = torch.empty_like(hidden) if need_h else None
         dW = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
@@ -133,12 +135,14 @@ class ChunkedLogProbs(torch.autograd.Function):
             e = min(N, s + chunk)
             h = hidden[s:e]
             z, u = _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature)
-            logp_all = z - lse[s:e, None]
-            p = logp_all.exp()  # softmax, (c, V)
-            dz = p.mul_(-g[s:e, None])  # g * (-p), in place over p
+            logp_all = z.sub_(lse[s:e, None])  # in place: z is not needed any more
+            if g_ent is not None:  # dz_ent = -g_ent p (log p + ent)
+                p = logp_all.exp()
+                dz = (logp_all + ent[s:e, None]).mul_(p).mul_(-g_ent[s:e, None])
+                dz.sub_(p.mul_(g[s:e, None]))
+            else:
+                dz = logp_all.exp_().mul_(-g[s:e, None])  # -g p, reusing the chunk's buffer
             dz.scatter_add_(-1, targets[s:e, None].long(), g[s:e, None])  # + g at the target
-            if g_ent is not None:
-                dz -= g_ent[s:e, None] * logp_all.exp() * (logp_all + ent[s:e, None])
             if temperature != 1.0:
                 dz /= temperature
             dzc = dz.to(weight.dtype)
@@ -148,7 +152,7 @@ class ChunkedLogProbs(torch.autograd.Function):
                     dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
                 dH[s:e] = dh.to(hidden.dtype)
             if need_w:
-                dW += dz.T @ h.float()
+                dW.addmm_(dz.T, h.float())  # accumulate in place: no V x d temporary per chunk
             if need_b:
                 db += dz.sum(0)
             if need_bb:
@@ -157,11 +161,11 @@ class ChunkedLogProbs(torch.autograd.Function):
                 dA += scale * ((dz @ lora_b.float()).T @ h.float())
         cast = lambda t, ref: None if t is None else t.to(ref.dtype)
         return (dH, cast(dW, weight), cast(db, bias), cast(dA, lora_a), cast(dB, lora_b),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
 
 
 def default_chunk_size(vocab: int) -> int:
-    return max(1, min(4096, _CHUNK_ELEMENTS // max(1, vocab)))
+    return max(_MIN_CHUNK, min(4096, _CHUNK_ELEMENTS // max(1, vocab)))
 
 
 def chunked_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
@@ -175,5 +179,6 @@ def chunked_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     ref = None if ref_logps is None else ref_logps.detach()
     logps, ent, kl = ChunkedLogProbs.apply(hidden, weight, bias, lora_a, lora_b, targets, ref,
-                                           float(lora_scale), float(temperature), kl_estimator, chunk)
+                                           float(lora_scale), float(temperature), kl_estimator, chunk,
+                                           bool(with_entropy))
     return LogProbOutput(logps, ent if with_entropy else None, kl if ref_logps is not None else None)

@@ -43,6 +43,7 @@ class GRPOConfig:
     checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")
 
 
 @dataclass
@@ -107,7 +108,11 @@ class ESSAConfig:
     sigma: float = F(0.03, "Noise std. With sigma_mode=absolute it is in singular-value units; it must be "
                            "large enough to change the model's outputs (0.03 works on the tiny model from a "
                            "fresh LoRA; 0.1 x mean|s| on a trained LoRA did not move it).")
-    sigma_mode: Literal["absolute", "relative"] = F("absolute", "absolute, or sigma x mean |s| of the start.")
+    sigma_mode: Literal["absolute", "relative", "calibrate"] = F(
+        "calibrate", "absolute; relative (sigma x mean |s| of the start); or calibrate: starting from sigma, "
+        "double it until perturbations change `calibrate_target` of the minibatch's completions (the noise "
+        "must be measured by what it does to outputs, not by |s|).")
+    calibrate_target: float = F(0.1, "Share of completions a perturbation should change (sigma_mode=calibrate).")
     optimizer: Literal["adam", "sgd", "cma"] = F("adam", "Ascent on the ES gradient (adam, sgd) or a diagonal "
                                                          "CMA-ES (sep-CMA, Ros & Hansen 2008).")
     learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.")

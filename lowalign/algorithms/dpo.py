@@ -57,7 +57,8 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
 
 @torch.no_grad()
 def preference_accuracy(ctx, pairs: list[dict], batch_size: int = 128) -> float:
-    """Share of held-out pairs where the policy's implicit reward prefers the chosen completion."""
+    """Share of held-out pairs where the policy's implicit reward prefers the chosen completion (ties
+    count one half: a fresh adapter equals the reference and scores 0.5)."""
     ref = reference_logps(ctx, pairs)
     hits = 0
     with ctx.bundle.use(POLICY):
@@ -66,7 +67,8 @@ def preference_accuracy(ctx, pairs: list[dict], batch_size: int = 128) -> float:
             lp, _ = sequence_logps(ctx.bundle, chunk)
             n = len(chunk)
             r = ref[s:s + n].to(lp.device)
-            hits += int(((lp[:n] - r[:, 0]) > (lp[n:] - r[:, 1])).sum())
+            margin = (lp[:n] - r[:, 0]) - (lp[n:] - r[:, 1])
+            hits += float((margin > 0).sum() + 0.5 * (margin == 0).sum())  # a tie is a coin flip
     return hits / max(1, len(pairs))
 
 
@@ -77,9 +79,13 @@ def train(ctx) -> dict:
     ref_all = reference_logps(ctx, data.train) if tc.precompute_ref else None
     params = bundle.adapter_parameters(POLICY)
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
-    start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
-    if "preference_accuracy" not in baseline:
-        baseline["preference_accuracy"] = 0.5  # a fresh adapter equals the reference: every margin is 0
+
+    def evaluate_fn(c):
+        res = evaluate(c) if c.data.eval_rows_all else {}
+        res["preference_accuracy"] = preference_accuracy(c, data.eval)
+        return res
+
+    start, baseline = start_or_resume(ctx, [POLICY], opt, sched, evaluate_fn=evaluate_fn)
     bundle.base.train()
     with Progress(tc.steps, start, ("loss", "rewards/accuracy", "rewards/margin"), desc="dpo",
                   every=tc.log_every) as bar:
@@ -112,12 +118,10 @@ def train(ctx) -> dict:
             m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+                m.update({f"eval/{k}": v for k, v in evaluate_fn(ctx).items() if isinstance(v, float)})
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
             if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
                 ctx.checkpointer.keep = tc.keep_checkpoints
                 ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
-    summary = finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)})
-    summary["final"]["preference_accuracy"] = preference_accuracy(ctx, data.eval)
-    return summary
+    return finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lowalign.algorithms.common import finish, start_or_resume
+from lowalign.algorithms.common import evaluate, finish, start_or_resume
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
 from lowalign.rewards import RewardSources
@@ -72,13 +72,42 @@ def _dist():
 
 
 @torch.no_grad()
-def fitness_of(bundle, rewards, rows, tc, seed: int) -> float:
+def completions_of(bundle, rows, tc, seed: int) -> list[str]:
     torch.manual_seed(seed)  # the same sampling seed for every member of a generation
     with bundle.use(POLICY):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
                         do_sample=tc.do_sample, temperature=tc.temperature)
+    return roll.texts
+
+
+def fitness_of(bundle, rewards, rows, tc, seed: int) -> float:
+    texts = completions_of(bundle, rows, tc, seed)
     cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    return float(rewards([r["prompt"] for r in rows], roll.texts, cols).total.mean())
+    return float(rewards([r["prompt"] for r in rows], texts, cols).total.mean())
+
+
+def calibrate_sigma(bundle, sv, theta, rows, tc, seed: int, console) -> float:
+    """Smallest sigma = tc.sigma * 2^k whose perturbations change >= calibrate_target of the completions
+    (mean over two antithetic pairs). Deterministic: depends only on seed, data and weights."""
+    from lowalign.es import noise
+
+    sv.apply(theta)
+    center = completions_of(bundle, rows, tc, seed)
+    sigma = tc.sigma
+    for _ in range(16):
+        changed = 0.0
+        for k in range(2):
+            eps = noise(theta.numel(), seed * 13 + k)
+            for sign in (1.0, -1.0):
+                sv.apply(theta + sign * sigma * eps)
+                texts = completions_of(bundle, rows, tc, seed)
+                changed += sum(a != b for a, b in zip(texts, center)) / len(rows) / 4
+        if changed >= tc.calibrate_target:
+            break
+        sigma *= 2
+    sv.apply(theta)
+    console.print(f"essa: calibrated sigma = {sigma:.4g} (perturbations change {changed:.0%} of completions)")
+    return sigma
 
 
 def train(ctx) -> dict:
@@ -95,8 +124,12 @@ def train(ctx) -> dict:
     sv = SingularValueLoRA(bundle, fresh=cfg.lora.init_from is None, seed=cfg.seed, s_init=tc.s_init,
                            top_fraction=tc.top_fraction)
     theta0 = sv.initial_theta()
-    sigma = tc.sigma * (theta0.abs().mean().item() if tc.sigma_mode == "relative" else 1.0)
     n = theta0.numel()
+    if tc.sigma_mode == "calibrate":
+        rows0 = ctx.data.batch(0, tc.prompts_per_generation, cfg.seed)
+        sigma = calibrate_sigma(bundle, sv, theta0, rows0, tc, cfg.seed, ctx.console)
+    else:
+        sigma = tc.sigma * (theta0.abs().mean().item() if tc.sigma_mode == "relative" else 1.0)
     state = ESState(theta0.clone(), torch.zeros(n), torch.ones(n) if tc.optimizer == "cma" else torch.zeros(n),
                     sigma=sigma)
     rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
@@ -120,7 +153,8 @@ def train(ctx) -> dict:
             seed_everything(cfg.seed * 7_919 + gen)
             rows = ctx.data.batch(gen, tc.prompts_per_generation, cfg.seed)
             fit = torch.zeros(tc.population_size, dtype=torch.float64)
-            for i, theta_i in population(state, tc.population_size, sigma, cfg.seed, gen, tc.optimizer):
+            method = "cma" if tc.optimizer == "cma" else "es"
+            for i, theta_i in population(state, tc.population_size, sigma, cfg.seed, gen, method):
                 if i % world != rank:
                     continue
                 sv.apply(theta_i)
@@ -141,8 +175,6 @@ def train(ctx) -> dict:
                  "evals_per_s": round(tc.population_size * tc.prompts_per_generation / dt, 1),
                  "time/generation_s": round(dt, 3), "elapsed_s": round(time.time() - t_start, 2)}
             if cfg.eval.every and (gen + 1) % cfg.eval.every == 0 and gen + 1 < tc.generations:
-                from lowalign.algorithms.common import evaluate
-
                 m["eval/accuracy"] = evaluate(ctx)["accuracy"]
             ctx.run_dir.log(m)
             bar.update(gen + 1, m)
@@ -153,5 +185,6 @@ def train(ctx) -> dict:
     summary = finish(ctx, [POLICY], baseline, {"generations": state.step, "num_singular_values": n,
                                                "sigma": sigma, "world_size": world})
     summary["inference_peak_memory_bytes"] = inference_peak
+    summary["peak_memory_ratio_to_inference"] = round(peak_memory_bytes(bundle.device) / inference_peak, 3)
     summary["theta"] = state.theta.tolist()
     return summary

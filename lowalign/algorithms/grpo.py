@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lowalign.algorithms.common import finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import evaluate, finish, make_optimizer, start_or_resume, step_seed
 from lowalign.generation import generate
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
@@ -31,7 +31,7 @@ def _expand_columns(rows: list[dict], g: int) -> dict[str, list]:
     return {k: [r[k] for r in rows for _ in range(g)] for k in keys}
 
 
-def completion_logprobs(bundle, roll, tc, *, ref=None, with_entropy=False, rows=None):
+def completion_logprobs(bundle, roll, tc, *, with_entropy=False, rows=None):
     """Per-token log-probs of the completion tokens: (B, C) (+ entropy / KL when asked)."""
     sl = slice(None) if rows is None else rows
     P = roll.prompt_ids.shape[1]
@@ -117,12 +117,14 @@ def train(ctx) -> dict:
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
     bundle.base.train()
     fields = ("reward", "kl", "clip_ratio/region", "completion_length")
+    t_start = time.time()
     with Progress(tc.steps, start, fields, desc="grpo", every=tc.log_every) as bar:
         for step in range(start, tc.steps):
+            if tc.max_time_s and time.time() - t_start > tc.max_time_s:
+                break
             m = grpo_step(ctx, step, opt, sched, rewards)
+            m["elapsed_s"] = round(time.time() - t_start, 2)
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                from lowalign.algorithms.common import evaluate
-
                 m["eval/accuracy"] = evaluate(ctx)["accuracy"]
             ctx.run_dir.log(m)
             bar.update(step + 1, m)

@@ -14,13 +14,19 @@ def run_pairs(ctx, tc, role: str = "reference") -> PreferenceData:
     if f.exists():
         blob = json.loads(f.read_text())
         return PreferenceData(blob["train"], blob["eval"])
-    if ctx.data.task is not None:
+    if ctx.data.pairs is not None:
+        data = ctx.data.pairs
+    elif ctx.data.task is not None:
         ctx.console.print(f"building {cfg.data.num_pairs} '{cfg.data.pairs}' preference pairs ...")
         train = builtin_pairs(cfg.data.pairs, ctx.data.task, cfg.data.num_pairs, cfg.seed, bundle=ctx.bundle,
                               samples=tc.onpolicy_samples, max_new_tokens=tc.max_new_tokens, role=role)
         data = PreferenceData(train, eval_pairs(ctx.data.task, tc.eval_pairs, cfg.seed + 7))
     else:
         data = load_file_pairs(cfg.data, ctx.bundle.tokenizer, cfg.seed, tc.eval_pairs)
+    if not data.train:
+        from lowalign.data import DataError
+
+        raise DataError("no preference pairs to train on")
     atomic_write_text(f, json.dumps({"train": data.train, "eval": data.eval}))
     ctx.console.print(f"preference pairs: {len(data.train)} train, {len(data.eval)} held-out")
     return data

@@ -64,3 +64,18 @@ def test_learned_reward_scores_match_training_head(rm_run):
     s2 = b.score_texts("reward", ["Q: 1+2= A:"], ["3"])
     assert s1.shape == (2,) and torch.isfinite(s1).all()
     torch.testing.assert_close(s1[:1], s2, rtol=1e-5, atol=1e-5)  # padding does not change a score
+
+
+def test_rm_on_hh_format_file_with_qwen2(tmp_path, tiny_qwen2_dir):
+    rows = [{"chosen": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "Helpful."}],
+             "rejected": [{"role": "user", "content": f"Q{i}?"}, {"role": "assistant", "content": "Rude!"}]}
+            for i in range(40)]
+    f = tmp_path / "hh.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rm_hh"
+    cli("run", "recipes/rm_hh.yaml", f"output_dir={out}", f"model.name_or_path={tiny_qwen2_dir}", f"data.path={f}",
+        "model.device=cpu", "model.dtype=float32", "train.steps=3", "train.batch_size=4", "train.eval_pairs=8",
+        "train.checkpoint_every=0", "threads=1")
+    s = summary(out)
+    assert s["pairs"] == 36 and 0 <= s["final"]["pairwise_accuracy"] <= 1
+    assert (out / "adapters" / "reward" / "adapter_model.safetensors").exists()

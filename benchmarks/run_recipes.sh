@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every tiny recipe as its README/issue acceptance command and prints the summary numbers.
+#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~20 minutes on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/acceptance}
+LA=.venv/bin/lowalign
+run() {  # name, then lowalign run arguments
+  local name=$1; shift
+  local t0=$SECONDS
+  $LA run "$@" output_dir="$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -20 "$OUT/$name.log"; exit 1; }
+  .venv/bin/python - "$OUT/$name/summary.json" "$name" $((SECONDS - t0)) <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+keys = [k for k in ("accuracy", "preference_accuracy", "pairwise_accuracy") if k in s["final"]]
+parts = [f"{k}: {s['baseline'][k]:.3f} -> {s['final'][k]:.3f} ({100 * (s['final'][k] - s['baseline'][k]):+.1f} pts)"
+         for k in keys]
+extra = ""
+if "inference_peak_memory_bytes" in s:
+    extra = (f", inference-pass peak {s['inference_peak_memory_bytes'] / 2**20:.0f} MiB, "
+             f"ratio {s['peak_memory_ratio_to_inference']:.2f}")
+print(f"| {sys.argv[2]} | {'; '.join(parts)} | {sys.argv[3]} | {s['wall_time_s']:.0f} | "
+      f"{s['peak_memory_bytes'] / 2**20:.0f}{extra} |")
+PY
+}
+mkdir -p "$OUT"
+rm -rf "$OUT"/grpo_tiny "$OUT"/grpo_tiny_nf4 "$OUT"/dpo_tiny "$OUT"/rm_tiny "$OUT"/grpo_rm_tiny "$OUT"/es_tiny
+echo "| recipe | held-out metric, before -> after | wall s (process) | wall s (summary) | peak MiB |"
+echo "|---|---|---|---|---|"
+run grpo_tiny recipes/grpo_tiny.yaml
+run grpo_tiny_nf4 recipes/grpo_tiny.yaml model.quantization=nf4
+run dpo_tiny recipes/dpo_tiny.yaml
+run rm_tiny recipes/rm_tiny.yaml
+run grpo_rm_tiny recipes/grpo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"
+run es_tiny recipes/es_tiny.yaml
