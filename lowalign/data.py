@@ -62,6 +62,20 @@ def _read_table(path: str | None, source: str, split: str, subset: str | None = 
     return [dict(r) for r in ds]
 
 
+def epoch_indices(size: int, step: int, n: int, seed: int) -> list[int]:
+    """Indices for step ``step`` of ``n`` items per step over epochs of seeded permutations of
+    ``range(size)``: a pure function of its arguments, so a run's data position is just its step."""
+    out, pos = [], step * n
+    while len(out) < n:
+        epoch, i = divmod(pos, size)
+        order = list(range(size))
+        random.Random(seed * 7919 + epoch).shuffle(order)
+        take = min(n - len(out), size - i)
+        out += order[i:i + take]
+        pos += take
+    return out
+
+
 @dataclass
 class PromptData:
     """Training rows (or a task that generates them) and held-out rows, plus the answer checker."""
@@ -76,16 +90,7 @@ class PromptData:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""
         if self.task is not None:
             return self.task.train_rows(n, seed=seed * 1_000_003 + step)
-        rows = self.train_rows
-        out, pos = [], step * n
-        while len(out) < n:
-            epoch, i = divmod(pos, len(rows))
-            order = list(range(len(rows)))
-            random.Random(seed * 7919 + epoch).shuffle(order)
-            take = min(n - len(out), len(rows) - i)
-            out += [rows[j] for j in order[i:i + take]]
-            pos += take
-        return out
+        return [self.train_rows[j] for j in epoch_indices(len(self.train_rows), step, n, seed)]
 
     def eval_rows(self, n: int) -> list[dict]:
         return self.eval_rows_all[:n]

@@ -171,3 +171,19 @@ def test_unsloth_needs_gpu():
         pytest.skip("this check is about CPU-only machines")
     with pytest.raises(ConfigError, match="unsloth.*CUDA GPU"):
         ModelBundle.load(ModelConfig(backend="unsloth"))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        b = _bundle(gradient_checkpointing=gc)
+        with torch.no_grad():
+            for n, p in b.base.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.02)
+        b.base.train()
+        grads.append(_lora_grads(b))
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)

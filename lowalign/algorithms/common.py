@@ -67,3 +67,11 @@ def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None, 
     return {"baseline": {k: v for k, v in baseline.items() if k != "samples"},
             "final": {k: v for k, v in final.items() if k != "samples"},
             "final_samples": final.get("samples", []), "memory": ctx.bundle.memory_report(), **(extra or {})}
+
+
+def maybe_checkpoint(ctx, tc, done: int, adapters: list[str], baseline: dict, optimizer=None, scheduler=None,
+                     extra: dict | None = None) -> None:
+    """Checkpoint after ``done`` steps when ``tc.checkpoint_every`` says so."""
+    if tc.checkpoint_every and done % tc.checkpoint_every == 0:
+        ctx.checkpointer.keep = tc.keep_checkpoints
+        ctx.checkpointer.save(done, ctx.bundle, adapters, {"baseline": baseline}, optimizer, scheduler, extra)

@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from lowalign.algorithms.common import evaluate, finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import evaluate, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
 from lowalign.algorithms.pairs import pair_batch, run_pairs
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
@@ -121,7 +121,5 @@ def train(ctx) -> dict:
                 m.update({f"eval/{k}": v for k, v in evaluate_fn(ctx).items() if isinstance(v, float)})
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-                ctx.checkpointer.keep = tc.keep_checkpoints
-                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)

@@ -17,7 +17,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lowalign.algorithms.common import evaluate, finish, start_or_resume
+from lowalign.algorithms.common import evaluate, finish, maybe_checkpoint, start_or_resume
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
 from lowalign.rewards import RewardSources
@@ -178,10 +178,7 @@ def train(ctx) -> dict:
                 m["eval/accuracy"] = evaluate(ctx)["accuracy"]
             ctx.run_dir.log(m)
             bar.update(gen + 1, m)
-            if tc.checkpoint_every and (gen + 1) % tc.checkpoint_every == 0:
-                ctx.checkpointer.keep = tc.keep_checkpoints
-                ctx.checkpointer.save(gen + 1, bundle, [POLICY], {"baseline": baseline},
-                                      extra={"es": state.state_dict()})
+            maybe_checkpoint(ctx, tc, gen + 1, [POLICY], baseline, extra={"es": state.state_dict()})
     summary = finish(ctx, [POLICY], baseline, {"generations": state.step, "num_singular_values": n,
                                                "sigma": sigma, "world_size": world})
     summary["inference_peak_memory_bytes"] = inference_peak

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from lowalign.algorithms.common import evaluate, finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import evaluate, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
 from lowalign.generation import generate
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
@@ -128,9 +128,7 @@ def train(ctx) -> dict:
                 m["eval/accuracy"] = evaluate(ctx)["accuracy"]
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-                ctx.checkpointer.keep = tc.keep_checkpoints
-                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
     hist = ctx.run_dir.read_metrics()
     tail = hist[-10:]
     extra = {"steps": tc.steps, "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from lowalign.data import epoch_indices
 from lowalign.preference import PreferenceData, builtin_pairs, eval_pairs, load_file_pairs
 from lowalign.runtime import atomic_write_text
 
@@ -34,14 +35,4 @@ def run_pairs(ctx, tc, role: str = "reference") -> PreferenceData:
 
 def pair_batch(pairs: list[dict], step: int, n: int, seed: int) -> list[int]:
     """Indices of the pairs for ``step``: epochs of a seeded permutation, a pure function of step."""
-    import random
-
-    out, pos = [], step * n
-    while len(out) < n:
-        epoch, i = divmod(pos, len(pairs))
-        order = list(range(len(pairs)))
-        random.Random(seed * 7919 + epoch).shuffle(order)
-        take = min(n - len(out), len(pairs) - i)
-        out += order[i:i + take]
-        pos += take
-    return out
+    return epoch_indices(len(pairs), step, n, seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from lowalign.algorithms.common import finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
 from lowalign.algorithms.pairs import pair_batch, run_pairs
 from lowalign.generation import encode_completions
 from lowalign.losses import bradley_terry_loss, multi_objective_loss
@@ -105,9 +105,7 @@ def train(ctx) -> dict:
                 m["eval/pairwise_accuracy"] = pairwise_eval(ctx, data.eval)["pairwise_accuracy"]
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-                ctx.checkpointer.keep = tc.keep_checkpoints
-                ctx.checkpointer.save(step + 1, bundle, [name], {"baseline": baseline}, opt, sched)
+            maybe_checkpoint(ctx, tc, step + 1, [name], baseline, opt, sched)
     summary = finish(ctx, [name], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)
     meta = {"adapter": name, "objective": tc.objective, "attributes": list(ATTRIBUTES) if K > 1 else ["reward"],
             "weights": tc.attribute_weights if K > 1 else None}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lowalign.algorithms.common import finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import masked_mean
@@ -41,7 +41,5 @@ def train(ctx) -> dict:
                        "token_acc": masked_mean((lp.detach() > -0.6931).float(), m).item()}  # p > 1/2
             ctx.run_dir.log(metrics)
             bar.update(step + 1, metrics)
-            if tc.checkpoint_every and (step + 1) % tc.checkpoint_every == 0:
-                ctx.checkpointer.keep = tc.keep_checkpoints
-                ctx.checkpointer.save(step + 1, bundle, [POLICY], {"baseline": baseline}, opt, sched)
+            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps})
