@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowalign.config import ConfigError, LoraConfig, ModelConfig
+from lowalign.runtime import atomic_write
 
 REFERENCE = "reference"
 
@@ -368,7 +369,7 @@ class ModelBundle:
 
         state = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
         meta = {"shapes": json.dumps({n: list(h.weight.shape) for n, h in self.heads.items()})}
-        _atomic(Path(path), lambda p: save_file(state, str(p), metadata=meta))
+        atomic_write(Path(path), lambda p: save_file(state, str(p), metadata=meta))
 
     def load_heads(self, path: str | Path) -> None:
         from safetensors import safe_open
@@ -425,18 +426,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

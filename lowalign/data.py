@@ -155,23 +155,31 @@ def prepare_prompts(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
                                                             tokenize=False, add_generation_prompt=True)
     notes = []
     for name, rows in (("train", data.train_rows), ("eval", data.eval_rows_all)):
-        lens = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
-        long = [i for i, n in enumerate(lens) if n > cfg.max_prompt_tokens]
-        if not long:
-            continue
-        ex = rows[long[0]]["prompt"]
-        msg = (f"{len(long)} of {len(rows)} {name} prompts exceed data.max_prompt_tokens="
-               f"{cfg.max_prompt_tokens} (longest {max(lens)} tokens; e.g. {ex[:100]!r}...)")
-        if cfg.truncation == "error":
-            raise DataError(msg + ". Raise the limit or set data.truncation to 'left' or 'drop'.")
-        if cfg.truncation == "drop":
-            keep = set(range(len(rows))) - set(long)
-            rows[:] = [r for i, r in enumerate(rows) if i in keep]
-            if not rows:
-                raise DataError(msg + "; nothing left after dropping them")
-        else:  # left: keep the end of the prompt (the question sits there)
-            for i in long:
-                ids = tokenizer(rows[i]["prompt"], add_special_tokens=False).input_ids
-                rows[i]["prompt"] = tokenizer.decode(ids[-cfg.max_prompt_tokens:])
-        notes.append(msg + f"; {cfg.truncation}")
+        note = limit_prompt_lengths(rows, tokenizer, cfg, name)
+        if note:
+            notes.append(note)
     return notes
+
+
+def limit_prompt_lengths(rows: list[dict], tokenizer, cfg: DataConfig, name: str) -> str | None:
+    """Apply ``cfg.truncation`` to rows whose ``prompt`` exceeds ``cfg.max_prompt_tokens``, in place:
+    error (count + example), drop them, or keep the prompt's end ('left', where the question sits).
+    Returns a note for the log, or None when every prompt fits."""
+    lens = [len(tokenizer(r["prompt"], add_special_tokens=False).input_ids) for r in rows]
+    long = [i for i, n in enumerate(lens) if n > cfg.max_prompt_tokens]
+    if not long:
+        return None
+    msg = (f"{len(long)} of {len(rows)} {name} prompts exceed data.max_prompt_tokens="
+           f"{cfg.max_prompt_tokens} (longest {max(lens)} tokens; e.g. {rows[long[0]]['prompt'][:100]!r}...)")
+    if cfg.truncation == "error":
+        raise DataError(msg + ". Raise the limit or set data.truncation to 'left' or 'drop'.")
+    if cfg.truncation == "drop":
+        drop = set(long)
+        rows[:] = [r for i, r in enumerate(rows) if i not in drop]
+        if not rows:
+            raise DataError(msg + "; nothing left after dropping them")
+    else:
+        for i in long:
+            ids = tokenizer(rows[i]["prompt"], add_special_tokens=False).input_ids
+            rows[i]["prompt"] = tokenizer.decode(ids[-cfg.max_prompt_tokens:])
+    return msg + f"; {cfg.truncation}"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from lowalign.config import ConfigError
-from lowalign.data import DataError, _read_table
+from lowalign.data import DataError, _read_table, limit_prompt_lengths
 from lowalign.tasks.arithmetic import ArithmeticTask, format_reward, is_correct, length_reward
 
 
@@ -171,26 +171,6 @@ def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
         k = min(n_eval, len(pairs) // 10)
         ev = [pairs[i] for i in order[:k]]
         pairs = [pairs[i] for i in sorted(order[k:])]
-    return PreferenceData(apply_length_policy(pairs, tokenizer, cfg, "train"), apply_length_policy(ev, tokenizer,
-                                                                                                     cfg, "eval"))
-
-
-def apply_length_policy(pairs: list[dict], tokenizer, cfg, name: str) -> list[dict]:
-    """Over-long prompts: error (count + example), drop, or keep the prompt's end ('left')."""
-    lens = [len(tokenizer(p["prompt"], add_special_tokens=False).input_ids) for p in pairs]
-    long = [i for i, n in enumerate(lens) if n > cfg.max_prompt_tokens]
-    if not long:
-        return pairs
-    msg = (f"{len(long)} of {len(pairs)} {name} prompts exceed data.max_prompt_tokens={cfg.max_prompt_tokens} "
-           f"(longest {max(lens)} tokens; e.g. {pairs[long[0]]['prompt'][:100]!r}...)")
-    if cfg.truncation == "error":
-        raise DataError(msg + ". Raise the limit or set data.truncation to 'left' or 'drop'.")
-    if cfg.truncation == "drop":
-        keep = [p for i, p in enumerate(pairs) if i not in set(long)]
-        if not keep:
-            raise DataError(msg + "; nothing left after dropping them")
-        return keep
-    for i in long:
-        ids = tokenizer(pairs[i]["prompt"], add_special_tokens=False).input_ids
-        pairs[i]["prompt"] = tokenizer.decode(ids[-cfg.max_prompt_tokens:])
-    return pairs
+    limit_prompt_lengths(pairs, tokenizer, cfg, "train")
+    limit_prompt_lengths(ev, tokenizer, cfg, "eval")
+    return PreferenceData(pairs, ev)

@@ -13,20 +13,17 @@ import json
 import torch
 
 from lowalign.algorithms.common import evaluate, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
-from lowalign.algorithms.pairs import pair_batch, run_pairs
-from lowalign.generation import encode_completions
+from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import dpo_loss
-from lowalign.runtime import Progress, seed_everything
+from lowalign.runtime import Progress, atomic_write, seed_everything
 
 POLICY = "policy"
 
 
 def sequence_logps(bundle, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed completion log-probs and lengths, chosen then rejected: (2B,), (2B,)."""
-    prompts = [p["prompt"] for p in pairs] * 2
-    comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    b = encode_completions(bundle.tokenizer, prompts, comps, bundle.device)
+    b = encode_pairs(bundle, pairs)
     out = token_logprobs(bundle, b.input_ids, b.attention_mask, b.target_mask)
     m = b.target_mask.float()
     return (out.logps * m).sum(1), m.sum(1)
@@ -48,10 +45,7 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
             n = len(pairs[s:s + batch_size])
             out.append(torch.stack([lp[:n], lp[n:]], 1).cpu())
     ref = torch.cat(out)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    torch.save(ref, tmp)
-    tmp.replace(cache)
+    atomic_write(cache, lambda p: torch.save(ref, p))
     return ref
 
 

@@ -36,3 +36,12 @@ def run_pairs(ctx, tc, role: str = "reference") -> PreferenceData:
 def pair_batch(pairs: list[dict], step: int, n: int, seed: int) -> list[int]:
     """Indices of the pairs for ``step``: epochs of a seeded permutation, a pure function of step."""
     return epoch_indices(len(pairs), step, n, seed)
+
+
+def encode_pairs(bundle, pairs: list[dict]):
+    """One teacher-forcing batch of 2B rows: every pair's chosen completion, then every rejected one."""
+    from lowalign.generation import encode_completions
+
+    prompts = [p["prompt"] for p in pairs] * 2
+    comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    return encode_completions(bundle.tokenizer, prompts, comps, bundle.device)

@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
-from lowalign.algorithms.pairs import pair_batch, run_pairs
-from lowalign.generation import encode_completions
+from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.losses import bradley_terry_loss, multi_objective_loss
 from lowalign.preference import ATTRIBUTES, attributes
 from lowalign.runtime import Progress, atomic_write_text, seed_everything
@@ -21,9 +20,7 @@ from lowalign.runtime import Progress, atomic_write_text, seed_everything
 
 def _scores(bundle, name, pairs):
     """Head outputs for chosen then rejected completions: (2B, K)."""
-    prompts = [p["prompt"] for p in pairs] * 2
-    comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    b = encode_completions(bundle.tokenizer, prompts, comps, bundle.device)
+    b = encode_pairs(bundle, pairs)
     return bundle.score(name, b.input_ids, b.attention_mask, b.target_mask)
 
 
