@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Runs every tiny recipe as its README/issue acceptance command and prints the summary numbers.
-#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~20 minutes on 2 CPU cores)
+#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~25 minutes on 2 CPU cores)
+#   ONLY="rm_tiny ppo_rm_tiny" bash benchmarks/run_recipes.sh /tmp/acc   # a subset, same table
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/acceptance}
 LA=.venv/bin/lowalign
 run() {  # name, then lowalign run arguments
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  rm -rf "${OUT:?}/$name"
   local t0=$SECONDS
   $LA run "$@" output_dir="$OUT/$name" > "$OUT/$name.log" 2>&1 || { echo "$name FAILED"; tail -20 "$OUT/$name.log"; exit 1; }
   .venv/bin/python - "$OUT/$name/summary.json" "$name" $((SECONDS - t0)) <<'PY'
@@ -24,7 +27,6 @@ print(f"| {sys.argv[2]} | {'; '.join(parts)} | {sys.argv[3]} | {s['wall_time_s']
 PY
 }
 mkdir -p "$OUT"
-rm -rf "$OUT"/grpo_tiny "$OUT"/grpo_tiny_nf4 "$OUT"/dpo_tiny "$OUT"/rm_tiny "$OUT"/grpo_rm_tiny "$OUT"/es_tiny
 echo "| recipe | held-out metric, before -> after | wall s (process) | wall s (summary) | peak MiB |"
 echo "|---|---|---|---|---|"
 run grpo_tiny recipes/grpo_tiny.yaml
@@ -33,3 +35,6 @@ run dpo_tiny recipes/dpo_tiny.yaml
 run rm_tiny recipes/rm_tiny.yaml
 run grpo_rm_tiny recipes/grpo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"
 run es_tiny recipes/es_tiny.yaml
+run ppo_tiny recipes/ppo_tiny.yaml
+run ppo_tiny_shared_nf4 recipes/ppo_tiny.yaml train.critic=shared model.quantization=nf4
+run ppo_rm_tiny recipes/ppo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import torch
 
 from lowalign import config as C
+from lowalign.algorithms import algorithms, train_configs
 from lowalign.runtime import Checkpointer, RunDir, peak_memory_bytes, seed_everything
 
 
@@ -27,21 +27,49 @@ class RunContext:
     resumed_state: dict | None = None  # the checkpoint's state.json (+ "extra") when resuming
 
 
+def check_config(cfg: C.RunConfig) -> None:
+    """The checks that need more than the config layer: reward functions import, the backend exists, and
+    the algorithm's own cross-field rules. Runs before any model loads or any directory is created."""
+    from lowalign.rewards import import_reward
+
+    for i, r in enumerate(cfg.rewards):
+        if r.fn is not None:
+            import_reward(r.fn, f"rewards[{i}].fn")
+    if cfg.model.backend == "unsloth":
+        from lowalign.bundle import check_unsloth_available
+
+        check_unsloth_available()
+    algo = algorithms()[cfg.algorithm]
+    if algo.check is not None:
+        algo.check(cfg)
+
+
+def config_from_dict(raw: dict, overrides=None) -> C.RunConfig:
+    """Parse (config layer, with the algorithm registry) and check (:func:`check_config`) a recipe."""
+    cfg = C.from_dict(raw, overrides, train_configs=train_configs())
+    check_config(cfg)
+    return cfg
+
+
+def load_config(path, overrides=None) -> C.RunConfig:
+    return config_from_dict(C.load_raw(path), overrides)
+
+
 def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
     """Returns the validated config and a short name for the run directory."""
     overrides = list(overrides or [])
     if isinstance(config, C.RunConfig):
-        cfg = C.from_dict(dataclasses.asdict(config), overrides)
+        cfg = config_from_dict(dataclasses.asdict(config), overrides)
         return cfg, cfg.algorithm
     if isinstance(config, dict):
-        return C.from_dict(config, overrides), config.get("algorithm", "run")
+        return config_from_dict(config, overrides), config.get("algorithm", "run")
     p = Path(config)
     if p.is_dir():  # a run directory: resume it with its own resolved config
         if not (p / "config.yaml").exists():
             raise C.ConfigError(f"{p} is a directory without config.yaml (not a lowalign run directory)")
-        cfg = C.from_dict(C.load_raw(p / "config.yaml"), [f"output_dir={p}", "resume=true", *overrides])
+        cfg = config_from_dict(C.load_raw(p / "config.yaml"), [f"output_dir={p}", "resume=true", *overrides])
         return cfg, p.name
-    return C.load(p, overrides), p.stem
+    return load_config(p, overrides), p.stem
 
 
 def load_data(cfg: C.RunConfig):
@@ -50,7 +78,7 @@ def load_data(cfg: C.RunConfig):
     from lowalign.data import PromptData, load_prompt_data
 
     builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
-    if C.DATA_KINDS.get(cfg.algorithm) == "preferences" and not builtin:
+    if algorithms()[cfg.algorithm].data == "preferences" and not builtin:
         from lowalign.bundle import load_tokenizer, resolve_path
         from lowalign.preference import load_file_pairs
 
@@ -117,10 +145,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     bundle = ModelBundle.load(cfg.model)
     for note in prepare_prompts(data, bundle.tokenizer, cfg.data):
         console.print(f"[yellow]data:[/] {note}")
-    _, entry = C.ALGORITHMS[cfg.algorithm]
-    mod, fn = entry.split(":")
     ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
-    summary = getattr(importlib.import_module(mod), fn)(ctx)
+    summary = algorithms()[cfg.algorithm].train(ctx)
     summary["wall_time_s"] = round(time.time() - t0, 2)
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
     summary["output_dir"] = str(out)

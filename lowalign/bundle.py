@@ -2,7 +2,8 @@
 
 The base (optionally bitsandbytes 4-bit/8-bit) is loaded once. Roles:
 
-* ``"reference"``: the base with every adapter disabled;
+* ``"reference"``: the base with every adapter disabled, or (``set_reference_adapter``) a frozen copy
+  of the policy's starting adapter on the same base;
 * ``"<adapter>"`` (``"policy"``, ``"reward"``, ``"value"``, ...): that LoRA adapter active.
 
 Scalar heads (reward/value) are small ``nn.Linear`` modules reading the backbone's last hidden state.
@@ -26,6 +27,7 @@ from lowalign.config import ConfigError, LoraConfig, ModelConfig
 from lowalign.runtime import atomic_write
 
 REFERENCE = "reference"
+INIT_REFERENCE = "init_reference"  # the adapter behind the reference role when `reference: init`
 
 
 def check_unsloth_available() -> None:
@@ -104,6 +106,7 @@ class LMHead:
     lora_a: torch.Tensor | None = None  # (r, d)
     lora_b: torch.Tensor | None = None  # (V, r)
     lora_scale: float = 1.0
+    softcap: float | None = None  # final-logit softcapping c (Gemma-2): logits c tanh(x / c)
 
 
 class ModelBundle:
@@ -120,7 +123,11 @@ class ModelBundle:
         self.heads = nn.ModuleDict()
         self.head_weights: dict[str, torch.Tensor] = {}  # multi-output head -> weights combining its outputs
         self.adapter_configs: dict[str, LoraConfig] = {}
+        self.frozen: set[str] = set()  # adapters that never train, whatever peft's set_adapter says
+        self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its LoRA parameters (cached)
+        self.reference_adapter: str | None = None  # None: the reference role is the base, adapters off
         self._role = REFERENCE
+        self._adapter: str | None = None  # the active adapter (None: adapters disabled)
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -163,8 +170,6 @@ class ModelBundle:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        if getattr(model.config, "final_logit_softcapping", None):
-            raise ConfigError("model: final_logit_softcapping is not supported by the fused log-prob path")
         for p in model.parameters():
             p.requires_grad_(False)
         tok.padding_side = "left"
@@ -181,6 +186,7 @@ class ModelBundle:
 
         if name == REFERENCE or name in self.adapter_configs:
             raise ValueError(f"adapter name '{name}' is reserved or already exists")
+        prev = self._adapter
         pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
         if self.peft is None:
@@ -192,6 +198,8 @@ class ModelBundle:
             self.load_adapter(name, init_from)
         guard_avx512bf16(self.base)
         self._activate(name)
+        if prev is not None:
+            self._activate(prev)  # a further adapter (value, reward, reference) leaves the active role alone
 
     def add_head(self, name: str, out_features: int = 1) -> nn.Linear:
         head = nn.Linear(self.hidden_size, out_features).to(self.device, torch.float32)
@@ -218,28 +226,51 @@ class ModelBundle:
         return out
 
     def _activate(self, name: str) -> None:
-        self.peft.base_model.set_adapter(name)  # makes `name` active and trainable, the others frozen
-        self._role = name
+        self.peft.base_model.set_adapter(name)
+        # peft's set_adapter also freezes every inactive adapter, which silently drops gradients of a graph
+        # already built in another role (a policy forward, then a value forward, then one backward). Every
+        # adapter that is not frozen stays trainable; inactive ones are simply absent from the forward.
+        for n in self.adapter_configs:
+            if n not in self._params:
+                self._params[n] = self.adapter_parameters(n)
+            for p in self._params[n]:
+                p.requires_grad_(n not in self.frozen)
+        self._role = self._adapter = name
+
+    def freeze_adapter(self, name: str) -> None:
+        self.frozen.add(name)
+        for p in self.adapter_parameters(name):
+            p.requires_grad_(False)
 
     @contextlib.contextmanager
     def use(self, role: str):
-        """Switch roles without copying the base: ``"reference"`` disables all adapters."""
-        prev = self._role
+        """Switch roles without copying the base. ``"reference"`` disables all adapters, or activates the
+        frozen starting adapter when one was set with :meth:`set_reference_adapter`."""
         if role != REFERENCE and role not in self.adapter_configs:
             raise KeyError(f"unknown role '{role}'; have: {[REFERENCE, *self.adapter_configs]}")
+        prev_role, prev_adapter = self._role, self._adapter
         try:
-            if role == REFERENCE:
+            if role == REFERENCE and self.reference_adapter is None:
                 ctx = self.peft.disable_adapter() if self.peft is not None else contextlib.nullcontext()
-                self._role = REFERENCE
+                self._role, self._adapter = REFERENCE, None
                 with ctx:
                     yield self
             else:
-                self._activate(role)
+                self._activate(self.reference_adapter if role == REFERENCE else role)
+                self._role = role
                 yield self
         finally:
-            if prev != REFERENCE:
-                self._activate(prev)
-            self._role = prev
+            if prev_adapter is not None:
+                self._activate(prev_adapter)
+            self._role, self._adapter = prev_role, prev_adapter
+
+    def set_reference_adapter(self, directory: str | Path) -> None:
+        """Make the reference role a frozen copy of the adapter saved in ``directory`` (the policy's
+        starting point), as one more adapter on the same base: never a second base."""
+        self.add_adapter(INIT_REFERENCE, saved_lora_config(Path(directory)))
+        self.load_adapter(INIT_REFERENCE, directory)
+        self.freeze_adapter(INIT_REFERENCE)
+        self.reference_adapter = INIT_REFERENCE
 
     @property
     def role(self) -> str:
@@ -262,11 +293,13 @@ class ModelBundle:
     def lm_head(self) -> LMHead:
         head = self.base.get_output_embeddings()
         base_layer = getattr(head, "base_layer", head)
-        out = LMHead(weight=base_layer.weight, bias=base_layer.bias)
-        if hasattr(head, "lora_A") and self._role in getattr(head, "lora_A", {}):
-            out.lora_a = head.lora_A[self._role].weight
-            out.lora_b = head.lora_B[self._role].weight
-            out.lora_scale = float(head.scaling[self._role])
+        text_cfg = self.base.config.get_text_config()
+        out = LMHead(weight=base_layer.weight, bias=base_layer.bias,
+                     softcap=getattr(text_cfg, "final_logit_softcapping", None) or None)
+        if self._adapter is not None and hasattr(head, "lora_A") and self._adapter in getattr(head, "lora_A", {}):
+            out.lora_a = head.lora_A[self._adapter].weight
+            out.lora_b = head.lora_B[self._adapter].weight
+            out.lora_scale = float(head.scaling[self._adapter])
         return out
 
     def add_likelihood_feature(self, head: str) -> None:
@@ -319,10 +352,7 @@ class ModelBundle:
         meta_f, acfg_f = path / "reward_meta.json", path / name / "adapter_config.json"
         if not meta_f.exists() or not acfg_f.exists():
             raise ConfigError(f"rewards: {path} holds no reward adapter '{name}' (expected {acfg_f} and {meta_f})")
-        acfg = json.loads(acfg_f.read_text())
-        prev = self._role
-        self.add_adapter(name, LoraConfig(r=acfg["r"], alpha=acfg["lora_alpha"],
-                                          target_modules=sorted(acfg["target_modules"]), dropout=0.0))
+        self.add_adapter(name, saved_lora_config(path / name))
         self.load_adapter(name, path / name)
         self.load_heads(path / "heads.safetensors")
         meta = json.loads(meta_f.read_text())
@@ -330,10 +360,7 @@ class ModelBundle:
             self.head_weights[name] = torch.tensor(meta["weights"], dtype=torch.float32)
         for h in [k for k in self.heads if k == name or k.startswith(f"{name}__")]:
             self.heads[h].requires_grad_(False)
-        for p in self.adapter_parameters(name):
-            p.requires_grad_(False)
-        if prev != REFERENCE:
-            self._activate(prev)  # adding an adapter activates it; give the previous role back
+        self.freeze_adapter(name)
 
     # ---- saving ---------------------------------------------------------------------------------
 
@@ -383,7 +410,10 @@ class ModelBundle:
                     self.add_likelihood_feature(name.removesuffix("__loglik"))
                 else:
                     self.add_head(name, out)
-        self.heads.load_state_dict(load_file(str(path), device=str(self.device)))
+        # only the heads this file holds: a reward run's file next to this run's own value head
+        res = self.heads.load_state_dict(load_file(str(path), device=str(self.device)), strict=False)
+        if res.unexpected_keys:
+            raise ValueError(f"{path}: unexpected head weights {res.unexpected_keys[:3]}")
 
     # ---- memory ---------------------------------------------------------------------------------
 
@@ -409,6 +439,16 @@ class ModelBundle:
                                       for v in st.values() if torch.is_tensor(v))
         report["total"] = sum(v for k, v in report.items())
         return report
+
+
+def saved_lora_config(directory: Path) -> LoraConfig:
+    """The LoRA shape of a saved PEFT adapter (its adapter_config.json), dropout off."""
+    f = Path(directory) / "adapter_config.json"
+    if not f.exists():
+        raise ConfigError(f"{directory}: no adapter_config.json (not a saved PEFT adapter)")
+    acfg = json.loads(f.read_text())
+    return LoraConfig(r=acfg["r"], alpha=acfg["lora_alpha"], target_modules=sorted(acfg["target_modules"]),
+                      dropout=0.0)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -121,22 +121,10 @@ class RunConfig:
     data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")
     eval: EvalConfig = F(factory=EvalConfig, help="Held-out evaluation.")
     rewards: list[RewardSpec] = F(factory=list, help="Reward sources combined by weighted sum.")
+    reference: Literal["auto", "base", "init"] = F(
+        "auto", "The KL/DPO reference: base (the base model, adapters off) or init (a frozen copy of the "
+        "starting adapter lora.init_from, on the same base). auto: init when lora.init_from is set, else base.")
     train: Any = F(None, "Algorithm-specific settings (fields depend on `algorithm`).")
-
-
-# ---- algorithm registry (filled by lowalign.algorithms) ----------------------------------------
-
-ALGORITHMS: dict[str, tuple[type, str]] = {}  # name -> (train config class, "module:function")
-DATA_KINDS: dict[str, str] = {}  # name -> "prompts" | "preferences"
-
-
-def register_algorithm(name: str, train_cls: type, entry: str, data: str = "prompts") -> None:
-    ALGORITHMS[name] = (train_cls, entry)
-    DATA_KINDS[name] = data
-
-
-def _ensure_registry():
-    importlib.import_module("lowalign.algorithms")
 
 
 # ---- parsing ------------------------------------------------------------------------------------
@@ -277,37 +265,35 @@ def load_raw(path: str | Path) -> dict:
     return raw
 
 
-def from_dict(raw: dict, overrides: list[str] | None = None, base_dir: Path | None = None) -> RunConfig:
-    """Validate a raw mapping (+ ``key.sub=value`` overrides) into a :class:`RunConfig`."""
-    _ensure_registry()
+def from_dict(raw: dict, overrides: list[str] | None = None, *, train_configs: Mapping[str, type]) -> RunConfig:
+    """Validate a raw mapping (+ ``key.sub=value`` overrides) into a :class:`RunConfig`.
+
+    ``train_configs`` maps each algorithm name to its train-section dataclass; this layer knows no
+    algorithm itself (``lowalign.api.load_config`` passes the registry of ``lowalign.algorithms``).
+    """
     raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
     for k, v in parse_overrides(overrides or []):
         _set_dotted(raw, k, v)
     cfg = build(RunConfig, raw)
-    if cfg.algorithm not in ALGORITHMS:
-        raise ConfigError(f"algorithm: unknown '{cfg.algorithm}'.{_suggest(cfg.algorithm, ALGORITHMS)}")
-    train_cls, _ = ALGORITHMS[cfg.algorithm]
-    cfg.train = build(train_cls, raw.get("train"), "train")
-    _check_paths(cfg, "", base_dir)
+    if cfg.algorithm not in train_configs:
+        raise ConfigError(f"algorithm: unknown '{cfg.algorithm}'.{_suggest(cfg.algorithm, train_configs)}")
+    cfg.train = build(train_configs[cfg.algorithm], raw.get("train"), "train")
+    _check_paths(cfg, "")
     _check_semantics(cfg)
     return cfg
 
 
-def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    return from_dict(load_raw(path), overrides)
-
-
-def _check_paths(obj, where: str, base_dir: Path | None) -> None:
+def _check_paths(obj, where: str) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         dotted = f"{where}.{f.name}" if where else f.name
         if f.metadata.get("path") and v is not None and not Path(v).exists():
             raise ConfigError(f"{dotted}: file or directory not found: {v}")
         if dataclasses.is_dataclass(v):
-            _check_paths(v, dotted, base_dir)
+            _check_paths(v, dotted)
     if isinstance(obj, RunConfig):
         for i, r in enumerate(obj.rewards):
-            _check_paths(r, f"rewards[{i}]", base_dir)
+            _check_paths(r, f"rewards[{i}]")
 
 
 def _check_semantics(cfg: RunConfig) -> None:
@@ -324,14 +310,15 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"rewards[{i}]: give exactly one of 'fn' or 'adapter'")
         if r.adapter is not None and r.path is None:
             raise ConfigError(f"rewards[{i}].path: a learned reward needs the reward_model run that trained it")
-        if r.fn is not None:
-            from lowalign.rewards import import_reward
+    if cfg.reference == "init" and not cfg.lora.init_from:
+        raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from")
 
-            import_reward(r.fn, f"rewards[{i}].fn")
-    if cfg.model.backend == "unsloth":
-        from lowalign.bundle import check_unsloth_available
 
-        check_unsloth_available()
+def reference_mode(cfg: RunConfig) -> str:
+    """'init' or 'base': what ``reference: auto`` means for this config."""
+    if cfg.reference == "auto":
+        return "init" if cfg.lora.init_from else "base"
+    return cfg.reference
 
 
 def to_dict(cfg) -> dict:

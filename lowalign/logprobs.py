@@ -45,7 +45,7 @@ def logprobs_from_hidden(bundle, hidden: torch.Tensor, input_ids: torch.Tensor, 
     head = bundle.lm_head()
     out = fused_logprobs(h, head.weight, y, bias=head.bias, lora_a=head.lora_a, lora_b=head.lora_b,
                          lora_scale=head.lora_scale, temperature=temperature, ref_logps=ref,
-                         kl_estimator=kl_estimator, with_entropy=with_entropy,
+                         kl_estimator=kl_estimator, with_entropy=with_entropy, softcap=head.softcap,
                          impl=impl or bundle.cfg.logprob_impl)
 
     def scatter(v):

@@ -45,5 +45,23 @@ def byte_tokenizer():
     return tok
 
 
+def wide_tokenizer(vocab_size: int):
+    """A fast character-level tokenizer padded with filler tokens to ``vocab_size`` entries, so a model with a
+    real-size vocabulary (151936 for Qwen2) can decode anything it samples; built locally, no download.
+    Ids: 0 <pad>, 1 </s>, 2 <unk>, then printable ASCII, then ``<|t{i}|>`` fillers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    vocab.update({f"<|t{i}|>": i for i in range(len(vocab), vocab_size)})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.padding_side = "left"
+    return tok
+
+
 def resolve_builtin(name: str) -> Path | None:
     return BUILTINS.get(name)

@@ -5,60 +5,61 @@ from pathlib import Path
 import pytest
 
 from lowalign import config as C
+from lowalign.api import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_misspelled_key_names_it_and_suggests():
     with pytest.raises(C.ConfigError, match=r"unknown key 'train\.num_generatoins'.*'num_generations'"):
-        C.from_dict({"algorithm": "grpo", "train": {"num_generatoins": 4}})
+        config_from_dict({"algorithm": "grpo", "train": {"num_generatoins": 4}})
     with pytest.raises(C.ConfigError, match=r"unknown key 'modle'.*'model'"):
-        C.from_dict({"modle": {}})
+        config_from_dict({"modle": {}})
 
 
 def test_wrong_type_names_field():
     with pytest.raises(C.ConfigError, match=r"train\.steps: expected an integer"):
-        C.from_dict({"algorithm": "grpo", "train": {"steps": "many"}})
+        config_from_dict({"algorithm": "grpo", "train": {"steps": "many"}})
     with pytest.raises(C.ConfigError, match=r"model\.quantization: 'nf5' is not one of.*'nf4'"):
-        C.from_dict({"model": {"quantization": "nf5"}})
+        config_from_dict({"model": {"quantization": "nf5"}})
     with pytest.raises(C.ConfigError, match=r"rewards\[0\]\.weight: expected a number"):
-        C.from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward", "weight": "x"}]})
+        config_from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward", "weight": "x"}]})
 
 
 def test_missing_files_and_bad_imports():
     with pytest.raises(C.ConfigError, match=r"data\.path: file or directory not found"):
-        C.from_dict({"data": {"path": "/nonexistent/x.jsonl"}})
+        config_from_dict({"data": {"path": "/nonexistent/x.jsonl"}})
     with pytest.raises(C.ConfigError, match=r"model\.name_or_path: directory not found"):
-        C.from_dict({"model": {"name_or_path": "./no/such/model"}})
+        config_from_dict({"model": {"name_or_path": "./no/such/model"}})
     with pytest.raises(C.ConfigError, match=r"rewards\[0\]\.fn: .*no callable 'nope'"):
-        C.from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:nope"}]})
+        config_from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:nope"}]})
     with pytest.raises(C.ConfigError, match=r"algorithm: unknown 'grop'.*'grpo'"):
-        C.from_dict({"algorithm": "grop"})
+        config_from_dict({"algorithm": "grop"})
 
 
 def test_overrides_and_defaults():
-    cfg = C.from_dict({"algorithm": "grpo"}, ["train.optim.learning_rate=0.01", "model.quantization=nf4",
+    cfg = config_from_dict({"algorithm": "grpo"}, ["train.optim.learning_rate=0.01", "model.quantization=nf4",
                                               "lora.target_modules=[q_proj]"])
     assert cfg.train.optim.learning_rate == 0.01 and cfg.model.quantization == "nf4"
     assert cfg.lora.target_modules == ["q_proj"]
     assert cfg.train.num_generations == 8  # default kept
     with pytest.raises(C.ConfigError, match="key.sub=value"):
-        C.from_dict({}, ["nonsense"])
+        config_from_dict({}, ["nonsense"])
 
 
 def test_every_field_has_help():
-    from lowalign.algorithms import GRPOConfig, SFTConfig
+    from lowalign.algorithms import algorithms
 
-    for cls in (C.RunConfig, GRPOConfig, SFTConfig):
+    for cls in (C.RunConfig, *(a.config for a in algorithms().values())):
         for key, _, help_ in C.describe(cls):
             assert help_, f"{cls.__name__}.{key} has no help string"
 
 
 def test_list_index_overrides():
-    cfg = C.from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward"}]}, ["rewards.0.weight=2.5"])
+    cfg = config_from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward"}]}, ["rewards.0.weight=2.5"])
     assert cfg.rewards[0].weight == 2.5
     with pytest.raises(C.ConfigError, match="not an index of a list of 1"):
-        C.from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward"}]}, ["rewards.3.weight=1"])
+        config_from_dict({"rewards": [{"fn": "lowalign.tasks.arithmetic:format_reward"}]}, ["rewards.3.weight=1"])
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
@@ -72,11 +73,11 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
     overrides = []
     for key, pattern in missing:  # each absence is reported by name, then a stand-in lets validation go on
         with pytest.raises(C.ConfigError, match=pattern + ": file or directory not found"):
-            C.load(recipe, overrides)
+            load_config(recipe, overrides)
         stand_in = tmp_path / key
         stand_in.write_text("")
         overrides.append(f"{key}={stand_in}")
-    C.load(recipe, overrides)
+    load_config(recipe, overrides)
     head = recipe.read_text().splitlines()[:4]
     assert any(f"lowalign run recipes/{recipe.name}" in ln for ln in head), "header must show the command"
 
@@ -90,3 +91,40 @@ def test_validate_cli_fails_before_loading_anything(tmp_path):
     assert p.returncode == 2
     assert "unknown key 'train.lerning_rate'" in p.stderr
     assert "CLEAN" in p.stdout  # no model library was even imported
+
+
+def test_config_layer_imports_no_algorithm_bundle_or_rewards():
+    """The config layer sits at the bottom: parsing a recipe never imports what runs it."""
+    import ast
+
+    tree = ast.parse((REPO / "lowalign" / "config.py").read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    banned = ("lowalign.algorithms", "lowalign.bundle", "lowalign.rewards", "lowalign.api")
+    assert not [m for m in names if m.startswith(banned)], names
+    code = ("import sys, dataclasses, lowalign.config as C\n"
+            "@dataclasses.dataclass\nclass T:\n    steps: int = 1\n"
+            "assert C.from_dict({'algorithm': 'x', 'train': {'steps': 3}}, train_configs={'x': T}).train.steps == 3\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('lowalign.algorithms', 'lowalign.bundle', "
+            "'lowalign.rewards', 'torch'))))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
+def test_algorithms_register_themselves_with_their_checks():
+    from lowalign.algorithms import algorithms
+
+    algos = algorithms()
+    assert {"grpo", "ppo", "dpo", "sft", "reward_model", "essa"} <= algos.keys()
+    assert algos["dpo"].data == "preferences" and algos["ppo"].data == "prompts"
+    with pytest.raises(C.ConfigError, match=r"train\.num_generations: GRPO needs at least 2"):
+        config_from_dict({"algorithm": "grpo"}, ["train.num_generations=1"])
+    with pytest.raises(C.ConfigError, match=r"train\.population_size"):
+        config_from_dict({"algorithm": "essa"}, ["train.population_size=3"])
+
+
+def test_reference_init_needs_a_starting_adapter():
+    with pytest.raises(C.ConfigError, match=r"reference: 'init'.*lora\.init_from"):
+        config_from_dict({"algorithm": "grpo", "reference": "init"})
+    cfg = config_from_dict({"algorithm": "grpo"})
+    assert C.reference_mode(cfg) == "base"

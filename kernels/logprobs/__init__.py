@@ -35,7 +35,7 @@ def resolve_impl(impl: str | None, device_type: str) -> str:
 
 
 def fused_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
-                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
+                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False, softcap=None,
                    impl: str | None = None) -> LogProbOutput:
     """Per-token ``log softmax(H W^T / T)[y]`` without storing [N x V] logits.
 
@@ -46,12 +46,13 @@ def fused_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=No
         ref_logps: optional (N,) reference log-probs; then ``kl`` holds the per-token estimate.
         kl_estimator: ``k1`` | ``k2`` | ``k3``.
         with_entropy: also return the per-token entropy of the distribution.
+        softcap: final-logit softcapping c (Gemma-2): logits c tanh(x / c), before the temperature.
         impl: ``auto`` | ``reference`` | ``triton`` | ``naive``.
     Returns:
         LogProbOutput(logps (N,), entropy (N,) | None, kl (N,) | None), all float32, differentiable.
     """
     kw = dict(bias=bias, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale, temperature=temperature,
-              ref_logps=ref_logps, kl_estimator=kl_estimator, with_entropy=with_entropy)
+              ref_logps=ref_logps, kl_estimator=kl_estimator, with_entropy=with_entropy, softcap=softcap)
     which = resolve_impl(impl, hidden.device.type)
     if which == "triton":
         from lowalign.kernels.logprobs.triton import triton_logprobs

@@ -4,7 +4,8 @@ This file is the specification of the op and its CPU path. For hidden states ``H
 weight ``W (V, d)`` (optional bias ``b (V,)``, optional LoRA factors ``A (r, d)``, ``B (V, r)``, scale
 ``s``), targets ``y (N,)`` and temperature ``T``:
 
-    z      = (H W^T + b + s (H A^T) B^T) / T                      # (N, V), never stored whole
+    x      = H W^T + b + s (H A^T) B^T                             # (N, V), never stored whole
+    z      = x / T          or, with final-logit softcapping c (Gemma-2):  z = c tanh(x / c) / T
     lse    = logsumexp(z, -1)                                      # (N,)
     logp   = z[y] - lse                                            # (N,)
     ent    = lse - sum_j p_j z_j,      p = softmax(z)              # (N,) entropy
@@ -15,6 +16,7 @@ Backward, with upstream gradients ``g_lp, g_ent, g_kl`` (N,):
     g      = g_lp + g_kl * dkl/dlogp          # k1: 1, k2: logp - ref, k3: 1 - exp(ref - logp)
     dz_j   = g (1[j = y] - p_j) - g_ent p_j (log p_j + ent)
     dX     = dz / T                               (X = pre-temperature logits)
+    dX    *= 1 - tanh^2(x / c) = 1 - (z T / c)^2  with softcapping (recomputed from z: no extra state)
     dH     = dX W + s (dX B) A ;  dW = dX^T H ;  db = sum_n dX ;  dB = s dX^T (H A^T) ;  dA = s (dX B)^T H
 
 Tokens are processed in chunks: forward keeps only ``lse`` (plus the outputs); backward recomputes each
@@ -62,13 +64,16 @@ def _dkl_dlogp(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
 
 
 def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
-                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False) -> LogProbOutput:
+                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
+                   softcap=None) -> LogProbOutput:
     """Full-logits implementation (materializes N x V). Independent check for tests and benchmarks."""
     logits = hidden.float() @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
     if lora_a is not None:
         logits = logits + lora_scale * (hidden.float() @ lora_a.float().T) @ lora_b.float().T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     logp_all = torch.log_softmax(logits / temperature, dim=-1)
     logps = logp_all.gather(-1, targets[:, None].long()).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
@@ -76,8 +81,8 @@ def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=No
     return LogProbOutput(logps, ent, kl)
 
 
-def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature):
-    """Pre-temperature logits of one chunk (fp32) and the LoRA projection (for backward)."""
+def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap):
+    """Logits of one chunk (fp32; softcapped, then tempered) and the LoRA projection (for backward)."""
     x = (h @ weight.T).float()  # (c, V); half inputs multiply in their dtype, accumulate fp32 after
     u = None
     if bias is not None:
@@ -85,6 +90,8 @@ def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature):
     if lora_a is not None:
         u = h @ lora_a.T  # (c, r)
         x += scale * (u @ lora_b.T).float()
+    if softcap:
+        x = x.div_(softcap).tanh_().mul_(softcap)
     return x / temperature if temperature != 1.0 else x, u
 
 
@@ -93,7 +100,7 @@ class ChunkedLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
-                kl_estimator, chunk_size, with_entropy):
+                kl_estimator, chunk_size, with_entropy, softcap):
         N = hidden.shape[0]
         dev = hidden.device
         lse = torch.empty(N, device=dev, dtype=torch.float32)
@@ -102,7 +109,7 @@ class ChunkedLogProbs(torch.autograd.Function):
         with torch.no_grad():
             for s in range(0, N, chunk_size):
                 e = min(N, s + chunk_size)
-                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature)
+                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
                 m = torch.logsumexp(z, dim=-1)  # (c,)
                 lse[s:e] = m
                 logps[s:e] = z.gather(-1, targets[s:e, None].long()).squeeze(-1) - m
@@ -111,14 +118,14 @@ class ChunkedLogProbs(torch.autograd.Function):
         kl = (kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None
               else torch.zeros_like(logps))
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent)
-        ctx.cfg = (lora_scale, temperature, kl_estimator, chunk_size)
+        ctx.cfg = (lora_scale, temperature, kl_estimator, chunk_size, softcap)
         ctx.with_entropy = with_entropy
         return logps, ent, kl
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, g_kl):
         hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent = ctx.saved_tensors
-        scale, temperature, estimator, chunk = ctx.cfg
+        scale, temperature, estimator, chunk, softcap = ctx.cfg
         need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         N = hidden.shape[0]
         g = torch.zeros_like(logps) if g_lp is None else g_lp.float()
@@ -134,7 +141,9 @@ class ChunkedLogProbs(torch.autograd.Function):
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
             h = hidden[s:e]
-            z, u = _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature)
+            z, u = _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap)
+            # softcap derivative 1 - tanh^2(x/c) = 1 - (z T / c)^2, taken before z is overwritten
+            dcap = None if not softcap else 1.0 - (z * (temperature / softcap)) ** 2
             logp_all = z.sub_(lse[s:e, None])  # in place: z is not needed any more
             if g_ent is not None:  # dz_ent = -g_ent p (log p + ent)
                 p = logp_all.exp()
@@ -145,6 +154,8 @@ class ChunkedLogProbs(torch.autograd.Function):
             dz.scatter_add_(-1, targets[s:e, None].long(), g[s:e, None])  # + g at the target
             if temperature != 1.0:
                 dz /= temperature
+            if dcap is not None:
+                dz *= dcap
             dzc = dz.to(weight.dtype)
             if need_h:
                 dh = dzc @ weight
@@ -161,7 +172,7 @@ class ChunkedLogProbs(torch.autograd.Function):
                 dA += scale * ((dz @ lora_b.float()).T @ h.float())
         cast = lambda t, ref: None if t is None else t.to(ref.dtype)
         return (dH, cast(dW, weight), cast(db, bias), cast(dA, lora_a), cast(dB, lora_b),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def default_chunk_size(vocab: int) -> int:
@@ -170,8 +181,9 @@ def default_chunk_size(vocab: int) -> int:
 
 def chunked_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
                      temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
-                     chunk_size=None) -> LogProbOutput:
-    """Chunked reference / CPU path. Shapes: hidden (N, d), weight (V, d), targets (N,)."""
+                     chunk_size=None, softcap=None) -> LogProbOutput:
+    """Chunked reference / CPU path. Shapes: hidden (N, d), weight (V, d), targets (N,). ``softcap``: the
+    model's final-logit softcapping c (Gemma-2), applied as c tanh(x / c) before the temperature."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
     if (lora_a is None) != (lora_b is None):
@@ -180,5 +192,5 @@ def chunked_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=
     ref = None if ref_logps is None else ref_logps.detach()
     logps, ent, kl = ChunkedLogProbs.apply(hidden, weight, bias, lora_a, lora_b, targets, ref,
                                            float(lora_scale), float(temperature), kl_estimator, chunk,
-                                           bool(with_entropy))
+                                           bool(with_entropy), float(softcap) if softcap else None)
     return LogProbOutput(logps, ent if with_entropy else None, kl if ref_logps is not None else None)

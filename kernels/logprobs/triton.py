@@ -5,7 +5,8 @@ specified in ``reference.py``; the derivation is repeated where it is used.
 
 Forward (grid: token blocks). For each block of BLOCK_N tokens, walk the vocabulary in BLOCK_V tiles:
 
-    z     = (H W^T + U B^T + b) / T          one (BLOCK_N, BLOCK_V) tile at a time, tl.dot over d (and r)
+    x     = H W^T + U B^T + b                 one (BLOCK_N, BLOCK_V) tile at a time, tl.dot over d (and r)
+    z     = x / T,  or c tanh(x / c) / T with final-logit softcapping c (Gemma-2)
     m'    = max(m, rowmax z);  a = exp(m - m')                     online log-sum-exp
     s     = s a + sum_j exp(z_j - m')                              -> lse = m + log s
     t     = t a + sum_j exp(z_j - m') z_j                          -> E_p[z] = t / s, entropy = lse - t / s
@@ -18,6 +19,7 @@ one more inner loop over r.
 Backward. With g = g_lp + g_kl dkl/dlogp (host, elementwise), and p_j = exp(z_j - lse):
 
     dz_j = g (1[j = y] - p_j) - g_ent p_j (z_j - lse + ent) ;  dx = dz / T
+    softcapping: dx *= 1 - tanh^2(x / c) = 1 - (z T / c)^2, recomputed from the tile's z
 
 * ``_bwd_dh_kernel`` (grid: token blocks) recomputes each logits tile and accumulates
   dH += dx W and dU += dx B into fp32 buffers owned by that program (no atomics, so deterministic).
@@ -45,10 +47,12 @@ _KL_ID = {"k1": 1, "k2": 2, "k3": 3}
 
 @triton.jit
 def _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
-                 stride_h, stride_w, stride_u, stride_b2, inv_t,
-                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
-    # z[n, v] = (sum_k H[n,k] W[v,k] + sum_k U[n,k] B[v,k] + b[v]) / T, fp32 accumulation
+                 stride_h, stride_w, stride_u, stride_b2, inv_t, cap,
+                 HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr,
+                 PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    # x[n, v] = sum_k H[n,k] W[v,k] + sum_k U[n,k] B[v,k] + b[v] (fp32 accumulation); z = x / T, or
+    # c tanh(x / c) / T with softcapping
     n_ok = offs_n < N
     v_ok = offs_v < V
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
@@ -75,13 +79,16 @@ def _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D,
             acc += tl.dot(u.to(tl.float32), tl.trans(b2.to(tl.float32)), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)[None, :]
+    if SOFTCAP:  # tanh(a) = 1 - 2 / (exp(2a) + 1): exact limits +-1 when exp over/underflows
+        acc = cap * (1.0 - 2.0 / (tl.exp(2.0 * acc / cap) + 1.0))
     return acc * inv_t
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, ref_ptr, lse_ptr, logp_ptr, ent_ptr, kl_ptr,
-                N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
-                HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_REF: tl.constexpr, KL_EST: tl.constexpr,
+                N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t, cap,
+                HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_REF: tl.constexpr,
+                KL_EST: tl.constexpr,
                 UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                 BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
@@ -96,8 +103,8 @@ def _fwd_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, ref_ptr, lse_ptr, 
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
-                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
-                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, cap, HAS_BIAS, HAS_LORA, SOFTCAP,
+                         UPCAST, PREC, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
         zs = tl.where(v_ok[None, :], z, 0.0)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -124,21 +131,26 @@ def _fwd_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, ref_ptr, lse_ptr, 
 
 
 @triton.jit
-def _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT: tl.constexpr):
-    # dx_j = [g (1[j=y] - p_j) - g_ent p_j (z_j - lse + ent)] / T
+def _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, cap, HAS_ENT: tl.constexpr,
+                  SOFTCAP: tl.constexpr):
+    # dx_j = [g (1[j=y] - p_j) - g_ent p_j (z_j - lse + ent)] / T   (x 1 - (z_j T / c)^2 with softcapping)
     v_ok = offs_v < V
     logp_all = z - lse[:, None]
     p = tl.where(v_ok[None, :], tl.exp(logp_all), 0.0)
     dz = tl.where(offs_v[None, :] == y[:, None], g[:, None], 0.0) - g[:, None] * p
     if HAS_ENT:
         dz -= gent[:, None] * p * (logp_all + ent[:, None])
+    if SOFTCAP:
+        th = z / (cap * inv_t)  # tanh(x / c)
+        dz = dz * (1.0 - th * th)
     return dz * inv_t
 
 
 @triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr, dh_ptr, du_ptr,
-                   N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
-                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ENT: tl.constexpr, NEED_DH: tl.constexpr,
+                   N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t, cap,
+                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
+                   NEED_DH: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
     pid = tl.program_id(0)
@@ -153,9 +165,9 @@ def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr,
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
-                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
-                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
-        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT)
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, cap, HAS_BIAS, HAS_LORA, SOFTCAP,
+                         UPCAST, PREC, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, cap, HAS_ENT, SOFTCAP)
         if NEED_DH:  # dH[n, :] += dx W[v, :]   (this program owns rows offs_n: plain read-add-write)
             for k0 in range(0, D, BLOCK_D):
                 offs_k = k0 + tl.arange(0, BLOCK_D)
@@ -183,8 +195,8 @@ def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr,
 
 @triton.jit
 def _bwd_dw_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr,
-                   dw_ptr, db_ptr, db2_ptr, N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t,
-                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ENT: tl.constexpr,
+                   dw_ptr, db_ptr, db2_ptr, N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t, cap,
+                   HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
                    NEED_W: tl.constexpr, NEED_BIAS: tl.constexpr, NEED_B2: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -201,9 +213,9 @@ def _bwd_dw_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr,
         ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
         gent = tl.load(gent_ptr + offs_n, mask=n_ok, other=0.0) if HAS_ENT else g
         z = _logits_tile(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, offs_n, offs_v, N, V, D, R,
-                         stride_h, stride_w, stride_u, stride_b2, inv_t, HAS_BIAS, HAS_LORA, UPCAST, PREC,
-                         BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
-        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, HAS_ENT)
+                         stride_h, stride_w, stride_u, stride_b2, inv_t, cap, HAS_BIAS, HAS_LORA, SOFTCAP,
+                         UPCAST, PREC, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
+        dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, cap, HAS_ENT, SOFTCAP)
         if NEED_BIAS:
             dbias += tl.sum(dx, axis=0)
         if NEED_W:  # dW[v, :] += dx^T H[n, :]
@@ -270,7 +282,7 @@ def _common(hidden, weight, u, lora_b, bias):
 class TritonLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
-                kl_estimator):
+                kl_estimator, softcap):
         hidden, weight = hidden.contiguous(), weight.contiguous()
         lora_b = lora_b.contiguous() if lora_b is not None else None
         # U = s H A^T, (N, r) in fp32: tiny, and keeps the LoRA term exact for half inputs
@@ -283,17 +295,18 @@ class TritonLogProbs(torch.autograd.Function):
         tgt = targets.contiguous()
         bl = _blocks(D, R)
         _fwd_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
-            *args, tgt, ref, lse, logp, ent, kl, N, V, D, R, *strides, 1.0 / temperature,
-            HAS_BIAS=bias is not None, HAS_LORA=u is not None, HAS_REF=ref_logps is not None,
+            *args, tgt, ref, lse, logp, ent, kl, N, V, D, R, *strides, 1.0 / temperature, softcap or 1.0,
+            HAS_BIAS=bias is not None, HAS_LORA=u is not None, SOFTCAP=softcap is not None,
+            HAS_REF=ref_logps is not None,
             KL_EST=_KL_ID[kl_estimator], **_flags(hidden), **bl)
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, u, tgt, ref_logps, lse, logp, ent)
-        ctx.cfg = (lora_scale, temperature, kl_estimator)
+        ctx.cfg = (lora_scale, temperature, kl_estimator, softcap)
         return logp, ent, kl
 
     @staticmethod
     def backward(ctx, g_lp, g_ent, g_kl):
         hidden, weight, bias, lora_a, lora_b, u, tgt, ref_logps, lse, logp, ent = ctx.saved_tensors
-        scale, temperature, estimator = ctx.cfg
+        scale, temperature, estimator, softcap = ctx.cfg
         need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = torch.zeros_like(logp) if g_lp is None else g_lp.float().contiguous()
         if g_kl is not None and ref_logps is not None:
@@ -303,14 +316,16 @@ class TritonLogProbs(torch.autograd.Function):
         N, V, D, R, args, strides = _common(hidden, weight, u, lora_b, bias)
         f32 = dict(device=hidden.device, dtype=torch.float32)
         bl, fl = _blocks(D, R), _flags(hidden)
-        common = dict(HAS_BIAS=bias is not None, HAS_LORA=u is not None, HAS_ENT=has_ent, **fl, **bl)
+        common = dict(HAS_BIAS=bias is not None, HAS_LORA=u is not None, SOFTCAP=softcap is not None,
+                      HAS_ENT=has_ent, **fl, **bl)
         inv_t = 1.0 / temperature
         dH = dA = dW = db = dB = None
         if need_h or need_a:
             dh = torch.zeros(N, D, **f32) if need_h else torch.zeros(1, **f32)
             du = torch.zeros(N, max(R, 1), **f32)
             _bwd_dh_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
-                *args, tgt, lse, g, ent, gent, dh, du, N, V, D, R, *strides, inv_t, NEED_DH=need_h, **common)
+                *args, tgt, lse, g, ent, gent, dh, du, N, V, D, R, *strides, inv_t, softcap or 1.0,
+                NEED_DH=need_h, **common)
             if u is not None:
                 du = du[:, :R]
                 if need_h:
@@ -323,16 +338,17 @@ class TritonLogProbs(torch.autograd.Function):
             dbias = torch.zeros(V, **f32) if need_b else torch.zeros(1, **f32)
             db2 = torch.zeros(V, max(R, 1), **f32) if need_bb else torch.zeros(1, **f32)
             _bwd_dw_kernel[(triton.cdiv(V, bl["BLOCK_V"]),)](
-                *args, tgt, lse, g, ent, gent, dw, dbias, db2, N, V, D, R, *strides, inv_t,
+                *args, tgt, lse, g, ent, gent, dw, dbias, db2, N, V, D, R, *strides, inv_t, softcap or 1.0,
                 NEED_W=need_w, NEED_BIAS=need_b, NEED_B2=need_bb, **common)
             dW = dw.to(weight.dtype) if need_w else None
             db = dbias.to(bias.dtype) if need_b else None
             dB = db2[:, :R].to(lora_b.dtype) if need_bb else None
-        return dH, dW, db, dA, dB, None, None, None, None, None
+        return dH, dW, db, dA, dB, None, None, None, None, None, None
 
 
 def triton_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
-                    temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False) -> LogProbOutput:
+                    temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
+                    softcap=None) -> LogProbOutput:
     """Triton path; same contract as :func:`reference.chunked_logprobs`."""
     if kl_estimator not in KL_ESTIMATORS:
         raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
@@ -342,5 +358,5 @@ def triton_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=N
         raise RuntimeError("the Triton log-prob kernel needs a CUDA tensor (or TRITON_INTERPRET=1)")
     ref = None if ref_logps is None else ref_logps.detach().float()
     logp, ent, kl = TritonLogProbs.apply(hidden, weight, bias, lora_a, lora_b, targets, ref, float(lora_scale),
-                                         float(temperature), kl_estimator)
+                                         float(temperature), kl_estimator, float(softcap) if softcap else None)
     return LogProbOutput(logp, ent if with_entropy else None, kl if ref_logps is not None else None)

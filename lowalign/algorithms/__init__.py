@@ -1,12 +1,55 @@
-"""Algorithms, one file each. Each registers its train-config dataclass and its entry function."""
+"""Algorithms, one file each, discovered here: a module of this package that calls :func:`register` on import
+is an algorithm. Adding one is one file (its train function, its config dataclass, one ``register`` line),
+touching nothing else.
 
-from lowalign.algorithms.configs import DPOConfig, ESSAConfig, GRPOConfig, RewardModelConfig, SFTConfig
-from lowalign.config import register_algorithm
+The registry sits above the config layer: ``lowalign.config`` knows no algorithm; ``lowalign.api`` hands
+it :func:`train_configs` and runs each algorithm's own ``check`` before any model loads.
+"""
 
-register_algorithm("grpo", GRPOConfig, "lowalign.algorithms.grpo:train")
-register_algorithm("sft", SFTConfig, "lowalign.algorithms.sft:train")
-register_algorithm("dpo", DPOConfig, "lowalign.algorithms.dpo:train", data="preferences")
-register_algorithm("reward_model", RewardModelConfig, "lowalign.algorithms.reward_model:train", data="preferences")
-register_algorithm("essa", ESSAConfig, "lowalign.algorithms.essa:train")
+from __future__ import annotations
 
-__all__ = ["DPOConfig", "ESSAConfig", "GRPOConfig", "RewardModelConfig", "SFTConfig"]
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One registered algorithm.
+
+    Attributes:
+        name: the recipe's ``algorithm:`` value.
+        config: dataclass of the recipe's ``train:`` section.
+        train: ``train(ctx) -> summary dict``, called with the loaded bundle and data.
+        data: ``prompts`` (rows with a prompt) or ``preferences`` (chosen/rejected pairs).
+        check: optional ``check(cfg)`` raising ``ConfigError`` for cross-field rules; it runs in
+            ``lowalign validate`` and before a run creates anything or loads a model.
+    """
+
+    name: str
+    config: type
+    train: Callable
+    data: Literal["prompts", "preferences"] = "prompts"
+    check: Callable | None = None
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+
+
+def register(name: str, config: type, train: Callable, *, data: str = "prompts", check: Callable | None = None):
+    if name in _REGISTRY and _REGISTRY[name].train is not train:
+        raise ValueError(f"algorithm '{name}' is registered twice")
+    _REGISTRY[name] = Algorithm(name, config, train, data, check)
+
+
+def algorithms() -> dict[str, Algorithm]:
+    """Every algorithm of this package (imports each module once; registration happens on import)."""
+    for mod in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{mod.name}")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def train_configs() -> dict[str, type]:
+    return {name: a.config for name, a in algorithms().items()}

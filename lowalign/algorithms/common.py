@@ -6,7 +6,19 @@ import math
 
 import torch
 
+from lowalign.config import reference_mode
 from lowalign.evaluation import greedy_accuracy
+
+POLICY = "policy"
+
+
+def add_policy(ctx, name: str = POLICY) -> None:
+    """The policy adapter (fresh or from ``lora.init_from``) and, with ``reference: init``, the frozen
+    starting adapter as the reference role: the KL/DPO reference is where the policy starts."""
+    cfg = ctx.cfg
+    ctx.bundle.add_adapter(name, cfg.lora, init_from=cfg.lora.init_from)
+    if reference_mode(cfg) == "init":
+        ctx.bundle.set_reference_adapter(cfg.lora.init_from)
 
 
 def make_optimizer(params, oc, total_steps: int):

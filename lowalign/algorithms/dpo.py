@@ -12,8 +12,19 @@ import json
 
 import torch
 
-from lowalign.algorithms.common import evaluate, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms import register
+from lowalign.algorithms.common import (
+    add_policy,
+    evaluate,
+    finish,
+    make_optimizer,
+    maybe_checkpoint,
+    start_or_resume,
+    step_seed,
+)
+from lowalign.algorithms.configs import DPOConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
+from lowalign.config import reference_mode
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import dpo_loss
 from lowalign.runtime import Progress, atomic_write, seed_everything
@@ -33,7 +44,9 @@ def sequence_logps(bundle, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tenso
 def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tensor:
     """Adapter-off log-probs of every pair, (n, 2) [chosen, rejected], cached on disk by data + model."""
     m = ctx.cfg.model
-    key = hashlib.sha256(json.dumps([pairs, m.name_or_path, m.quantization, m.dtype, ctx.cfg.lora.init_from],
+    ref = reference_mode(ctx.cfg)
+    key = hashlib.sha256(json.dumps([pairs, m.name_or_path, m.quantization, m.dtype, ref,
+                                     ctx.cfg.lora.init_from if ref == "init" else None],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache = ctx.run_dir.path.parent / ".lowalign-cache" / f"ref_logps-{key}.pt"
     if cache.exists():
@@ -68,7 +81,7 @@ def preference_accuracy(ctx, pairs: list[dict], batch_size: int = 128) -> float:
 
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
-    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    add_policy(ctx)
     data = run_pairs(ctx, tc, role=POLICY)  # the fresh adapter is the starting policy
     ref_all = reference_logps(ctx, data.train) if tc.precompute_ref else None
     params = bundle.adapter_parameters(POLICY)
@@ -117,3 +130,6 @@ def train(ctx) -> dict:
             bar.update(step + 1, m)
             maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)
+
+
+register("dpo", DPOConfig, train, data="preferences")

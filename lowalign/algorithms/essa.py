@@ -17,7 +17,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from lowalign.algorithms import register
 from lowalign.algorithms.common import evaluate, finish, maybe_checkpoint, start_or_resume
+from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
 from lowalign.rewards import RewardSources
@@ -110,12 +112,15 @@ def calibrate_sigma(bundle, sv, theta, rows, tc, seed: int, console) -> float:
     return sigma
 
 
-def train(ctx) -> dict:
-    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
-    if tc.population_size < 2 or tc.population_size % 2:
+def check(cfg) -> None:
+    if cfg.train.population_size < 2 or cfg.train.population_size % 2:
         from lowalign.config import ConfigError
 
         raise ConfigError("train.population_size: must be even and >= 2 (antithetic pairs)")
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     rank, world = _dist()
     bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
     for p in bundle.base.parameters():
@@ -185,3 +190,6 @@ def train(ctx) -> dict:
     summary["peak_memory_ratio_to_inference"] = round(peak_memory_bytes(bundle.device) / inference_peak, 3)
     summary["theta"] = state.theta.tolist()
     return summary
+
+
+register("essa", ESSAConfig, train, check=check)

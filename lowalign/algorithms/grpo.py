@@ -16,7 +16,18 @@ import time
 
 import torch
 
-from lowalign.algorithms.common import evaluate, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms import register
+from lowalign.algorithms.common import (
+    add_policy,
+    evaluate,
+    finish,
+    make_optimizer,
+    maybe_checkpoint,
+    start_or_resume,
+    step_seed,
+)
+from lowalign.algorithms.configs import GRPOConfig
+from lowalign.config import ConfigError
 from lowalign.generation import generate
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
@@ -102,13 +113,14 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
     return m
 
 
+def check(cfg) -> None:
+    if cfg.train.num_generations < 2:
+        raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
+
+
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
-    if tc.num_generations < 2:
-        from lowalign.config import ConfigError
-
-        raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
-    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    add_policy(ctx)
     for spec in cfg.rewards:
         if spec.adapter is not None:  # a learned reward: one more adapter + head on the same base
             bundle.load_reward(spec.adapter, spec.path)
@@ -133,3 +145,6 @@ def train(ctx) -> dict:
     tail = hist[-10:]
     extra = {"steps": tc.steps, "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}
     return finish(ctx, [POLICY], baseline, extra)
+
+
+register("grpo", GRPOConfig, train, check=check)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from lowalign.algorithms import register
 from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms.configs import RewardModelConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
+from lowalign.config import ConfigError
 from lowalign.losses import bradley_terry_loss, multi_objective_loss
 from lowalign.preference import ATTRIBUTES, attributes
 from lowalign.runtime import Progress, atomic_write_text, seed_everything
@@ -52,14 +55,16 @@ def pairwise_eval(ctx, pairs, batch_size: int = 128) -> dict:
     return res
 
 
+def check(cfg) -> None:
+    tc = cfg.train
+    if tc.objective == "regression" and len(tc.attribute_weights) != len(ATTRIBUTES):
+        raise ConfigError(f"train.attribute_weights: need {len(ATTRIBUTES)} weights for {ATTRIBUTES}")
+
+
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     name = tc.adapter_name
     K = len(ATTRIBUTES) if tc.objective == "regression" else 1
-    if tc.objective == "regression" and len(tc.attribute_weights) != K:
-        from lowalign.config import ConfigError
-
-        raise ConfigError(f"train.attribute_weights: need {K} weights for {ATTRIBUTES}")
     bundle.add_adapter(name, cfg.lora, init_from=cfg.lora.init_from)
     bundle.add_head(name, K)
     if tc.likelihood_feature:
@@ -68,8 +73,6 @@ def train(ctx) -> dict:
         bundle.head_weights[name] = torch.tensor(tc.attribute_weights, dtype=torch.float32)
     data = run_pairs(ctx, tc, role="reference")  # pairs sampled from the base model itself
     if tc.objective == "regression" and "answer" not in data.train[0]:
-        from lowalign.config import ConfigError
-
         raise ConfigError("train.objective: 'regression' needs scored attributes (built-in task data)")
     params = bundle.adapter_parameters(name) + [p for k, h in bundle.heads.items()
                                                 if k == name or k.startswith(f"{name}__") for p in h.parameters()]
@@ -110,3 +113,6 @@ def train(ctx) -> dict:
 
     atomic_write_text(ctx.run_dir.path / "adapters" / "reward_meta.json", json.dumps(meta, indent=1))
     return summary
+
+
+register("reward_model", RewardModelConfig, train, data="preferences", check=check)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms import register
+from lowalign.algorithms.common import add_policy, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms.configs import SFTConfig
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import masked_mean
@@ -16,7 +18,7 @@ POLICY = "policy"
 
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
-    bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
+    add_policy(ctx)
     params = bundle.adapter_parameters(POLICY)
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
@@ -43,3 +45,6 @@ def train(ctx) -> dict:
             bar.update(step + 1, metrics)
             maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps})
+
+
+register("sft", SFTConfig, train)

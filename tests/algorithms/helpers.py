@@ -23,3 +23,34 @@ def metrics(run_dir) -> list[dict]:
 
 def summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: float = 300) -> None:
+    """Start ``lowalign run ARGS output_dir=RUN_DIR``, SIGKILL it once checkpoint ``at_least`` (e.g.
+    ``step_000004``) is the latest, and check it had not yet written checkpoint ``last``."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "lowalign", "run", *map(str, args), f"output_dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = Path(run_dir) / "checkpoints" / "latest"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (latest.exists() and latest.read_text() >= at_least):
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest.read_text() < last, "the run finished before it could be killed"
+    assert not (Path(run_dir) / "summary.json").exists()
+
+
+def same_adapters(dir_a, dir_b, name: str) -> bool:
+    from safetensors.torch import load_file
+
+    a = load_file(str(Path(dir_a) / "adapters" / name / "adapter_model.safetensors"))
+    b = load_file(str(Path(dir_b) / "adapters" / name / "adapter_model.safetensors"))
+    import torch
+
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,17 +1,10 @@
 """GRPO end to end through the real CLI: outputs, exact resume after SIGKILL, bad rewards, real-model path."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from .helpers import REPO, cli, metrics, summary
+from .helpers import cli, kill_after_checkpoint, metrics, same_adapters, summary
 
 SMALL = ["eval.num_examples=40", "train.prompts_per_step=4", "train.num_generations=4", "threads=1"]
 DETERMINISTIC_KEYS = ("reward", "loss", "grad_norm", "kl", "clip_ratio/region", "completion_length")
@@ -47,22 +40,10 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     full, killed = tmp_path / "full", tmp_path / "killed"
     cli("run", *args, f"output_dir={full}")
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowalign", "run", *args, f"output_dir={killed}"], cwd=REPO,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (latest.exists() and latest.read_text() >= "step_000004"):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.read_text() < "step_000008", "the run finished before it could be killed"
-    assert not (killed / "summary.json").exists()
+    kill_after_checkpoint(args, killed, "step_000004", "step_000008")
 
     cli("run", str(killed))  # resume by pointing at the run directory
-    a = load_file(str(full / "adapters" / "policy" / "adapter_model.safetensors"))
-    b = load_file(str(killed / "adapters" / "policy" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_adapters(full, killed, "policy")
     ma, mb = metrics(full), metrics(killed)
     assert [r["step"] for r in mb] == list(range(1, 9))
     for ra, rb in zip(ma, mb):

@@ -1,0 +1,285 @@
+"""PPO (RLHF, Hydra style): actor, critic, reward and reference as roles of one base model.
+
+Roles on the one ``ModelBundle``: ``policy`` (LoRA actor), ``value`` (critic: its own LoRA + a scalar head,
+or with ``critic: shared`` a second head on the policy adapter, Hydra's shared trunk), ``reward`` (a trained
+reward adapter + head from a ``reward_model`` run, and/or reward functions), ``reference`` (adapters off, or
+the frozen starting adapter). The base is loaded once; no role ever holds a copy of it.
+
+One step (one rollout batch):
+  1. sample completions from the policy (HF generate, KV cache);
+  2. score them: sequence score = weighted rewards (- missing_eos_penalty; optionally normalized by running
+     moments);
+  3. no grad: the rollout's log-probs (policy), reference log-probs and values (critic) through the fused
+     log-prob path; per-token reward = -kl_coef KL_t (+ score on the last token); GAE; whitened advantages;
+  4. ``ppo_epochs`` passes of ``num_mini_batches`` optimizer steps on the clipped policy + value loss;
+  5. adaptive KL coefficient (Ziegler et al. 2019) when ``adaptive_kl``.
+Deterministic: all randomness of step ``s`` derives from ``(seed, s)``; the KL coefficient and reward
+moments are saved with each checkpoint, so resume is exact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lowalign.algorithms import register
+from lowalign.algorithms.common import (
+    POLICY,
+    add_policy,
+    evaluate,
+    finish,
+    make_optimizer,
+    maybe_checkpoint,
+    start_or_resume,
+    step_seed,
+)
+from lowalign.algorithms.configs import OptimConfig
+from lowalign.config import ConfigError, F
+from lowalign.generation import generate
+from lowalign.logprobs import logprobs_from_hidden
+from lowalign.losses.ppo import RunningMoments, adaptive_kl_coef, gae, kl_shaped_rewards, ppo_loss, whiten
+from lowalign.rewards import RewardSources
+from lowalign.runtime import Progress, seed_everything
+
+VALUE = "value"
+
+
+@dataclass
+class PPOConfig:
+    steps: int = F(200, "PPO iterations (one rollout batch each).")
+    prompts_per_step: int = F(32, "Prompts per rollout batch.")
+    num_generations: int = F(1, "Completions per prompt (PPO needs no groups; >1 just widens the batch).")
+    max_new_tokens: int = F(8, "Completion budget.")
+    temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.")
+    top_p: float = F(1.0, "Nucleus sampling.")
+    top_k: int = F(0, "Top-k sampling (0: off).")
+    critic: Literal["separate", "shared"] = F(
+        "separate", "separate: the critic is its own LoRA adapter + scalar head on the base; shared: a scalar "
+        "head on the policy adapter (Hydra-RLHF's shared trunk: one forward gives log-probs and values).")
+    ppo_epochs: int = F(4, "Optimization passes over each rollout batch.")
+    num_mini_batches: int = F(1, "Minibatches per pass (one optimizer step each); must divide the batch.")
+    micro_batch_size: int = F(0, "Sequences per forward/backward within a minibatch (0: the whole minibatch).")
+    clip: float = F(0.2, "Policy ratio clip range (cliprange).")
+    value_clip: float = F(0.2, "Value clip range around the rollout's values (cliprange_value).")
+    vf_coef: float = F(0.1, "Weight of the value loss.")
+    gamma: float = F(1.0, "Discount factor of GAE.")
+    lam: float = F(0.95, "GAE lambda.")
+    kl_coef: float = F(0.05, "Coefficient of the per-token KL penalty to the reference (initial value when "
+                             "adaptive_kl).")
+    kl_estimator: Literal["k1", "k3"] = F("k1", "Per-token KL in the reward: k1 = logp - ref (Ziegler et al.) "
+                                               "or k3 (unbiased and >= 0).")
+    adaptive_kl: bool = F(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
+    target_kl: float = F(6.0, "Target per-sequence KL (nats) of the adaptive controller.")
+    kl_horizon: float = F(10000.0, "Horizon of the adaptive controller (in sequences).")
+    missing_eos_penalty: float = F(0.0, "Subtracted from the score of completions that hit max_new_tokens "
+                                        "without EOS (0: off).")
+    reward_norm: bool = F(False, "Normalize scores by the running mean/std of all scores seen so far.")
+    whiten_advantages: bool = F(True, "Whiten advantages over the batch's valid tokens.")
+    value_learning_rate: float = F(0.0, "Learning rate of the critic's adapter and head (0: optim.learning_rate).")
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule (one scheduler step per PPO step).")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")
+
+
+def check(cfg) -> None:
+    tc = cfg.train
+    B = tc.prompts_per_step * tc.num_generations
+    if not cfg.rewards:
+        raise ConfigError("rewards: PPO needs at least one reward source (a function or a reward adapter)")
+    for key in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "num_mini_batches"):
+        if getattr(tc, key) < 1:
+            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(tc, key)}")
+    if B < 2:
+        raise ConfigError("train.prompts_per_step: a batch of at least 2 sequences is needed to whiten advantages")
+    if B % tc.num_mini_batches:
+        raise ConfigError(f"train.num_mini_batches: {tc.num_mini_batches} does not divide the batch of {B} "
+                          f"(prompts_per_step x num_generations)")
+    mb = B // tc.num_mini_batches
+    if tc.micro_batch_size and mb % tc.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the minibatch of {mb}")
+    if tc.temperature <= 0:
+        raise ConfigError(f"train.temperature: must be > 0, got {tc.temperature}")
+    if tc.adaptive_kl and (tc.target_kl <= 0 or tc.kl_horizon <= 0):
+        raise ConfigError("train.target_kl and train.kl_horizon: must be > 0 with adaptive_kl")
+
+
+@dataclass
+class Roles:
+    """Which bundle plays each role. In lowalign they are all the same bundle; ``benchmarks/ppo_memory.py``
+    passes four separately loaded ones to measure what a naive setup costs, running this same code."""
+
+    policy: object
+    value: object
+    reference: object
+    critic: str  # "separate" | "shared"
+
+    @classmethod
+    def shared(cls, bundle, critic: str) -> Roles:
+        return cls(bundle, bundle, bundle, critic)
+
+    @property
+    def value_adapter(self) -> str:
+        return POLICY if self.critic == "shared" else VALUE
+
+
+@dataclass
+class PPOState:
+    """What a step carries to the next beyond weights: saved in every checkpoint (JSON-able)."""
+
+    kl_coef: float
+    moments: RunningMoments
+
+
+def _forward(bundle, adapter: str, roll, sl, tc, *, logps: bool, values: bool):
+    """One backbone pass in role ``adapter`` on rows ``sl``: completion log-probs (B, C) and/or values (B, C)
+    (the value of the state before each completion token, read from the same hidden states)."""
+    P = roll.prompt_ids.shape[1]
+    ids, mask = roll.input_ids[sl], roll.attention_mask[sl]
+    with bundle.use(adapter):
+        h = bundle.hidden_states(ids, mask)  # (b, T, d)
+        lp = v = None
+        if logps:
+            lp = logprobs_from_hidden(bundle, h, ids, roll.target_mask[sl], temperature=tc.temperature).logps[:, P:]
+        if values:
+            v = bundle.heads[VALUE](h[:, P - 1:-1].float()).squeeze(-1)  # state t-1 predicts token t
+    return lp, v
+
+
+def policy_and_values(roles: Roles, roll, sl, tc):
+    """Log-probs (policy) and values (critic) of rows ``sl``: one pass when the critic is shared."""
+    if roles.critic == "shared":
+        return _forward(roles.policy, POLICY, roll, sl, tc, logps=True, values=True)
+    lp, _ = _forward(roles.policy, POLICY, roll, sl, tc, logps=True, values=False)
+    _, v = _forward(roles.value, VALUE, roll, sl, tc, logps=False, values=True)
+    return lp, v
+
+
+def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSources, state: PPOState,
+             params: list) -> dict:
+    tc = cfg.train
+    t0 = time.time()
+    seed_everything(step_seed(cfg.seed, step))
+    bundle = roles.policy
+    rows = data.batch(step, tc.prompts_per_step, cfg.seed)
+    G = tc.num_generations
+    with bundle.use(POLICY):
+        roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens, do_sample=True,
+                        temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G)
+    t_gen = time.time() - t0
+    prompts = [r["prompt"] for r in rows for _ in range(G)]
+    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+    rb = rewards(prompts, roll.texts, columns)
+    ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
+    scores = rb.total - tc.missing_eos_penalty * (~ended).float()
+    if tc.reward_norm:
+        state.moments.update(scores)
+        scores = (scores - state.moments.mean) / (state.moments.std + 1e-8)
+
+    cmask = roll.completion_mask.float()
+    B = cmask.shape[0]
+    everything = slice(None)
+    with torch.no_grad():
+        old_lp, old_v = policy_and_values(roles, roll, everything, tc)
+        ref_lp, _ = _forward(roles.reference, "reference", roll, everything, tc, logps=True, values=False)
+        token_rewards, kl = kl_shaped_rewards(scores.to(cmask.device), old_lp, ref_lp, cmask, state.kl_coef,
+                                              tc.kl_estimator)
+        adv, ret = gae(token_rewards, old_v, cmask, tc.gamma, tc.lam)
+        if tc.whiten_advantages:
+            adv = whiten(adv, cmask) * cmask
+
+    mb = B // tc.num_mini_batches
+    micro = tc.micro_batch_size or mb
+    agg, n_updates = {}, tc.ppo_epochs * tc.num_mini_batches
+    for _ in range(tc.ppo_epochs):
+        order = torch.randperm(B)  # seeded by the step seed
+        for s in range(0, B, mb):
+            idx = order[s:s + mb]
+            for u in range(0, mb, micro):
+                rows_ = idx[u:u + micro].to(cmask.device)
+                lp, v = policy_and_values(roles, roll, rows_, tc)
+                out = ppo_loss(lp, old_lp[rows_], adv[rows_], v, old_v[rows_], ret[rows_], cmask[rows_],
+                               clip=tc.clip, value_clip=tc.value_clip, vf_coef=tc.vf_coef)
+                (out.loss * (len(rows_) / mb)).backward()
+                for k, val in out.metrics().items():
+                    agg[k] = agg.get(k, 0.0) + val * len(rows_) / mb / n_updates
+            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    sched.step()
+
+    seq_kl = kl.sum(1).mean().item()
+    m = {"step": step + 1, "reward": rb.total.mean().item(),
+         **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
+         "score": scores.mean().item(), "kl": seq_kl, "kl_coef": state.kl_coef,
+         "non_score_reward": (token_rewards.sum(1).mean().item() - scores.mean().item()),
+         **agg, "value_mean": masked(old_v, cmask), "return_mean": masked(ret, cmask),
+         "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "completion_length": cmask.sum(1).mean().item(),
+         "eos_fraction": ended.float().mean().item(),
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
+    if tc.adaptive_kl:
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B)
+    return m
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return float((x * mask).sum() / mask.sum().clamp(min=1))
+
+
+def add_critic(bundle, cfg) -> list:
+    """The critic's trainable parameters: its own LoRA + head, or just a head on the policy adapter."""
+    if cfg.train.critic == "separate":
+        bundle.add_adapter(VALUE, cfg.lora)
+    head = bundle.add_head(VALUE, 1)
+    torch.nn.init.zeros_(head.weight)  # V = 0 at the start: the first advantages are the rewards themselves
+    return (bundle.adapter_parameters(VALUE) if cfg.train.critic == "separate" else []) + list(head.parameters())
+
+
+def param_groups(bundle, cfg, vparams) -> list[dict]:
+    tc = cfg.train
+    vlr = tc.value_learning_rate or tc.optim.learning_rate
+    return [{"params": bundle.adapter_parameters(POLICY)}, {"params": vparams, "lr": vlr}]
+
+
+def train(ctx) -> dict:
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    add_policy(ctx)
+    vparams = add_critic(bundle, cfg)
+    for spec in cfg.rewards:
+        if spec.adapter is not None:  # a learned reward: one more frozen adapter + head on the same base
+            bundle.load_reward(spec.adapter, spec.path)
+    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
+    groups = param_groups(bundle, cfg, vparams)
+    params = [p for g in groups for p in g["params"]]
+    opt, sched = make_optimizer(groups, tc.optim, tc.steps)
+    adapters = [POLICY] + ([VALUE] if tc.critic == "separate" else [])
+    start, baseline = start_or_resume(ctx, adapters, opt, sched)
+    extra = (ctx.resumed_state or {}).get("extra") or {}
+    state = PPOState(extra.get("kl_coef", tc.kl_coef), RunningMoments(**extra.get("moments", {})))
+    roles = Roles.shared(bundle, tc.critic)
+    bundle.base.train()
+    fields = ("reward", "kl", "value_loss", "explained_variance")
+    t_start = time.time()
+    with Progress(tc.steps, start, fields, desc="ppo", every=tc.log_every) as bar:
+        for step in range(start, tc.steps):
+            if tc.max_time_s and time.time() - t_start > tc.max_time_s:
+                break
+            m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params)
+            m["elapsed_s"] = round(time.time() - t_start, 2)
+            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
+                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+            ctx.run_dir.log(m)
+            bar.update(step + 1, m)
+            maybe_checkpoint(ctx, tc, step + 1, adapters, baseline, opt, sched,
+                             extra={"kl_coef": state.kl_coef, "moments": state.moments.state()})
+    tail = ctx.run_dir.read_metrics()[-10:]
+    summary_extra = {"steps": tc.steps, "critic": tc.critic, "final_kl_coef": state.kl_coef,
+                     "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}
+    return finish(ctx, adapters, baseline, summary_extra)
+
+
+register("ppo", PPOConfig, train, check=check)

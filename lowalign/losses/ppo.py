@@ -1,0 +1,191 @@
+"""PPO for language models: per-token rewards, GAE, whitening, the clipped policy + value loss, and the
+adaptive KL coefficient. Pure functions on tensors.
+
+Shapes: ``B`` sequences, ``T`` completion tokens; ``mask`` (B, T) is 1 on completion tokens (up to and
+including EOS) and 0 on padding. Formulas follow Schulman et al. 2017 (PPO, arXiv 1707.06347), GAE (Schulman
+et al. 2015, arXiv 1506.02438), Ziegler et al. 2019 (arXiv 1909.08593) for the KL-shaped reward and the
+adaptive coefficient, and TRL's PPO trainer for whitening and the value clip (checked in tests/losses).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowalign.kernels.logprobs import kl_from_logps
+from lowalign.losses.common import masked_mean
+
+
+def _masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased (Bessel-corrected) variance of ``x`` over positions where ``mask`` is 1."""
+    n = mask.sum()
+    if n < 2:
+        raise ValueError(f"whiten needs at least 2 valid positions, got {int(n)}")
+    mean = masked_mean(x, mask)
+    return ((x - mean) ** 2 * mask).sum() / (n - 1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize ``x`` to zero mean, unit variance over the valid positions.
+
+        out = (x - mean) * rsqrt(var + 1e-8)      (+ mean again when shift_mean=False)
+
+    mean and var (unbiased, as ``torch.var``) are over positions with ``mask == 1``; masked positions are
+    transformed too (callers zero them). Shapes: x, mask (B, T) (any equal shapes).
+    """
+    mask = mask.to(x.dtype)
+    mean, var = masked_mean(x, mask), _masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    return out if shift_mean else out + mean
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over each row's valid tokens (Schulman et al. 2015).
+
+        delta_t = r_t + gamma * V_{t'} - V_t        t' = the next valid position after t (V = 0 past the end)
+        A_t     = delta_t + gamma * lam * A_{t'}
+        R_t     = A_t + V_t                          (returns, the value target; before any whitening)
+
+    Positions with ``mask == 0`` contribute nothing (they are skipped, not treated as zero-reward steps)
+    and receive 0 in both outputs.
+
+    Args:
+        rewards, values, mask: (B, T).
+    Returns:
+        (advantages, returns), each (B, T) float32.
+
+    Worked example: rewards [0, 0, 1], values [.5, .6, .7], gamma 1, lam .5 -> deltas [.1, .1, .3],
+    A = [.1 + .5 (.1 + .5 * .3), .1 + .5 * .3, .3] = [.225, .25, .3], R = [.725, .85, 1.0].
+    """
+    if not (rewards.shape == values.shape == mask.shape):
+        raise ValueError(f"rewards, values, mask must share a shape: {rewards.shape}, {values.shape}, {mask.shape}")
+    m = mask.float()
+    r, v = rewards.float() * m, values.float() * m
+    B, T = r.shape
+    next_value = torch.zeros(B, device=r.device)
+    last = torch.zeros(B, device=r.device)
+    adv = torch.zeros(B, T, device=r.device)
+    for t in reversed(range(T)):
+        valid = m[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        a = delta + gamma * lam * last
+        # a masked position passes the running estimate and the next value through untouched
+        last = torch.where(valid.bool(), a, last)
+        next_value = torch.where(valid.bool(), v[:, t], next_value)
+        adv[:, t] = a * valid
+    return adv, (adv + v) * m
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float, kl_estimator: str = "k1") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards of RLHF PPO (Ziegler et al. 2019): a KL penalty on every completion token and the
+    sequence score on the last one.
+
+        r_t = -kl_coef * kl_t  (+ score on the last valid token of the row)
+        kl_t = k1: logp_t - ref_t  |  k3: exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+    Args:
+        scores: (B,) sequence rewards; logps, ref_logps, mask: (B, T) (sampling-policy log-probs).
+    Returns:
+        (rewards (B, T), kl (B, T)), both 0 where mask is 0.
+    """
+    m = mask.float()
+    kl = kl_from_logps(logps.float(), ref_logps.float(), kl_estimator) * m
+    rewards = -kl_coef * kl
+    T = m.shape[1]
+    last = (torch.arange(T, device=m.device) * m.long()).argmax(1)  # (B,) last valid position
+    has = m.sum(1) > 0
+    rewards[torch.arange(m.shape[0], device=m.device)[has], last[has]] += scores.float().to(m.device)[has]
+    return rewards, kl
+
+
+@dataclass
+class PPOLossOutput:
+    """Named results of :func:`ppo_loss`; ``loss`` carries gradients, the rest are detached."""
+
+    loss: torch.Tensor
+    policy_loss: torch.Tensor
+    value_loss: torch.Tensor
+    policy_clipfrac: torch.Tensor
+    value_clipfrac: torch.Tensor
+    approx_kl: torch.Tensor
+    ratio_mean: torch.Tensor
+    explained_variance: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in self.__dataclass_fields__}
+
+
+def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip: float = 0.2,
+             value_clip: float = 0.2, vf_coef: float = 0.1) -> PPOLossOutput:
+    """Clipped surrogate policy loss plus clipped value loss (PPO; TRL's PPO trainer).
+
+        rho          = exp(logp - old_logp)
+        policy_loss  = masked_mean( max(-A rho, -A clip(rho, 1 - clip, 1 + clip)) )
+        v_clipped    = clip(v, v_old - value_clip, v_old + value_clip)
+        value_loss   = 0.5 masked_mean( max((v - R)^2, (v_clipped - R)^2) )
+        loss         = policy_loss + vf_coef * value_loss
+        approx_kl    = 0.5 masked_mean((logp - old_logp)^2)
+        explained_variance = 1 - Var[R - v_old] / Var[R]       (masked, of the rollout's values)
+
+    Args:
+        logps, old_logps, advantages, values, old_values, returns, mask: (B, T). ``values`` carries the
+            critic's gradient, ``logps`` the actor's; the others are rollout constants.
+    Returns:
+        :class:`PPOLossOutput` (loss, policy_loss, value_loss, policy_clipfrac, value_clipfrac, approx_kl,
+        ratio_mean, explained_variance).
+    """
+    m = mask.to(logps.dtype)
+    diff = logps - old_logps
+    ratio = torch.exp(diff)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    policy_loss = masked_mean(torch.max(pg1, pg2), m)
+    v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
+    vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
+    value_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
+    with torch.no_grad():
+        var_r = _masked_var(returns, m) if m.sum() > 1 else torch.tensor(0.0)
+        ev = 1 - _masked_var(returns - old_values, m) / var_r if var_r > 0 else torch.tensor(float("nan"))
+        out = dict(policy_clipfrac=masked_mean((pg2 > pg1).float(), m),
+                   value_clipfrac=masked_mean((vf2 > vf1).float(), m),
+                   approx_kl=0.5 * masked_mean(diff ** 2, m), ratio_mean=masked_mean(ratio, m),
+                   explained_variance=ev)
+    return PPOLossOutput(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss.detach(),
+                         value_loss=value_loss.detach(), **out)
+
+
+def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:
+    """One update of the adaptive KL coefficient (Ziegler et al. 2019, Sec. 2.2):
+
+        e = clip(kl / target - 1, -0.2, 0.2);   coef <- coef * (1 + e * n_steps / horizon)
+
+    ``kl`` is the mean per-sequence KL of the batch just collected, ``n_steps`` its number of sequences.
+    """
+    e = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + e * n_steps / horizon)
+
+
+class RunningMoments:
+    """Running mean and (unbiased) std of rewards over all batches seen (Chan et al. parallel update), for
+    ``reward_norm``; its state is three floats, saved with each checkpoint."""
+
+    def __init__(self, mean: float = 0.0, var: float = 1.0, count: float = 1e-8):
+        self.mean, self.var, self.count = mean, var, count
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        n, mean, var = x.numel(), x.mean().item(), x.var(unbiased=False).item() if x.numel() > 1 else 0.0
+        delta, tot = mean - self.mean, self.count + n
+        m2 = self.var * self.count + var * n + delta ** 2 * self.count * n / tot
+        self.mean, self.var, self.count = self.mean + delta * n / tot, m2 / tot, tot
+
+    @property
+    def std(self) -> float:
+        return (self.var * self.count / max(self.count - 1, 1e-8)) ** 0.5
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}

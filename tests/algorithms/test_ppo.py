@@ -1,0 +1,134 @@
+"""PPO end to end: outputs of both critic modes, four roles on one nf4 base, exact resume, early errors."""
+
+import json
+
+import pytest
+import torch
+
+from .helpers import cli, kill_after_checkpoint, metrics, same_adapters, summary
+
+SMALL = ["eval.num_examples=24", "train.prompts_per_step=8", "train.ppo_epochs=2", "train.num_mini_batches=2",
+         "threads=1"]
+DETERMINISTIC_KEYS = ("reward", "kl", "policy_loss", "value_loss", "grad_norm", "explained_variance",
+                      "approx_kl", "kl_coef", "completion_length")
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_ppo_run_writes_everything(tmp_path, critic):
+    out = tmp_path / "run"
+    cli("run", "recipes/ppo_tiny.yaml", f"output_dir={out}", "train.steps=3", "train.checkpoint_every=3",
+        f"train.critic={critic}", "train.adaptive_kl=true", "train.target_kl=0.01", "train.kl_horizon=10",
+        "train.reward_norm=true", "train.missing_eos_penalty=1.0", "train.micro_batch_size=2", *SMALL)
+    s, rows = summary(out), metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3] and s["critic"] == critic
+    for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac",
+                "approx_kl", "explained_variance", "eos_fraction", "rewards/correctness_reward"):
+        assert key in rows[0], key
+    assert rows[0]["kl"] == 0.0 and rows[-1]["kl"] != 0.0  # policy = reference at step 1 only
+    # kl above the (tiny) target raises the coefficient, below it lowers it: the controller moved
+    assert rows[-1]["kl_coef"] != rows[0]["kl_coef"] and s["final_kl_coef"] != rows[0]["kl_coef"]
+    adapters = out / "adapters"
+    assert (adapters / "policy" / "adapter_model.safetensors").exists()
+    assert (adapters / "value").exists() == (critic == "separate")
+    from safetensors.torch import load_file
+
+    heads = load_file(str(adapters / "heads.safetensors"))
+    assert heads["value.weight"].shape == (1, 256) and heads["value.weight"].abs().sum() > 0  # the critic trained
+
+
+def _reward_run(tmp_path) -> str:
+    """A reward_model run directory (adapter + head + meta) made in-process, with non-trivial weights."""
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+
+    b = ModelBundle.load(ModelConfig(quantization="nf4"))
+    b.add_adapter("reward", LoraConfig(r=4, alpha=8))
+    torch.manual_seed(0)
+    for _, _, B, _ in b.lora_factors("reward"):
+        B.data.normal_(0, 0.05)
+    b.add_head("reward", 1)
+    d = tmp_path / "rm" / "adapters"
+    b.save_adapter("reward", d / "reward")
+    b.save_heads(d / "heads.safetensors")
+    (d / "reward_meta.json").write_text(json.dumps({"adapter": "reward", "weights": None}))
+    return str(tmp_path / "rm")
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_four_roles_use_one_nf4_base(tmp_path, monkeypatch, critic):
+    """One PPO step uses policy, value, reward and reference; every backbone pass reads the same base
+    tensors (data_ptrs), there is exactly one of each, and the model is loaded from disk once."""
+    import transformers
+
+    import lowalign
+    from lowalign.bundle import ModelBundle
+
+    rm = _reward_run(tmp_path)
+    seen = {}  # (role, active adapter) -> sorted data_ptrs of every base (non-LoRA) parameter
+    heads_called, loads = set(), []
+    orig_hidden, orig_add_head = ModelBundle.hidden_states, ModelBundle.add_head
+    orig_load = transformers.AutoModelForCausalLM.from_pretrained
+
+    def hidden_states(self, input_ids, attention_mask):
+        seen[(self.role, self._adapter)] = sorted(p.data_ptr() for n, p in self.base.named_parameters()
+                                                  if "lora_" not in n)
+        return orig_hidden(self, input_ids, attention_mask)
+
+    def add_head(self, name, out_features=1):
+        head = orig_add_head(self, name, out_features)
+        head.register_forward_hook(lambda *_: heads_called.add(name))
+        return head
+
+    def from_pretrained(*a, **k):
+        loads.append(a)
+        return orig_load(*a, **k)
+
+    monkeypatch.setattr(ModelBundle, "hidden_states", hidden_states)
+    monkeypatch.setattr(ModelBundle, "add_head", add_head)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    s = lowalign.run("recipes/ppo_tiny.yaml", [
+        f"output_dir={tmp_path / 'run'}", "model.quantization=nf4", f"train.critic={critic}", "train.steps=1",
+        "eval.num_examples=4", "train.prompts_per_step=4", "train.ppo_epochs=1", "train.num_mini_batches=1",
+        f"rewards=[{{adapter: reward, path: '{rm}', weight: 1.0}}, "
+        "{fn: 'lowalign.tasks.arithmetic:correctness_reward', weight: 1.0}]"], quiet=True)
+    roles = {role for role, _ in seen}
+    assert roles == {"policy", "reward", "reference"} | ({"value"} if critic == "separate" else set())
+    assert "value" in heads_called and "reward" in heads_called
+    ptr_sets = list(seen.values())
+    assert all(p == ptr_sets[0] for p in ptr_sets)  # every role reads the very same base tensors
+    assert len(set(ptr_sets[0])) == len(ptr_sets[0])  # and none of them twice
+    assert len(loads) == 1  # the base came from disk once
+    mem = s["memory"]
+    assert mem["base"] > 0 and "adapter:policy" in mem and "adapter:reward" in mem
+    assert ("adapter:value" in mem) == (critic == "separate")
+
+
+def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
+    args = ["recipes/ppo_tiny.yaml", "train.steps=8", "train.checkpoint_every=2", "train.adaptive_kl=true",
+            "train.target_kl=0.05", "train.kl_horizon=20", "train.reward_norm=true", *SMALL]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cli("run", *args, f"output_dir={full}")
+    kill_after_checkpoint(args, killed, "step_000004", "step_000008")
+    cli("run", str(killed))
+    assert same_adapters(full, killed, "policy") and same_adapters(full, killed, "value")
+    ma, mb = metrics(full), metrics(killed)
+    assert [r["step"] for r in mb] == list(range(1, 9))
+    for ra, rb in zip(ma, mb):
+        assert {k: ra.get(k) for k in DETERMINISTIC_KEYS} == {k: rb.get(k) for k in DETERMINISTIC_KEYS}
+    assert len({r["kl_coef"] for r in ma}) > 2  # the restored controller state was exercised
+    assert summary(full)["final"]["accuracy"] == summary(killed)["final"]["accuracy"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.num_mini_batches=3", r"train\.num_mini_batches: 3 does not divide the batch of 64"),
+    ("rewards=[]", r"rewards: PPO needs at least one reward source"),
+    ("train.micro_batch_size=5", r"train\.micro_batch_size: 5 does not divide the minibatch of 32"),
+])
+def test_bad_config_fails_before_anything_is_created(tmp_path, override, message):
+    import re
+
+    p = cli("validate", "recipes/ppo_tiny.yaml", override, check=False)
+    assert p.returncode == 2 and re.search(message, p.stderr), p.stderr
+    p = cli("run", "recipes/ppo_tiny.yaml", override, f"output_dir={tmp_path / 'run'}", check=False)
+    assert p.returncode == 2 and re.search(message, p.stderr)
+    assert not (tmp_path / "run").exists()
