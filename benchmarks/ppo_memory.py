@@ -14,18 +14,18 @@ once. Then each setup runs in a fresh process:
 
 Both run the very same ``lowalign.algorithms.ppo.ppo_step`` (generation, reward scoring, reference and
 value passes, one PPO epoch with backward and optimizer step); only the ``Roles`` mapping differs. Peak
-memory is CUDA ``max_memory_allocated`` on a GPU, else the growth of peak RSS over the process's state
-before any model loads (loading included: each copy's load is part of what a naive setup pays). The
-checkpoint is saved in the compute dtype (bf16 on a GPU, fp32 on CPU) so loading casts nothing. Prints a
-markdown table.
+memory is the peak during the PPO step, with everything loaded (the peak is reset after loading: CUDA
+``reset_peak_memory_stats`` / Linux ``clear_refs``), above the process's memory before any model loaded:
+CUDA allocated memory on a GPU, RSS on CPU. The checkpoint is saved in the compute dtype (bf16 on a GPU,
+fp32 on CPU), and on CPU every loaded model's weights are made resident in private memory (see
+``resident``), in both setups alike, so RSS counts what a GPU would hold. Prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
-import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -40,13 +40,28 @@ QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, nu
                   tie_word_embeddings=True, rope_theta=1000000.0, rms_norm_eps=1e-6)
 
 
-def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
-def _rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory_now() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else _status("VmRSS")
+
+
+def _reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    else:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def _peak() -> int:
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else _status("VmHWM")
 
 
 def prepare(work: Path, layers: int) -> None:
@@ -74,6 +89,17 @@ def prepare(work: Path, layers: int) -> None:
     (d / "reward_meta.json").write_text(json.dumps({"adapter": "reward", "weights": None}))
 
 
+def resident(bundle):
+    """Give every base weight its own memory, as on a GPU. On CPU transformers maps a checkpoint saved in
+    the compute dtype lazily: only pages a forward reads become resident (a reward or value model that
+    never reads the lm_head would hold almost none of its tied embedding), and loading one file four times
+    would share one set of pages; neither is what four models cost on a GPU."""
+    with torch.no_grad():
+        for p in bundle.base.parameters():
+            p.data = p.data.clone()
+    return bundle
+
+
 def worker(setup: str, work: Path, args) -> dict:
     from lowalign.algorithms.common import POLICY, make_optimizer
     from lowalign.algorithms.ppo import PPOState, Roles, add_critic, param_groups, ppo_step
@@ -91,21 +117,17 @@ def worker(setup: str, work: Path, args) -> dict:
         f"rewards=[{{adapter: reward, path: '{work / 'rm'}'}}]"])
     data = load_prompt_data(cfg.data, cfg.seed, 8)
     cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        start = torch.cuda.memory_allocated()
-    else:
-        start = _rss_now()
+    start = _memory_now()
     t0 = time.time()
     if setup == "shared":
-        b = ModelBundle.load(cfg.model)
+        b = resident(ModelBundle.load(cfg.model))
         b.add_adapter(POLICY, cfg.lora)
         vparams = add_critic(b, cfg)
         b.load_reward("reward", work / "rm")
         roles, reward_bundle = Roles.shared(b, "separate"), b
         bases = 1
     else:  # four models, each loaded from disk, each with only its own role's adapter and head
-        pb, vb, rb, refb = (ModelBundle.load(cfg.model) for _ in range(4))
+        pb, vb, rb, refb = (resident(ModelBundle.load(cfg.model)) for _ in range(4))
         pb.add_adapter(POLICY, cfg.lora)
         vparams = add_critic(vb, cfg)
         rb.load_reward("reward", work / "rm")
@@ -117,10 +139,14 @@ def worker(setup: str, work: Path, args) -> dict:
     state = PPOState(cfg.train.kl_coef, RunningMoments())
     for bb in {id(x): x for x in (roles.policy, roles.value, roles.reference, reward_bundle)}.values():
         bb.base.train()
+    gc.collect()
+    loaded = _memory_now() - start
+    _reset_peak()  # the step's peak, everything loaded (loading transients are not the question here)
     t1 = time.time()
     m = ppo_step(cfg, data, roles, 0, opt, sched, rewards, state, [p for g in groups for p in g["params"]])
-    peak = (torch.cuda.max_memory_allocated() if cuda else _peak_rss()) - start
-    return {"setup": setup, "bases_loaded": bases, "peak_bytes": peak, "load_s": round(t1 - t0, 1),
+    peak = _peak() - start
+    return {"setup": setup, "bases_loaded": bases, "loaded_bytes": loaded, "peak_bytes": peak,
+            "load_s": round(t1 - t0, 1),
             "step_s": round(time.time() - t1, 1), "time": {k: v for k, v in m.items() if k.startswith("time/")},
             "completion_length": m["completion_length"], "device": "cuda" if cuda else "cpu"}
 
@@ -153,12 +179,14 @@ def main() -> None:
     print(f"Qwen2-style, vocab {QWEN25_05B['vocab_size']}, hidden {QWEN25_05B['hidden_size']}, {args.layers} layers, "
           f"quantization {args.quantization}, {args.batch} prompts x {args.new_tokens} new tokens, "
           f"device {shared['device']}\n")
-    print("| setup | base copies | peak MiB | load s | step s | peak vs four copies |")
-    print("|---|---|---|---|---|---|")
+    mem = "RSS" if shared["device"] == "cpu" else "CUDA allocated"
+    print(f"| setup | base copies | {mem} after loading, MiB | peak {mem} in the PPO step, MiB | load s | step s "
+          "| peak vs four copies |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {'shared (lowalign)' if r['setup'] == 'shared' else 'four separate models'} | {r['bases_loaded']} "
-              f"| {r['peak_bytes'] / 2**20:.0f} | {r['load_s']} | {r['step_s']} | {r['peak_bytes'] / four['peak_bytes']:.2f}x |")
-
+              f"| {r['loaded_bytes'] / 2**20:.0f} | {r['peak_bytes'] / 2**20:.0f} | {r['load_s']} | {r['step_s']} | "
+              f"{r['peak_bytes'] / four['peak_bytes']:.2f}x |")
 
 if __name__ == "__main__":
     main()

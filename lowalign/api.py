@@ -28,8 +28,10 @@ class RunContext:
 
 
 def check_config(cfg: C.RunConfig) -> None:
-    """The checks that need more than the config layer: reward functions import, the backend exists, and
-    the algorithm's own cross-field rules. Runs before any model loads or any directory is created."""
+    """The checks that need more than the config layer: reward functions import, the backend exists, the
+    algorithm's own cross-field rules, and the model's config.json (architecture, tokenizer size, LoRA
+    targets: ``auto`` is resolved here, in place). Runs before any model loads or any directory is created."""
+    from lowalign.models import check_model
     from lowalign.rewards import import_reward
 
     for i, r in enumerate(cfg.rewards):
@@ -42,6 +44,7 @@ def check_config(cfg: C.RunConfig) -> None:
     algo = algorithms()[cfg.algorithm]
     if algo.check is not None:
         algo.check(cfg)
+    check_model(cfg)  # config.json only: a skeleton on the meta device, no weights
 
 
 def config_from_dict(raw: dict, overrides=None) -> C.RunConfig:
@@ -131,22 +134,35 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
 
     from lowalign.data import prepare_prompts
 
+    algo = algorithms()[cfg.algorithm]
     data = load_data(cfg)  # before any model work
+    if algo.check_data is not None:
+        algo.check_data(cfg, data)
     if cfg.rewards and data.pairs is None:
         from lowalign.rewards import RewardSources
 
         RewardSources(cfg.rewards).probe(data.batch(0, 2, cfg.seed))
-    run_dir = RunDir(out)
-    console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
-    run_dir.write_config(C.to_dict(cfg))
+    if isinstance(cfg.lora.target_modules, list):
+        console.print(f"lora: target modules {cfg.lora.target_modules}")
 
     from lowalign.bundle import ModelBundle
 
     bundle = ModelBundle.load(cfg.model)
     for note in prepare_prompts(data, bundle.tokenizer, cfg.data):
         console.print(f"[yellow]data:[/] {note}")
-    ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
-    summary = algorithms()[cfg.algorithm].train(ctx)
+    fresh = not out.exists()  # the run directory is created only once everything before it worked
+    run_dir = RunDir(out)
+    console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
+    try:
+        run_dir.write_config(C.to_dict(cfg))
+        ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
+        summary = algo.train(ctx)
+    except BaseException:
+        if fresh and not (out / "checkpoints").exists():  # a failed start leaves nothing behind
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     summary["wall_time_s"] = round(time.time() - t0, 2)
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
     summary["output_dir"] = str(out)

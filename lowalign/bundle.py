@@ -85,6 +85,30 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+_DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_dropout",
+                  "activation_dropout", "embd_pdrop", "attn_pdrop", "resid_pdrop", "summary_first_dropout")
+
+
+def disable_dropout(model: nn.Module) -> int:
+    """Dropout off everywhere in ``model``: every ``nn.Dropout`` gets p = 0, and float dropout rates that
+    attention code reads from its module or the config (Llama's ``attention_dropout``, ...) become 0.
+    Returns how many were changed."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.Dropout) and m.p:
+            m.p, n = 0.0, n + 1
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(m, attr, None), float) and getattr(m, attr):
+                setattr(m, attr, 0.0)
+                n += 1
+    for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        for attr in _DROPOUT_ATTRS:
+            if isinstance(getattr(c, attr, None), float) and getattr(c, attr):
+                setattr(c, attr, 0.0)
+                n += 1
+    return n
+
+
 def guard_avx512bf16(model: nn.Module) -> int:
     """bitsandbytes' CPU path repacks a Linear4bit weight in place when it runs under eval()/no_grad on
     CPUs with AVX512-BF16; later backward passes then silently lose LoRA gradients. Turn that off on
@@ -170,6 +194,8 @@ class ModelBundle:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        if cfg.disable_dropout:
+            disable_dropout(model)
         for p in model.parameters():
             p.requires_grad_(False)
         tok.padding_side = "left"
@@ -186,9 +212,12 @@ class ModelBundle:
 
         if name == REFERENCE or name in self.adapter_configs:
             raise ValueError(f"adapter name '{name}' is reserved or already exists")
+        from lowalign.models import resolve_target_modules
+
         prev = self._adapter
+        targets = resolve_target_modules(self.base, lora.target_modules)  # "auto" -> this model's projections
         pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+                              target_modules=targets, bias="none", task_type="CAUSAL_LM")
         if self.peft is None:
             self.peft = get_peft_model(self.base, pcfg, adapter_name=name)
         else:
@@ -275,6 +304,17 @@ class ModelBundle:
     @property
     def role(self) -> str:
         return self._role
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Evaluation runs in eval mode (dropout, if any is left, off); the previous mode comes back."""
+        was = self.base.training
+        self.base.eval()
+        try:
+            yield self
+        finally:
+            if was:
+                self.base.train()
 
     # ---- forward pieces ------------------------------------------------------------------------
 

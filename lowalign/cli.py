@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from lowalign.api import resolve_config
 
             cfg, _ = resolve_config(recipe_path(args.recipe), args.overrides)
-            print(f"ok: {args.recipe} ({cfg.algorithm}, model {cfg.model.name_or_path})")
+            targets = cfg.lora.target_modules
+            note = (f", LoRA on {targets}" if isinstance(targets, list)
+                    else " (config.json not in the local cache: the model checks run when it loads)")
+            print(f"ok: {args.recipe} ({cfg.algorithm}, model {cfg.model.name_or_path}{note})")
             return 0
         from lowalign.api import run
 

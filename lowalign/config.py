@@ -45,6 +45,8 @@ class ModelConfig:
     device: str = F("auto", "auto (cuda if available, else cpu), cpu, or cuda[:N].")
     logprob_impl: Literal["auto", "reference", "triton"] = F(
         "auto", "Fused log-prob implementation (auto: triton on CUDA, chunked reference on CPU).")
+    disable_dropout: bool = F(True, "Set every dropout of the base model to 0 (as TRL does): with dropout on, "
+                                    "log-probs are noisy and policy != reference at step 0.")
 
 
 @dataclass
@@ -52,9 +54,10 @@ class LoraConfig:
     r: int = F(16, "LoRA rank.")
     alpha: float = F(32.0, "LoRA alpha (scale = alpha / r).")
     dropout: float = F(0.0, "LoRA dropout.")
-    target_modules: list[str] = F(
-        factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        help="Module names that get LoRA (all attention and MLP projections by default).")
+    target_modules: Union[str, list[str]] = F(  # noqa: UP007 (the parser reads typing.Union)
+        "auto", "Module names that get LoRA, or auto: every linear projection of the transformer blocks of the "
+        "model at hand (never the output head unless named); resolved from config.json, printed and written "
+        "to the run's config.yaml.")
     init_from: str | None = F(None, "Directory of a saved PEFT adapter to start the policy from.", path=True)
 
 
@@ -93,10 +96,14 @@ class DataConfig:
 
 @dataclass
 class EvalConfig:
-    num_examples: int = F(500, "Held-out examples for greedy accuracy before and after training.")
+    num_examples: int = F(500, "Held-out prompts evaluated before and after training: mean reward of greedy "
+                               "completions per reward source and in total, and accuracy where the task has "
+                               "an answer checker.")
     batch_size: int = F(250, "Prompts per generation batch during evaluation.")
     max_new_tokens: int = F(8, "Generation budget during evaluation.")
     every: int = F(0, "Also evaluate every N steps during training (0: only before and after).")
+    sampled: int = F(0, "Also the mean reward of this many sampled completions per held-out prompt (0: off).")
+    temperature: float = F(1.0, "Sampling temperature of the sampled evaluation.")
 
 
 @dataclass

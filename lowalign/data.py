@@ -1,6 +1,7 @@
 """Prompt data for RL and SFT: the built-in arithmetic task, local JSONL/JSON/parquet files or hub datasets.
 
-Rows are dicts with at least ``prompt`` and ``answer``; any other column is passed to reward functions.
+Rows are dicts with at least ``prompt`` (and ``answer`` when the file has the answer column: the answer
+checker, SFT and reward functions that read it need it); every other column is passed to reward functions.
 Batches are a pure function of ``(seed, step)``, so the data position of a run is just its step.
 """
 
@@ -99,10 +100,10 @@ class PromptData:
 def _normalize(rows: list[dict], cfg: DataConfig, where: str) -> list[dict]:
     if not rows:
         raise DataError(f"{where}: the dataset is empty")
-    missing = [c for c in (cfg.prompt_column, cfg.answer_column) if c not in rows[0]]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. "
-                        "Set data.prompt_column / data.answer_column.")
+    if cfg.prompt_column not in rows[0]:
+        raise DataError(f"{where}: missing column '{cfg.prompt_column}'; available: {sorted(rows[0])}. "
+                        "Set data.prompt_column.")
+    has_answer = cfg.answer_column in rows[0]
     out = []
     for r in rows:
         row = dict(r)
@@ -110,8 +111,9 @@ def _normalize(rows: list[dict], cfg: DataConfig, where: str) -> list[dict]:
             row["prompt"] = cfg.prompt_template.format(**{**r, "prompt": r[cfg.prompt_column]})
         except KeyError as e:
             raise ConfigError(f"data.prompt_template: unknown field {e} (columns: {sorted(r)})") from e
-        ans = str(r[cfg.answer_column])
-        row["answer"] = gsm8k_answer(ans) if cfg.answer_format == "gsm8k" else ans.strip()
+        if has_answer:
+            ans = str(r[cfg.answer_column])
+            row["answer"] = gsm8k_answer(ans) if cfg.answer_format == "gsm8k" else ans.strip()
         out.append(row)
     return out
 
@@ -137,7 +139,9 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
                             "set data.eval_path")
         ev = [rows[i] for i in order[:k]]
         rows = [rows[i] for i in sorted(order[k:])]
-    checker = numeric_match if cfg.answer_format == "gsm8k" else lambda c, a: c.strip() == a
+    checker = None
+    if "answer" in rows[0]:  # a prompt-only file (rewards only) has no checker and reports no accuracy
+        checker = numeric_match if cfg.answer_format == "gsm8k" else lambda c, a: c.strip() == a
     return PromptData(rows, ev, checker)
 
 

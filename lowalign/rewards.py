@@ -95,9 +95,12 @@ def _call_checked(name, fn, prompts, completions, columns) -> torch.Tensor:
     try:
         out = fn(prompts, completions, **columns)
     except Exception as e:
+        hint = ""
+        if isinstance(e, (KeyError, TypeError)) and not any(f"'{c}'" in str(e) for c in columns):
+            hint = f"\n  the data's columns (passed as keyword lists) are: {sorted(columns)}"
         raise RewardError(
             f"reward function '{name}' raised {type(e).__name__}: {e}\n"
-            f"  first sample: prompt={prompts[0]!r} completion={completions[0]!r}") from e
+            f"  first sample: prompt={prompts[0]!r} completion={completions[0]!r}{hint}") from e
     try:
         out = [float(x) for x in out]
     except (TypeError, ValueError) as e:

@@ -35,7 +35,7 @@ def test_local_gsm8k_format(tmp_path, name):
 
 def test_missing_columns_and_empty(tmp_path):
     f = _write(tmp_path, ROWS)
-    with pytest.raises(DataError, match=r"missing column\(s\) \['prompt'\]; available: \['answer', 'question'\]"):
+    with pytest.raises(DataError, match=r"missing column 'prompt'; available: \['answer', 'question'\]"):
         load_prompt_data(DataConfig(path=str(f)), 0, 10)
     e = tmp_path / "empty.jsonl"
     e.write_text("")
@@ -66,3 +66,9 @@ def test_answer_helpers():
     with pytest.raises(DataError):
         gsm8k_answer("no final answer")
     assert numeric_match("x = 72.0", "72") and not numeric_match("none", "3")
+
+
+def test_prompt_only_file_is_accepted_without_a_checker(tmp_path):
+    f = _write(tmp_path, [{"prompt": f"write about {i}"} for i in range(30)])
+    d = load_prompt_data(DataConfig(path=str(f)), 0, 10)
+    assert d.checker is None and len(d.eval_rows_all) == 3 and "answer" not in d.train_rows[0]

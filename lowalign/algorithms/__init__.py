@@ -26,6 +26,8 @@ class Algorithm:
         data: ``prompts`` (rows with a prompt) or ``preferences`` (chosen/rejected pairs).
         check: optional ``check(cfg)`` raising ``ConfigError`` for cross-field rules; it runs in
             ``lowalign validate`` and before a run creates anything or loads a model.
+        check_data: optional ``check_data(cfg, data)`` raising ``DataError`` when the loaded data cannot
+            serve this algorithm (e.g. SFT without answers); runs before the model loads.
     """
 
     name: str
@@ -33,15 +35,17 @@ class Algorithm:
     train: Callable
     data: Literal["prompts", "preferences"] = "prompts"
     check: Callable | None = None
+    check_data: Callable | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register(name: str, config: type, train: Callable, *, data: str = "prompts", check: Callable | None = None):
+def register(name: str, config: type, train: Callable, *, data: str = "prompts", check: Callable | None = None,
+             check_data: Callable | None = None):
     if name in _REGISTRY and _REGISTRY[name].train is not train:
         raise ValueError(f"algorithm '{name}' is registered twice")
-    _REGISTRY[name] = Algorithm(name, config, train, data, check)
+    _REGISTRY[name] = Algorithm(name, config, train, data, check, check_data)
 
 
 def algorithms() -> dict[str, Algorithm]:

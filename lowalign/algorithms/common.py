@@ -7,7 +7,7 @@ import math
 import torch
 
 from lowalign.config import reference_mode
-from lowalign.evaluation import greedy_accuracy
+from lowalign.evaluation import heldout_eval
 
 POLICY = "policy"
 
@@ -37,11 +37,21 @@ def make_optimizer(params, oc, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def evaluate(ctx, role: str = "policy") -> dict:
+def evaluate(ctx, role: str = POLICY) -> dict:
+    """Held-out metrics of ``role``: mean reward of greedy completions (per source and weighted total) when
+    the run has rewards, accuracy when the task has an answer checker (see ``heldout_eval``)."""
+    from lowalign.rewards import RewardSources
+
     e = ctx.cfg.eval
-    res = greedy_accuracy(ctx.bundle, ctx.data.eval_rows(e.num_examples), ctx.data.checker,
-                          batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role)
-    return {"accuracy": res["accuracy"], "n": res["n"], "samples": res["samples"]}
+    rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_texts) if ctx.cfg.rewards else None
+    return heldout_eval(ctx.bundle, ctx.data.eval_rows(e.num_examples), checker=ctx.data.checker, rewards=rewards,
+                        batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role, sampled=e.sampled,
+                        temperature=e.temperature)
+
+
+def eval_metrics(ctx, evaluate_fn=None) -> dict:
+    """The numbers of a periodic held-out evaluation, as ``eval/<metric>`` log fields."""
+    return {f"eval/{k}": v for k, v in (evaluate_fn or evaluate)(ctx).items() if isinstance(v, float)}
 
 
 def start_or_resume(ctx, adapters, optimizer, scheduler, evaluate_fn=None) -> tuple[int, dict]:

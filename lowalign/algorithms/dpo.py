@@ -15,6 +15,7 @@ import torch
 from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     add_policy,
+    eval_metrics,
     evaluate,
     finish,
     make_optimizer,
@@ -52,7 +53,7 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
     if cache.exists():
         return torch.load(cache)
     out = []
-    with ctx.bundle.use("reference"):
+    with ctx.bundle.use("reference"), ctx.bundle.eval_mode():
         for s in range(0, len(pairs), batch_size):
             lp, _ = sequence_logps(ctx.bundle, pairs[s:s + batch_size])
             n = len(pairs[s:s + batch_size])
@@ -68,7 +69,7 @@ def preference_accuracy(ctx, pairs: list[dict], batch_size: int = 128) -> float:
     count one half: a fresh adapter equals the reference and scores 0.5)."""
     ref = reference_logps(ctx, pairs)
     hits = 0
-    with ctx.bundle.use(POLICY):
+    with ctx.bundle.use(POLICY), ctx.bundle.eval_mode():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
             lp, _ = sequence_logps(ctx.bundle, chunk)
@@ -125,7 +126,7 @@ def train(ctx) -> dict:
             m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m.update({f"eval/{k}": v for k, v in evaluate_fn(ctx).items() if isinstance(v, float)})
+                m.update(eval_metrics(ctx, evaluate_fn))
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
             maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)

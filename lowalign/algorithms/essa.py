@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import evaluate, finish, maybe_checkpoint, start_or_resume
+from lowalign.algorithms.common import eval_metrics, finish, maybe_checkpoint, start_or_resume
 from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
@@ -180,7 +180,7 @@ def train(ctx) -> dict:
                  "evals_per_s": round(tc.population_size * tc.prompts_per_generation / dt, 1),
                  "time/generation_s": round(dt, 3), "elapsed_s": round(time.time() - t_start, 2)}
             if cfg.eval.every and (gen + 1) % cfg.eval.every == 0 and gen + 1 < tc.generations:
-                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+                m.update(eval_metrics(ctx))
             ctx.run_dir.log(m)
             bar.update(gen + 1, m)
             maybe_checkpoint(ctx, tc, gen + 1, [POLICY], baseline, extra={"es": state.state_dict()})

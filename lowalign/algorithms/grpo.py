@@ -19,7 +19,7 @@ import torch
 from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     add_policy,
-    evaluate,
+    eval_metrics,
     finish,
     make_optimizer,
     maybe_checkpoint,
@@ -137,7 +137,7 @@ def train(ctx) -> dict:
             m = grpo_step(ctx, step, opt, sched, rewards)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+                m.update(eval_metrics(ctx))
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
             maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)

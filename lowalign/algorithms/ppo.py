@@ -29,7 +29,7 @@ from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     POLICY,
     add_policy,
-    evaluate,
+    eval_metrics,
     finish,
     make_optimizer,
     maybe_checkpoint,
@@ -122,10 +122,6 @@ class Roles:
     def shared(cls, bundle, critic: str) -> Roles:
         return cls(bundle, bundle, bundle, critic)
 
-    @property
-    def value_adapter(self) -> str:
-        return POLICY if self.critic == "shared" else VALUE
-
 
 @dataclass
 class PPOState:
@@ -157,6 +153,26 @@ def policy_and_values(roles: Roles, roll, sl, tc):
     lp, _ = _forward(roles.policy, POLICY, roll, sl, tc, logps=True, values=False)
     _, v = _forward(roles.value, VALUE, roll, sl, tc, logps=False, values=True)
     return lp, v
+
+
+def _backward_micro(roles: Roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, weight: float):
+    """Loss and backward of one micro-batch. Shared critic: one forward, one backward. Separate critic: the
+    policy half first (rollout values as constants), then the value half (log-probs as constants): the same
+    gradients as one joint backward, but the two roles' autograd graphs never exist at once."""
+    args = dict(clip=tc.clip, value_clip=tc.value_clip, vf_coef=tc.vf_coef)
+    fixed = (adv[rows], old_v[rows], ret[rows], cmask[rows])
+    if roles.critic == "shared":
+        lp, v = _forward(roles.policy, POLICY, roll, rows, tc, logps=True, values=True)
+        out = ppo_loss(lp, old_lp[rows], fixed[0], v, *fixed[1:], **args)
+        (out.loss * weight).backward()
+        return out
+    lp, _ = _forward(roles.policy, POLICY, roll, rows, tc, logps=True, values=False)
+    pol = ppo_loss(lp, old_lp[rows], fixed[0], old_v[rows], *fixed[1:], **args)  # value term: constant
+    (pol.loss * weight).backward()
+    _, v = _forward(roles.value, VALUE, roll, rows, tc, logps=False, values=True)
+    out = ppo_loss(lp.detach(), old_lp[rows], fixed[0], v, *fixed[1:], **args)  # policy term: constant
+    (out.loss * weight).backward()
+    return out
 
 
 def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSources, state: PPOState,
@@ -201,10 +217,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
             idx = order[s:s + mb]
             for u in range(0, mb, micro):
                 rows_ = idx[u:u + micro].to(cmask.device)
-                lp, v = policy_and_values(roles, roll, rows_, tc)
-                out = ppo_loss(lp, old_lp[rows_], adv[rows_], v, old_v[rows_], ret[rows_], cmask[rows_],
-                               clip=tc.clip, value_clip=tc.value_clip, vf_coef=tc.vf_coef)
-                (out.loss * (len(rows_) / mb)).backward()
+                out = _backward_micro(roles, roll, rows_, tc, old_lp, adv, old_v, ret, cmask, len(rows_) / mb)
                 for k, val in out.metrics().items():
                     agg[k] = agg.get(k, 0.0) + val * len(rows_) / mb / n_updates
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
@@ -271,7 +284,7 @@ def train(ctx) -> dict:
             m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m["eval/accuracy"] = evaluate(ctx)["accuracy"]
+                m.update(eval_metrics(ctx))
             ctx.run_dir.log(m)
             bar.update(step + 1, m)
             maybe_checkpoint(ctx, tc, step + 1, adapters, baseline, opt, sched,

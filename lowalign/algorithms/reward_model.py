@@ -39,7 +39,7 @@ def pairwise_eval(ctx, pairs, batch_size: int = 128) -> dict:
     name = tc.adapter_name
     w = bundle.head_weights.get(name)
     hits, err, n_err = 0, 0.0, 0
-    with bundle.use(name):
+    with bundle.use(name), bundle.eval_mode():
         for s in range(0, len(pairs), batch_size):
             chunk = pairs[s:s + batch_size]
             n = len(chunk)

@@ -16,6 +16,14 @@ from lowalign.runtime import Progress, seed_everything
 POLICY = "policy"
 
 
+def check_data(cfg, data) -> None:
+    if data.train_rows is not None and data.train_rows and "answer" not in data.train_rows[0]:
+        from lowalign.data import DataError
+
+        raise DataError(f"data: SFT trains on the answers, and the data has no '{cfg.data.answer_column}' column "
+                        f"(columns: {sorted(data.train_rows[0])}); set data.answer_column")
+
+
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     add_policy(ctx)
@@ -47,4 +55,4 @@ def train(ctx) -> dict:
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps})
 
 
-register("sft", SFTConfig, train)
+register("sft", SFTConfig, train, check_data=check_data)

@@ -132,3 +132,41 @@ def test_bad_config_fails_before_anything_is_created(tmp_path, override, message
     p = cli("run", "recipes/ppo_tiny.yaml", override, f"output_dir={tmp_path / 'run'}", check=False)
     assert p.returncode == 2 and re.search(message, p.stderr)
     assert not (tmp_path / "run").exists()
+
+
+def test_split_backward_equals_joint_backward():
+    """Separate critic: policy half then value half (graphs never coexist) gives the joint gradients."""
+    from lowalign.algorithms.ppo import VALUE, PPOConfig, Roles, _backward_micro, policy_and_values
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+    from lowalign.generation import encode_completions
+    from lowalign.losses import ppo_loss
+
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4))
+    b.add_adapter(VALUE, LoraConfig(r=4))
+    b.add_head(VALUE, 1)
+    for name in ("policy", VALUE):
+        for _, _, B, _ in b.lora_factors(name):
+            B.data.normal_(0, 0.05)
+    tc = PPOConfig()
+    roll = encode_completions(b.tokenizer, ["Q: 1+2= A:", "Q: 33+4= A:"], ["3", "37"], b.device)
+    cmask = roll.completion_mask.float()
+    shape = cmask.shape
+    old_lp, adv, old_v, ret = (torch.randn(shape) * 0.3 for _ in range(4))
+    params = b.adapter_parameters("policy") + b.adapter_parameters(VALUE) + list(b.heads.parameters())
+    rows = torch.arange(2)
+    roles = Roles.shared(b, "separate")
+    out = _backward_micro(roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, 1.0)
+    split = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    lp, v = policy_and_values(roles, roll, rows, tc)
+    joint = ppo_loss(lp, old_lp, adv, v, old_v, ret, cmask, clip=tc.clip, value_clip=tc.value_clip,
+                     vf_coef=tc.vf_coef)
+    joint.loss.backward()
+    assert torch.allclose(out.loss.detach(), joint.loss.detach(), atol=1e-6)
+    assert sum(g.abs().sum() for g in split) > 0
+    for g, p in zip(split, params):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

@@ -1,0 +1,137 @@
+"""What lowalign needs to know about a model before loading its weights: from ``config.json`` alone.
+
+* the architecture loads as a causal LM (a skeleton on the meta device: no weights, no memory);
+* ``lora.target_modules``: ``auto`` resolves to every linear projection of the transformer blocks (the
+  names differ per architecture: Llama's q/k/v/o/gate/up/down_proj, Phi-3's qkv_proj/gate_up_proj, GPT-2's
+  c_attn/c_proj/c_fc), never the output head unless named; explicit names that match nothing are an error
+  naming the modules the model has;
+* the tokenizer fits the embedding (token ids below the model's vocabulary size).
+
+Runs in ``lowalign validate`` and at the start of ``lowalign run`` before any directory is created; the
+bundle uses the same resolution on the loaded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lowalign.config import ConfigError
+
+AUTO = "auto"
+
+
+def linear_module_names(model) -> list[str]:
+    """Sorted unique last names of the linear layers (``nn.Linear``, GPT-2's ``Conv1D``, bitsandbytes'
+    4/8-bit linears) of ``model``, the output head excluded."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    head_names = [n for n, m in model.named_modules() if m is head]
+    names = set()
+    for name, mod in model.named_modules():
+        if not name or any(name == h or name.startswith(h + ".") for h in head_names) or ".lora_" in name:
+            continue
+        if isinstance(mod, (torch.nn.Linear, Conv1D)) or type(mod).__name__ in ("Linear4bit", "Linear8bitLt"):
+            if name.endswith(".base_layer"):  # inside a peft wrapper: the wrapper's name is the module's
+                name = name.removesuffix(".base_layer")
+            names.add(name.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def all_module_names(model) -> set[str]:
+    return {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n}
+
+
+def resolve_target_modules(model, requested, where: str = "lora.target_modules") -> list[str]:
+    """``auto`` -> the model's linear projections; a list -> checked: every name must match a module."""
+    linear = linear_module_names(model)
+    if requested == AUTO:
+        if not linear:
+            raise ConfigError(f"{where}: {type(model).__name__} has no linear layers to put LoRA on")
+        return linear
+    if isinstance(requested, str):
+        raise ConfigError(f"{where}: give 'auto' or a list of module names, got {requested!r}")
+    have = all_module_names(model)
+    head = model.get_output_embeddings()
+    head_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if m is head}
+    missing = [t for t in requested if t not in have]
+    if missing:
+        raise ConfigError(f"{where}: {missing} match no module of {type(model).__name__}; its linear modules "
+                          f"are {linear}{' (output head: ' + ', '.join(sorted(head_names)) + ')' if head_names else ''}"
+                          ". Use 'auto' for all of them.")
+    return list(requested)
+
+
+@dataclass
+class ModelFacts:
+    architecture: str
+    vocab_size: int
+    softcap: float | None
+    target_modules: list[str]
+
+
+def read_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config from its config.json: a local dir, builtin, or the local hub cache (validation never
+    waits on the network). None for a hub id not cached yet: the same checks then run on the loaded model
+    (``ModelBundle.add_adapter`` resolves the LoRA targets the same way)."""
+    from transformers import AutoConfig
+
+    from lowalign.tiny import resolve_builtin
+
+    local = resolve_builtin(name_or_path) or Path(name_or_path).expanduser()
+    if Path(local).is_dir():
+        if not (Path(local) / "config.json").exists():
+            raise ConfigError(f"model.name_or_path: {local} has no config.json (not a model directory)")
+        try:
+            return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
+        except (ValueError, KeyError, OSError) as e:
+            raise ConfigError(f"model.name_or_path: cannot read {local}/config.json: {e}") from e
+    try:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+
+
+def skeleton(config, trust_remote_code: bool = False):
+    """The causal LM built from ``config`` on the meta device: module names and shapes, no weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as e:
+        raise ConfigError(f"model.name_or_path: architecture '{config.model_type}' does not load as a causal "
+                          f"LM: {e}") from e
+
+
+def check_model(cfg) -> ModelFacts | None:
+    """The config.json checks of a run config; resolves ``cfg.lora.target_modules`` in place. None when the
+    model's config is out of reach (an uncached hub id offline)."""
+    m = cfg.model
+    config = read_config(m.name_or_path, m.trust_remote_code)
+    if config is None:
+        return None
+    model = skeleton(config, m.trust_remote_code)
+    cfg.lora.target_modules = resolve_target_modules(model, cfg.lora.target_modules)
+    text = config.get_text_config()
+    vocab = model.get_input_embeddings().num_embeddings
+    _check_tokenizer(m, vocab)
+    return ModelFacts(type(model).__name__, vocab, getattr(text, "final_logit_softcapping", None) or None,
+                      cfg.lora.target_modules)
+
+
+def _check_tokenizer(m, vocab: int) -> None:
+    from lowalign.tiny import resolve_builtin
+
+    local = resolve_builtin(m.name_or_path) or Path(m.name_or_path).expanduser()
+    if not Path(local).is_dir():
+        return
+    from lowalign.bundle import load_tokenizer  # the bundle's own tokenizer loading, nothing else of it
+
+    tok = load_tokenizer(str(local), m.trust_remote_code)
+    if len(tok) > vocab:
+        raise ConfigError(f"model.name_or_path: the tokenizer has {len(tok)} tokens but the model's embedding "
+                          f"only {vocab}: ids past {vocab - 1} would index out of range")
