@@ -69,20 +69,19 @@ def resolve_path(name_or_path: str) -> str:
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """AutoTokenizer, except that a local directory's declared ``tokenizer_class`` wins: transformers 5
-    may substitute the model type's default class (e.g. an empty Qwen2Tokenizer for a byte tokenizer)."""
+    """The tokenizer class a local directory declares (tokenizer_config.json) wins; else AutoTokenizer.
+    transformers 5 may otherwise substitute the model type's default class (an empty Qwen2Tokenizer for a
+    byte tokenizer, or a sentencepiece Llama tokenizer for a Mistral directory that holds none)."""
     from transformers import AutoTokenizer
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     cfg_file = Path(path) / "tokenizer_config.json"
     if cfg_file.exists():
         declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
-        if declared and type(tok).__name__.removesuffix("Fast") != declared.removesuffix("Fast"):
-            cls = tokenizer_class_from_name(declared)
-            if cls is not None:
-                tok = cls.from_pretrained(path)
-    return tok
+        cls = tokenizer_class_from_name(declared) if declared else None
+        if cls is not None:
+            return cls.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 _DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_dropout",

@@ -83,3 +83,34 @@ def test_real_model_path_qwen2_gsm8k_file(tmp_path, tiny_qwen2_dir):
         "eval.num_examples=6", "eval.max_new_tokens=8", *SMALL[1:])
     s = summary(out)
     assert s["baseline"]["n"] == 6 and len(metrics(out)) == 2
+
+
+KEYWORD_REWARD = '''
+def has_seven(prompts, completions, **columns):
+    return [float("7" in c) for c in completions]
+
+
+def short(prompts, completions, **columns):
+    return [1.0 - min(len(c), 8) / 8 for c in completions]
+'''
+
+
+def test_prompt_only_keyword_task_reports_heldout_reward(tmp_path):
+    """Your own task: a prompt-only file and your own reward functions. No answer column and no checker, so
+    no accuracy; held-out mean reward (per source and total) before and after, in summary.json and table."""
+    (tmp_path / "kwrw.py").write_text(KEYWORD_REWARD)
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}= A:"}) + "\n" for i in range(60)))
+    out = tmp_path / "run"
+    p = cli("run", "recipes/grpo_tiny.yaml", f"output_dir={out}", f"data.path={f}", "train.steps=2",
+            "rewards=[{fn: 'kwrw:has_seven', weight: 1.0}, {fn: 'kwrw:short', weight: 0.5}]", "eval.num_examples=6",
+            *SMALL[1:], env={"PYTHONPATH": str(tmp_path)})
+    s = summary(out)
+    for part in ("baseline", "final"):
+        assert {"reward", "reward/has_seven", "reward/short", "n"} <= s[part].keys() and "accuracy" not in s[part]
+        r = s[part]
+        assert r["reward"] == pytest.approx(r["reward/has_seven"] + 0.5 * r["reward/short"], abs=1e-6)
+        assert r["n"] == 6
+    table = p.stderr[p.stderr.index("lowalign results"):]
+    assert "reward/has_seven" in table and "accuracy" not in table
+    assert all("reward" in smp and "correct" not in smp for smp in s["final_samples"])

@@ -39,11 +39,12 @@ def grads_of(fn, x, w_lp, w_ent, w_kl, **kw):
 @pytest.mark.parametrize("N,V,d,r", SHAPES)
 @pytest.mark.parametrize("est", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_matches_naive(N, V, d, r, est, temperature):
+@pytest.mark.parametrize("softcap", [None, 1.5])  # 1.5: small enough that tanh saturates on these logits
+def test_chunked_matches_naive(N, V, d, r, est, temperature, softcap):
     x = make(N, V, d, r)
     g = torch.Generator().manual_seed(1)
     w = [torch.randn(N, generator=g, dtype=torch.float64) for _ in range(3)]
-    kw = dict(temperature=temperature, kl_estimator=est, with_entropy=True)
+    kw = dict(temperature=temperature, kl_estimator=est, with_entropy=True, softcap=softcap)
     o1, g1 = grads_of(naive_logprobs, x, *w, **kw)
     o2, g2 = grads_of(chunked_logprobs, x, *w, chunk_size=7, **kw)
     for a, b in [(o1.logps, o2.logps), (o1.entropy, o2.entropy), (o1.kl, o2.kl)]:
@@ -91,3 +92,16 @@ def test_bad_arguments():
         chunked_logprobs(**x, kl_estimator="k4")
     with pytest.raises(ValueError, match="impl"):
         fused_logprobs(**x, impl="cuda-magic")
+
+
+def test_softcap_is_the_gemma2_formula():
+    """naive (the spec) = log_softmax(c tanh(x / c) / T); capping changes the result and bounds the logits."""
+    x = make(9, 31, 6, 2)
+    kw = {k: x[k] for k in ("hidden", "weight", "targets", "bias", "lora_a", "lora_b")}
+    logits = x["hidden"] @ x["weight"].T + x["bias"] + (x["hidden"] @ x["lora_a"].T) @ x["lora_b"].T
+    capped = 2.0 * torch.tanh(logits / 2.0)
+    want = torch.log_softmax(capped / 0.8, -1).gather(-1, x["targets"][:, None]).squeeze(-1)
+    got = naive_logprobs(**kw, softcap=2.0, temperature=0.8).logps
+    assert_rel(got, want, 1e-6)  # naive computes in fp32
+    assert (naive_logprobs(**kw, temperature=0.8).logps - got).abs().max() > 1e-2
+    assert logits.abs().max() > 2.0  # the cap was active

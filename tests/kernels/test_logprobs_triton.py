@@ -34,12 +34,13 @@ def _to(x, dtype):
     return out
 
 
-def _check(N, V, d, r, est="k3", temperature=1.0, dtype=torch.float32, tol=1e-5, bias=True, frozen_w=False):
+def _check(N, V, d, r, est="k3", temperature=1.0, dtype=torch.float32, tol=1e-5, bias=True, frozen_w=False,
+           softcap=None):
     x = make(N, V, d, r, dtype=torch.float32, bias=bias, frozen_w=frozen_w)
     g = torch.Generator().manual_seed(3)
     w = [torch.randn(N, generator=g).to(DEVICE) for _ in range(3)]
     xt = _to(x, dtype)
-    kw = dict(temperature=temperature, kl_estimator=est, with_entropy=True)
+    kw = dict(temperature=temperature, kl_estimator=est, with_entropy=True, softcap=softcap)
     # the reference sees the same (rounded) inputs, in fp32
     xr = {k: (v.detach().float().requires_grad_(v.requires_grad) if torch.is_tensor(v) and v.is_floating_point()
               else v) for k, v in xt.items()}
@@ -68,6 +69,21 @@ def test_kl_estimators_with_lora(est):
 def test_frozen_lm_head_skips_weight_gradients():
     grads = _check(19, 50, 16, 0, bias=False, frozen_w=True)
     assert set(grads) == {"hidden"}
+
+
+@pytest.mark.parametrize("est", ["k1", "k3"])
+def test_softcap_with_lora_odd_shape(est):
+    _check(23, 77, 8, 4, est=est, temperature=0.9, softcap=1.5)
+
+
+def test_softcap_frozen_head():
+    grads = _check(19, 50, 16, 0, bias=False, frozen_w=True, softcap=1.0)
+    assert set(grads) == {"hidden"}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_softcap_half_inputs(dtype):
+    _check(17, 45, 16, 2, dtype=dtype, tol=2e-2 if DEVICE == "cuda" else 1e-5, softcap=1.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
