@@ -11,7 +11,15 @@ import torch
 
 from lowalign import config as C
 from lowalign.algorithms import algorithms, train_configs
-from lowalign.runtime import Checkpointer, RunDir, peak_memory_bytes, seed_everything
+from lowalign.runtime import (
+    Checkpointer,
+    RunDir,
+    RunLock,
+    RunLockedError,
+    check_writable,
+    peak_memory_bytes,
+    seed_everything,
+)
 
 
 @dataclass
@@ -128,6 +136,10 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     cfg.output_dir = str(out)
     if rank > 0:  # every rank holds the same state; rank 0 owns the run directory
         out = out / f".rank{rank}"
+    check_writable(out)
+    holder = RunLock(out).holder()
+    if holder is not None:  # before any model work: another live run owns this directory
+        raise RunLockedError(RunLock(out).describe(holder))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -145,19 +157,23 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     if isinstance(cfg.lora.target_modules, list):
         console.print(f"lora: target modules {cfg.lora.target_modules}")
 
-    from lowalign.bundle import ModelBundle
+    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
 
-    bundle = ModelBundle.load(cfg.model)
-    for note in prepare_prompts(data, bundle.tokenizer, cfg.data):
+    tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    for note in prepare_prompts(data, tok, cfg.data):  # chat templates and prompt lengths: before any weights
         console.print(f"[yellow]data:[/] {note}")
+    bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     fresh = not out.exists()  # the run directory is created only once everything before it worked
     run_dir = RunDir(out)
+    lock = RunLock(out)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
     try:
+        lock.acquire(console)
         run_dir.write_config(C.to_dict(cfg))
         ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
         summary = algo.train(ctx)
     except BaseException:
+        lock.release()
         if fresh and not (out / "checkpoints").exists():  # a failed start leaves nothing behind
             import shutil
 
@@ -167,6 +183,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
     summary["output_dir"] = str(out)
     run_dir.write_json("summary.json", summary)
+    lock.release()
     print_summary(console, summary)
     return summary
 

@@ -155,7 +155,8 @@ class ModelBundle:
     # ---- loading --------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, cfg: ModelConfig) -> ModelBundle:
+    def load(cls, cfg: ModelConfig, tokenizer=None) -> ModelBundle:
+        """Load the base once (``tokenizer``: one already loaded from the same path, to reuse)."""
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         if cfg.backend == "unsloth":
@@ -180,7 +181,7 @@ class ModelBundle:
                 path, dtype=dtype, load_in_4bit=cfg.quantization == "nf4",
                 load_in_8bit=cfg.quantization == "int8")
         else:
-            tok = load_tokenizer(path, cfg.trust_remote_code)
+            tok = tokenizer if tokenizer is not None else load_tokenizer(path, cfg.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(path, **kw)
         if cfg.quantization == "none":
             model.to(device)

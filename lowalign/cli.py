@@ -85,11 +85,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     except Exception as e:
+        import errno
+
         from lowalign.data import DataError
         from lowalign.rewards import RewardError
+        from lowalign.runtime import CheckpointError, RunLockedError
 
-        if isinstance(e, (DataError, RewardError)):
+        if isinstance(e, (DataError, RewardError, CheckpointError, RunLockedError)):
             print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):
+            print(f"error: {e.strerror} writing {e.filename or 'the run directory'} ({e})", file=sys.stderr)
             return 2
         raise
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -22,9 +23,12 @@ class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the field."""
 
 
-def F(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False):
-    """A dataclass field carrying its help string (``path=True``: must name an existing file)."""
-    meta = {"help": help, "path": path}
+def F(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path: bool = False, ge=None, gt=None,
+      le=None, lt=None):
+    """A dataclass field carrying its help string (``path=True``: must name an existing file) and its allowed
+    range (``ge``/``gt``/``le``/``lt``), checked by the parser with the range in the message."""
+    meta = {"help": help, "path": path, "range": {k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items()
+                                                  if v is not None}}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -51,9 +55,9 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = F(16, "LoRA rank.")
-    alpha: float = F(32.0, "LoRA alpha (scale = alpha / r).")
-    dropout: float = F(0.0, "LoRA dropout.")
+    r: int = F(16, "LoRA rank.", ge=1)
+    alpha: float = F(32.0, "LoRA alpha (scale = alpha / r).", gt=0)
+    dropout: float = F(0.0, "LoRA dropout.", ge=0, lt=1)
     target_modules: Union[str, list[str]] = F(  # noqa: UP007 (the parser reads typing.Union)
         "auto", "Module names that get LoRA, or auto: every linear projection of the transformer blocks of the "
         "model at hand (never the output head unless named); resolved from config.json, printed and written "
@@ -64,8 +68,8 @@ class LoraConfig:
 @dataclass
 class TaskConfig:
     ops: str = F("+", "Operators of the arithmetic task (subset of '+-*').")
-    max_operand: int = F(99, "Largest operand.")
-    eval_fraction: float = F(0.1, "Share of the problem space held out for evaluation.")
+    max_operand: int = F(99, "Largest operand.", ge=1)
+    eval_fraction: float = F(0.1, "Share of the problem space held out for evaluation.", gt=0, lt=1)
     split_seed: int = F(1234, "Seed of the fixed train/held-out split.")
 
 
@@ -84,12 +88,12 @@ class DataConfig:
     pairs: Literal["correctness", "onpolicy", "mixed"] = F(
         "mixed", "Built-in preference pairs (builtin:arithmetic): right vs near-miss answers, the model's own "
         "samples ranked by the task reward, or half of each.")
-    num_pairs: int = F(2000, "Built-in preference pairs to generate.")
+    num_pairs: int = F(2000, "Built-in preference pairs to generate.", ge=1)
     answer_format: Literal["plain", "gsm8k"] = F(
         "plain", "How to read the reference answer (gsm8k: the number after '####').")
     prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
     chat_template: bool = F(False, "Wrap each prompt as a user message with the tokenizer's chat template.")
-    max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).")
+    max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).", ge=1)
     truncation: Literal["error", "left", "drop"] = F("error", "What to do with over-long prompts.")
     task: TaskConfig = F(factory=TaskConfig, help="Arithmetic task settings (builtin:arithmetic).")
 
@@ -98,12 +102,12 @@ class DataConfig:
 class EvalConfig:
     num_examples: int = F(500, "Held-out prompts evaluated before and after training: mean reward of greedy "
                                "completions per reward source and in total, and accuracy where the task has "
-                               "an answer checker.")
-    batch_size: int = F(250, "Prompts per generation batch during evaluation.")
-    max_new_tokens: int = F(8, "Generation budget during evaluation.")
-    every: int = F(0, "Also evaluate every N steps during training (0: only before and after).")
-    sampled: int = F(0, "Also the mean reward of this many sampled completions per held-out prompt (0: off).")
-    temperature: float = F(1.0, "Sampling temperature of the sampled evaluation.")
+                               "an answer checker.", ge=0)
+    batch_size: int = F(250, "Prompts per generation batch during evaluation.", ge=1)
+    max_new_tokens: int = F(8, "Generation budget during evaluation.", ge=1)
+    every: int = F(0, "Also evaluate every N steps during training (0: only before and after).", ge=0)
+    sampled: int = F(0, "Also the mean reward of this many sampled completions per held-out prompt (0: off).", ge=0)
+    temperature: float = F(1.0, "Sampling temperature of the sampled evaluation.", gt=0)
 
 
 @dataclass
@@ -119,10 +123,10 @@ class RewardSpec:
 class RunConfig:
     algorithm: str = F("grpo", "Which algorithm runs this recipe (see `lowalign ls`).")
     description: str = F("", "One line shown by `lowalign ls`.")
-    seed: int = F(0, "Seed of everything; same seed on the same machine gives the same numbers.")
+    seed: int = F(0, "Seed of everything; same seed on the same machine gives the same numbers.", ge=0)
     output_dir: str | None = F(None, "Run directory (default runs/<recipe>-<timestamp>).")
     resume: bool = F(False, "Continue from the latest checkpoint in output_dir.")
-    threads: int = F(0, "torch CPU threads (0: leave torch's default).")
+    threads: int = F(0, "torch CPU threads (0: leave torch's default).", ge=0)
     model: ModelConfig = F(factory=ModelConfig, help="Base model and its loading options.")
     lora: LoraConfig = F(factory=LoraConfig, help="The policy adapter.")
     data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")
@@ -208,7 +212,8 @@ def build(cls: type, raw: Any, where: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in raw.items():
         dotted = f"{where}.{key}" if where else str(key)
@@ -217,12 +222,25 @@ def build(cls: type, raw: Any, where: str = ""):
         if key == "train" and cls is RunConfig:
             continue  # resolved once the algorithm is known
         kwargs[key] = _coerce(value, hints[key], dotted)
+        _check_range(kwargs[key], fields[key].metadata.get("range") or {}, dotted)
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+_OPS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"), "le": (lambda v, b: v <= b, "<="),
+        "lt": (lambda v, b: v < b, "<")}
+
+
+def _check_range(value: Any, bounds: dict, where: str) -> None:
+    if not bounds or not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    if not all(_OPS[k][0](value, b) for k, b in bounds.items()):
+        allowed = " and ".join(f"{_OPS[k][1]} {b}" for k, b in bounds.items())
+        raise ConfigError(f"{where}: {value!r} is out of range (must be {allowed})")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -249,13 +267,36 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
             node = node[p]
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a number (YAML 1.1 wants ``1.0e-5`` and would give the string
+    '1e-5'; everyone types learning rates the short way)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     out = []
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} must look like key.sub=value")
         k, v = o.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v != "" else None))
+        try:
+            out.append((k.strip(), yaml_load(v) if v != "" else None))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {o!r}: the value is not valid YAML: {e}") from e
     return out
 
 
@@ -264,9 +305,15 @@ def load_raw(path: str | Path) -> dict:
     if not p.is_file():
         raise ConfigError(f"recipe file not found: {p}")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text ({e})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if raw is None or raw == {}:
+        raise ConfigError(f"{p}: the recipe is empty. A recipe is a YAML mapping that names at least the "
+                          "algorithm, e.g. 'algorithm: grpo', plus its model, data, rewards and train settings "
+                          "(start from one: lowalign cp grpo_tiny my_recipe.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: a recipe must be a mapping at the top level")
     return raw
@@ -278,7 +325,7 @@ def from_dict(raw: dict, overrides: list[str] | None = None, *, train_configs: M
     ``train_configs`` maps each algorithm name to its train-section dataclass; this layer knows no
     algorithm itself (``lowalign.api.load_config`` passes the registry of ``lowalign.algorithms``).
     """
-    raw = yaml.safe_load(yaml.safe_dump(raw))  # deep copy, plain types only
+    raw = yaml_load(yaml.safe_dump(raw))  # deep copy, plain types only
     for k, v in parse_overrides(overrides or []):
         _set_dotted(raw, k, v)
     cfg = build(RunConfig, raw)

@@ -43,6 +43,41 @@ def numeric_match(completion: str, answer: str) -> bool:
         return False
 
 
+def _read_json_rows(path: str) -> list[dict]:
+    """A .jsonl (one object per line) or .json (a list of objects) file, with the line and column of any
+    bad byte, bad JSON or non-object row in the error."""
+    import json
+
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start:e.start + 1]!r} at offset {e.start}); "
+                        "save the file as UTF-8") from e
+    if Path(path).suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON at column {e.colno}: {e.msg}") from e
+        numbered = list(enumerate(rows, 1))
+        unit = "item"
+    else:
+        numbered = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON at column {e.colno}: {e.msg}: {line[:80]!r}") from e
+        unit = "line"
+    for i, r in numbered:
+        if not isinstance(r, dict):
+            raise DataError(f"{path}: {unit} {i} is a JSON {type(r).__name__}, not an object with columns")
+    return [r for _, r in numbered]
+
+
 def _read_table(path: str | None, source: str, split: str, subset: str | None = None) -> list[dict]:
     import datasets
 
@@ -54,6 +89,8 @@ def _read_table(path: str | None, source: str, split: str, subset: str | None = 
             raise ConfigError(f"data.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet, .csv)")
         if Path(path).stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
+        if kind == "json":
+            return _read_json_rows(path)
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:  # the datasets library's own errors do not name the file

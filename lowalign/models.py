@@ -135,3 +135,61 @@ def _check_tokenizer(m, vocab: int) -> None:
     if len(tok) > vocab:
         raise ConfigError(f"model.name_or_path: the tokenizer has {len(tok)} tokens but the model's embedding "
                           f"only {vocab}: ids past {vocab - 1} would index out of range")
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "chat_template.jinja")
+_SAMPLE = 1 << 20
+
+
+def model_directory(name_or_path: str) -> Path | None:
+    """The local directory holding a model's files: itself, the builtin's, or a hub id's cached snapshot."""
+    from lowalign.tiny import resolve_builtin
+
+    local = resolve_builtin(name_or_path) or Path(name_or_path).expanduser()
+    if Path(local).is_dir():
+        return Path(local)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name_or_path, local_files_only=True))
+    except Exception:  # not cached (or not a hub id): nothing local to fingerprint
+        return None
+
+
+def _file_digest(f: Path) -> str:
+    """Size, mtime and a hash of a weight file's safetensors header and its first and last MiB: re-saving
+    different weights at the same path changes it, without reading gigabytes."""
+    import hashlib
+
+    st = f.stat()
+    h = hashlib.sha256(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        h.update(head)
+        if f.suffix == ".safetensors" and len(head) == 8:
+            h.update(fh.read(min(int.from_bytes(head, "little"), 100 << 20)))  # the JSON header
+        h.update(fh.read(_SAMPLE))
+        fh.seek(max(0, st.st_size - _SAMPLE))
+        h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def fingerprint(name_or_path: str | None) -> str:
+    """A digest of a model's (or adapter's) weight files and tokenizer files, for caches keyed by content:
+    the same path holding different weights gives a different fingerprint."""
+    import hashlib
+
+    if name_or_path is None:
+        return "none"
+    d = model_directory(name_or_path)
+    h = hashlib.sha256(str(name_or_path).encode())
+    if d is None:
+        return h.hexdigest()[:16] + "-unresolved"
+    for f in sorted(p for p in d.iterdir() if p.is_file()):
+        if f.suffix in _WEIGHT_SUFFIXES:
+            h.update(_file_digest(f).encode())
+        elif f.name in _TOKENIZER_FILES or f.name == "config.json" or f.name == "adapter_config.json":
+            h.update(f.name.encode() + hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:24]

@@ -162,6 +162,11 @@ def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
         raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. "
                         "Set data.prompt_column / data.chosen_column / data.rejected_column.")
     pairs = [normalize_pair(r, cfg, tokenizer, where) for r in rows]
+    same = [i for i, p in enumerate(pairs) if p["chosen"] == p["rejected"]]
+    if same:
+        raise DataError(f"{where}: {len(same)} of {len(pairs)} pairs have chosen == rejected (first: row "
+                        f"{same[0] + 1}, {pairs[same[0]]['chosen'][:60]!r}); such a pair states no preference: "
+                        "remove it")
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):
         ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
         ev = [normalize_pair(r, cfg, tokenizer, where) for r in ev_rows]

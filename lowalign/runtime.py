@@ -114,6 +114,158 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
+# ---- state as JSON + safetensors (no code-executing formats) -----------------------------------------
+
+
+def _to_json_tree(obj, tensors: dict):
+    """A JSON-able skeleton of ``obj``; tensors and numpy arrays move into ``tensors`` under numbered keys."""
+    if torch.is_tensor(obj):
+        key = str(len(tensors))
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        key = str(len(tensors))
+        tensors[key] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "iub" else obj.copy())
+        return {"__ndarray__": key, "dtype": str(obj.dtype)}
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_to_json_tree(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_to_json_tree(v, tensors) for v in obj]
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {k: _to_json_tree(v, tensors) for k, v in obj.items()}
+        return {"__items__": [[_to_json_tree(k, tensors), _to_json_tree(v, tensors)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot save a {type(obj).__name__} in a checkpoint (tensors, numbers, strings, containers)")
+
+
+def _from_json_tree(obj, tensors: dict):
+    if isinstance(obj, list):
+        return [_from_json_tree(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__ndarray__" in obj:
+        return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+    if "__tuple__" in obj:
+        return tuple(_from_json_tree(v, tensors) for v in obj["__tuple__"])
+    if "__items__" in obj:
+        return {_from_json_tree(k, tensors): _from_json_tree(v, tensors) for k, v in obj["__items__"]}
+    return {k: _from_json_tree(v, tensors) for k, v in obj.items()}
+
+
+def save_tree(obj, directory: Path, name: str) -> None:
+    """``obj`` (nested dicts/lists/tuples of tensors, numpy arrays, numbers, strings) as ``name.json`` plus
+    ``name.safetensors``: nothing in it can run code when read."""
+    from safetensors.torch import save_file
+
+    tensors: dict = {}
+    tree = _to_json_tree(obj, tensors)
+    save_file(tensors, str(Path(directory) / f"{name}.safetensors"))
+    (Path(directory) / f"{name}.json").write_text(json.dumps(tree))
+
+
+def load_tree(directory: Path, name: str):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / f"{name}.safetensors"))
+    return _from_json_tree(json.loads((Path(directory) / f"{name}.json").read_text()), tensors)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (an old, code-executing format) or cannot be written (disk full, ...)."""
+
+
+# ---- one process per run directory ------------------------------------------------------------------
+
+
+class RunLock:
+    """``run_dir/.lock`` holding the owner's PID, host and start time, created exclusively (O_EXCL). A second
+    run on the same directory fails at once naming the holder; a lock whose process is gone (a killed run)
+    is taken over with a notice."""
+
+    NAME = ".lock"
+
+    def __init__(self, directory: Path):
+        self.path = Path(directory) / self.NAME
+        self.held = False
+
+    @staticmethod
+    def _alive(info: dict) -> bool:
+        import socket
+
+        if info.get("host") != socket.gethostname():
+            return True  # another machine's process cannot be checked: assume it runs
+        try:
+            os.kill(int(info["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def holder(self) -> dict | None:
+        """The live holder's record, or None when unlocked or the holder is gone."""
+        try:
+            info = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            return None
+        return info if self._alive(info) and info.get("pid") != os.getpid() else None
+
+    def describe(self, info: dict) -> str:
+        return (f"{self.path.parent} is in use by another run (pid {info['pid']} on {info['host']}, since "
+                f"{info.get('started', '?')}); wait for it or pick another output_dir (if that process is "
+                f"really gone, delete {self.path})")
+
+    def acquire(self, console=None) -> None:
+        import socket
+
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.holder()
+                if info is not None:
+                    raise RunLockedError(self.describe(info)) from None
+                if console is not None:
+                    console.print(f"[yellow]taking over the stale lock of a run that is gone[/] ({self.path})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            self.held = True
+            return
+        raise RunLockedError(f"could not lock {self.path}")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+class RunLockedError(RuntimeError):
+    """Another live process owns this run directory."""
+
+
+def check_writable(directory: Path) -> None:
+    """Before any work: ``directory`` (or the nearest part of its path that exists) must be a writable
+    directory. Raises ``CheckpointError`` naming the path."""
+    p = Path(directory).absolute()
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise CheckpointError(f"output_dir: cannot create {directory}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output_dir: cannot write to {probe} (permission denied)")
+
+
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
@@ -127,6 +279,16 @@ class Checkpointer:
 
     def save(self, step: int, bundle, adapters: list[str], state: dict, optimizer=None, scheduler=None,
              extra: dict | None = None) -> Path:
+        try:
+            return self._save(step, bundle, adapters, state, optimizer, scheduler, extra)
+        except OSError as e:
+            last = self.latest()
+            raise CheckpointError(
+                f"could not write the checkpoint of step {step} to {self.root}: {e.strerror or e}. "
+                + (f"The last good checkpoint, {last.name}, is intact: free space and resume with "
+                   f"`lowalign run {self.root.parent}`." if last else "No earlier checkpoint exists.")) from e
+
+    def _save(self, step, bundle, adapters, state, optimizer, scheduler, extra) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step_{step:06d}"
         tmp = Path(tempfile.mkdtemp(dir=self.root, prefix=f".tmp_step_{step:06d}_"))
@@ -135,9 +297,9 @@ class Checkpointer:
                 bundle.save_adapter(name, tmp / "adapters" / name)
             if len(bundle.heads):
                 bundle.save_heads(tmp / "heads.safetensors")
-            torch.save({"optimizer": optimizer.state_dict() if optimizer else None,
-                        "scheduler": scheduler.state_dict() if scheduler else None,
-                        "rng": rng_state(), "extra": extra}, tmp / "trainer.pt")
+            save_tree({"optimizer": optimizer.state_dict() if optimizer else None,
+                       "scheduler": scheduler.state_dict() if scheduler else None,
+                       "rng": rng_state(), "extra": extra}, tmp, "trainer")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, default=_jsonable))
             if final.exists():
                 shutil.rmtree(final)
@@ -162,7 +324,12 @@ class Checkpointer:
             bundle.load_adapter(name, path / "adapters" / name)
         if (path / "heads.safetensors").exists():
             bundle.load_heads(path / "heads.safetensors")
-        blob = torch.load(path / "trainer.pt", weights_only=False)
+        if not (path / "trainer.json").exists() and (path / "trainer.pt").exists():
+            raise CheckpointError(
+                f"{path} was written by an older lowalign as a pickle (trainer.pt). lowalign never unpickles a "
+                "file it may have received from someone else; its adapters in that folder are plain PEFT "
+                "safetensors: start a new run from them with lora.init_from=" + str(path / "adapters" / "policy"))
+        blob = load_tree(path, "trainer")
         if optimizer is not None and blob["optimizer"] is not None:
             optimizer.load_state_dict(blob["optimizer"])
         if scheduler is not None and blob["scheduler"] is not None:

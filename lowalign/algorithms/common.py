@@ -91,6 +91,18 @@ def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None, 
             "final_samples": final.get("samples", []), "memory": ctx.bundle.memory_report(), **(extra or {})}
 
 
+def end_step(ctx, tc, done: int, m: dict, bar, adapters: list[str], baseline: dict, optimizer=None, scheduler=None,
+             extra: dict | None = None, evaluate_fn=None, total: int | None = None) -> None:
+    """After step ``done`` (1-based) of ``total`` (default ``tc.steps``): the periodic held-out evaluation
+    (``eval.every``), the metrics row, the progress bar and, when due, the checkpoint."""
+    every = ctx.cfg.eval.every
+    if every and done % every == 0 and done < (total or tc.steps):
+        m.update(eval_metrics(ctx, evaluate_fn))
+    ctx.run_dir.log(m)
+    bar.update(done, m)
+    maybe_checkpoint(ctx, tc, done, adapters, baseline, optimizer, scheduler, extra)
+
+
 def maybe_checkpoint(ctx, tc, done: int, adapters: list[str], baseline: dict, optimizer=None, scheduler=None,
                      extra: dict | None = None) -> None:
     """Checkpoint after ``done`` steps when ``tc.checkpoint_every`` says so."""

@@ -10,22 +10,22 @@ from lowalign.config import F
 
 @dataclass
 class OptimConfig:
-    learning_rate: float = F(5e-4, "AdamW learning rate of the adapter.")
-    weight_decay: float = F(0.0, "AdamW weight decay.")
-    warmup_steps: int = F(0, "Linear warm-up steps.")
+    learning_rate: float = F(5e-4, "AdamW learning rate of the adapter.", gt=0)
+    weight_decay: float = F(0.0, "AdamW weight decay.", ge=0)
+    warmup_steps: int = F(0, "Linear warm-up steps.", ge=0)
     schedule: Literal["constant", "cosine", "linear"] = F("constant", "Learning-rate schedule after warm-up.")
-    max_grad_norm: float = F(1.0, "Gradient clipping norm (0: off).")
+    max_grad_norm: float = F(1.0, "Gradient clipping norm (0: off).", ge=0)
 
 
 @dataclass
 class GRPOConfig:
-    steps: int = F(100, "Optimizer steps (one generation batch each, times num_iterations).")
-    prompts_per_step: int = F(16, "Distinct prompts per generation batch.")
-    num_generations: int = F(8, "Completions per prompt (the group size G).")
-    max_new_tokens: int = F(8, "Completion budget (= max_completion_length for dr_grpo).")
-    temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.")
-    top_p: float = F(1.0, "Nucleus sampling.")
-    top_k: int = F(0, "Top-k sampling (0: off).")
+    steps: int = F(100, "Optimizer steps (one generation batch each, times num_iterations).", ge=1)
+    prompts_per_step: int = F(16, "Distinct prompts per generation batch.", ge=1)
+    num_generations: int = F(8, "Completions per prompt (the group size G).", ge=1)
+    max_new_tokens: int = F(8, "Completion budget (= max_completion_length for dr_grpo).", ge=1)
+    temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling.", gt=0, le=1)
+    top_k: int = F(0, "Top-k sampling (0: off).", ge=0)
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = F(
         "grpo", "Aggregation: grpo (per-sequence mean), bnpo (token mean), dr_grpo (/ B x max len, "
         "arXiv 2503.20783), dapo (global token mean, arXiv 2503.14476).")
@@ -33,54 +33,57 @@ class GRPOConfig:
         "group", "Divide advantages by the group std, the batch std, or nothing (Dr. GRPO).")
     leave_one_out: bool = F(False, "RLOO baseline: mean of the other group members (arXiv 2402.14740).")
     beta: float = F(0.0, "KL coefficient to the adapter-off reference (0 skips the reference pass, as "
-                         "DAPO/Dr. GRPO recommend).")
+                         "DAPO/Dr. GRPO recommend).", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = F("k3", "Per-token KL estimator (Schulman's k3 is unbiased, >= 0).")
-    epsilon_low: float = F(0.2, "Lower clip range of the ratio.")
-    epsilon_high: float = F(0.2, "Upper clip range (DAPO's clip-higher uses 0.28).")
-    num_iterations: int = F(1, "Optimizer passes over each generation batch (old log-probs reused).")
-    micro_batch_size: int = F(0, "Sequences per forward/backward (0: the whole batch at once).")
+    epsilon_low: float = F(0.2, "Lower clip range of the ratio.", ge=0, lt=1)
+    epsilon_high: float = F(0.2, "Upper clip range (DAPO's clip-higher uses 0.28).", ge=0)
+    num_iterations: int = F(1, "Optimizer passes over each generation batch (old log-probs reused).", ge=1)
+    micro_batch_size: int = F(0, "Sequences per forward/backward (0: the whole batch at once).", ge=0)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
-    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
 
 
 @dataclass
 class SFTConfig:
-    steps: int = F(100, "Optimizer steps.")
-    batch_size: int = F(32, "Rows per step.")
+    steps: int = F(100, "Optimizer steps.", ge=1)
+    batch_size: int = F(32, "Rows per step.", ge=1)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
 
 
 @dataclass
 class DPOConfig:
-    steps: int = F(150, "Optimizer steps.")
-    batch_size: int = F(32, "Preference pairs per step.")
-    beta: float = F(0.1, "KL strength: implicit reward = beta (logp - ref) (DPO, arXiv 2305.18290).")
+    steps: int = F(150, "Optimizer steps.", ge=1)
+    batch_size: int = F(32, "Preference pairs per step.", ge=1)
+    beta: float = F(0.1, "KL strength: implicit reward = beta (logp - ref) (DPO, arXiv 2305.18290).", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = F(
         "sigmoid", "sigmoid (DPO), ipo (arXiv 2310.12036), hinge (SLiC), robust (rDPO, arXiv 2403.00409).")
-    label_smoothing: float = F(0.0, "Assumed label-noise rate (conservative DPO / robust DPO).")
+    label_smoothing: float = F(0.0, "Assumed label-noise rate (conservative DPO / robust DPO).", ge=0, lt=0.5)
     rpo_alpha: float = F(0.0, "Weight of a token-mean NLL on the chosen completion added to the loss (RPO, "
-                              "arXiv 2404.19733): keeps chosen log-probs from falling with the rejected ones.")
-    precompute_ref: bool = F(True, "Compute reference log-probs once for the whole set (cached on disk next "
-                                   "to the run, keyed by data and model), so training runs only the policy.")
-    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.")
-    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.")
-    eval_pairs: int = F(500, "Held-out pairs for the preference accuracy.")
+                              "arXiv 2404.19733): keeps chosen log-probs from falling with the rejected ones.", ge=0)
+    precompute_ref: bool = F(True, "Compute reference log-probs once for the whole set (cached as safetensors, "
+                                   "keyed by the pairs and the content of model, tokenizer and starting "
+                                   "adapter), so training runs only the policy.")
+    reference_cache_dir: str | None = F(None, "Where the reference log-probs cache lives (default: the run "
+                                              "directory); name a shared folder to reuse it across runs.")
+    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.", ge=1)
+    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.", ge=1)
+    eval_pairs: int = F(500, "Held-out pairs for the preference accuracy.", ge=1)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
 
 
 @dataclass
 class RewardModelConfig:
-    steps: int = F(300, "Optimizer steps.")
-    batch_size: int = F(32, "Pairs (bradley_terry) or pairs' completions (regression) per step.")
+    steps: int = F(300, "Optimizer steps.", ge=1)
+    batch_size: int = F(32, "Pairs (bradley_terry) or pairs' completions (regression) per step.", ge=1)
     objective: Literal["bradley_terry", "regression"] = F(
         "bradley_terry", "Pairwise -log sigma(r_c - r_r - margin), or multi-attribute regression of the task's "
         "scored attributes (correctness, format, length) combined by `attribute_weights`.")
@@ -92,38 +95,40 @@ class RewardModelConfig:
                                         "reward adapter (fused kernel, same backbone pass), times a learned "
                                         "scale: the LM's own likelihood is a correctness signal a last-token "
                                         "head cannot read directly.")
-    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.")
-    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.")
-    eval_pairs: int = F(500, "Held-out pairs for the pairwise accuracy.")
+    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.", ge=1)
+    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.", ge=1)
+    eval_pairs: int = F(500, "Held-out pairs for the pairwise accuracy.", ge=1)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(100, "Save a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
+    checkpoint_every: int = F(100, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
 
 
 @dataclass
 class ESSAConfig:
-    generations: int = F(100, "ES generations (one population evaluation + one update each).")
-    population_size: int = F(32, "Members per generation (even: antithetic pairs +eps / -eps).")
+    generations: int = F(100, "ES generations (one population evaluation + one update each).", ge=1)
+    population_size: int = F(32, "Members per generation (even: antithetic pairs +eps / -eps).", ge=2)
     sigma: float = F(0.03, "Noise std. With sigma_mode=absolute it is in singular-value units; it must be "
                            "large enough to change the model's outputs (0.03 works on the tiny model from a "
-                           "fresh LoRA; 0.1 x mean|s| on a trained LoRA did not move it).")
+                           "fresh LoRA; 0.1 x mean|s| on a trained LoRA did not move it).", gt=0)
     sigma_mode: Literal["absolute", "relative", "calibrate"] = F(
         "calibrate", "absolute; relative (sigma x mean |s| of the start); or calibrate: starting from sigma, "
         "double it until perturbations change `calibrate_target` of the minibatch's completions (the noise "
         "must be measured by what it does to outputs, not by |s|).")
-    calibrate_target: float = F(0.1, "Share of completions a perturbation should change (sigma_mode=calibrate).")
+    calibrate_target: float = F(0.1, "Share of completions a perturbation should change (sigma_mode=calibrate).",
+                                gt=0, le=1)
     optimizer: Literal["adam", "sgd", "cma"] = F("adam", "Ascent on the ES gradient (adam, sgd) or a diagonal "
                                                          "CMA-ES (sep-CMA, Ros & Hansen 2008).")
-    learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.")
-    weight_decay: float = F(0.0, "Decoupled weight decay toward s = 0.")
-    prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).")
+    learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.", gt=0)
+    weight_decay: float = F(0.0, "Decoupled weight decay toward s = 0.", ge=0)
+    prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).", ge=1)
     do_sample: bool = F(False, "Sampled (true) or greedy (false) decoding for fitness.")
-    temperature: float = F(1.0, "Sampling temperature when do_sample.")
-    max_new_tokens: int = F(6, "Completion budget.")
-    top_fraction: float = F(1.0, "Evolve only the top fraction of singular values per module (rest frozen).")
+    temperature: float = F(1.0, "Sampling temperature when do_sample.", gt=0)
+    max_new_tokens: int = F(6, "Completion budget.", ge=1)
+    top_fraction: float = F(1.0, "Evolve only the top fraction of singular values per module (rest frozen).",
+                            gt=0, le=1)
     s_init: float = F(0.0, "Singular values of a fresh LoRA (U, V random orthonormal); 0 starts at the base.")
-    checkpoint_every: int = F(10, "Save a checkpoint every N generations (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(5, "Print a progress line every N generations when not on a terminal.")
-    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")
+    checkpoint_every: int = F(10, "Save a checkpoint every N generations (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(5, "Print a progress line every N generations when not on a terminal.", ge=1)
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)

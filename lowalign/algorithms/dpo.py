@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 
 import torch
 
 from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     add_policy,
-    eval_metrics,
+    end_step,
     evaluate,
     finish,
     make_optimizer,
-    maybe_checkpoint,
     start_or_resume,
     step_seed,
 )
@@ -43,24 +43,31 @@ def sequence_logps(bundle, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tenso
 
 @torch.no_grad()
 def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tensor:
-    """Adapter-off log-probs of every pair, (n, 2) [chosen, rejected], cached on disk by data + model."""
-    m = ctx.cfg.model
-    ref = reference_mode(ctx.cfg)
-    key = hashlib.sha256(json.dumps([pairs, m.name_or_path, m.quantization, m.dtype, ref,
-                                     ctx.cfg.lora.init_from if ref == "init" else None],
+    """Reference log-probs of every pair, (n, 2) [chosen, rejected], cached as safetensors in the run
+    directory (or ``train.reference_cache_dir``), keyed by the pairs' text and the *content* of the model,
+    tokenizer and starting adapter (``lowalign.models.fingerprint``): a model re-saved at the same path with
+    other weights gets its reference recomputed."""
+    from safetensors.torch import load_file, save_file
+
+    from lowalign.models import fingerprint
+
+    m, ref = ctx.cfg.model, reference_mode(ctx.cfg)
+    key = hashlib.sha256(json.dumps([pairs, fingerprint(m.name_or_path), m.quantization, m.dtype, ref,
+                                     fingerprint(ctx.cfg.lora.init_from) if ref == "init" else None],
                                     sort_keys=True).encode()).hexdigest()[:16]
-    cache = ctx.run_dir.path.parent / ".lowalign-cache" / f"ref_logps-{key}.pt"
+    cache_dir = Path(ctx.cfg.train.reference_cache_dir or ctx.run_dir.path)
+    cache = cache_dir / f"ref_logps-{key}.safetensors"
     if cache.exists():
-        return torch.load(cache)
+        return load_file(str(cache))["ref_logps"]
     out = []
     with ctx.bundle.use("reference"), ctx.bundle.eval_mode():
         for s in range(0, len(pairs), batch_size):
             lp, _ = sequence_logps(ctx.bundle, pairs[s:s + batch_size])
             n = len(pairs[s:s + batch_size])
             out.append(torch.stack([lp[:n], lp[n:]], 1).cpu())
-    ref = torch.cat(out)
-    atomic_write(cache, lambda p: torch.save(ref, p))
-    return ref
+    ref_lp = torch.cat(out)
+    atomic_write(cache, lambda p: save_file({"ref_logps": ref_lp.contiguous()}, str(p)))
+    return ref_lp
 
 
 @torch.no_grad()
@@ -125,11 +132,7 @@ def train(ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m.update(eval_metrics(ctx, evaluate_fn))
-            ctx.run_dir.log(m)
-            bar.update(step + 1, m)
-            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
+            end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched, evaluate_fn=evaluate_fn)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)
 
 

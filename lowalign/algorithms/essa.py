@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import eval_metrics, finish, maybe_checkpoint, start_or_resume
+from lowalign.algorithms.common import end_step, finish, start_or_resume
 from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
@@ -179,11 +179,8 @@ def train(ctx) -> dict:
                  "theta_norm": float(state.theta.norm()), "sigma": state.sigma if tc.optimizer == "cma" else sigma,
                  "evals_per_s": round(tc.population_size * tc.prompts_per_generation / dt, 1),
                  "time/generation_s": round(dt, 3), "elapsed_s": round(time.time() - t_start, 2)}
-            if cfg.eval.every and (gen + 1) % cfg.eval.every == 0 and gen + 1 < tc.generations:
-                m.update(eval_metrics(ctx))
-            ctx.run_dir.log(m)
-            bar.update(gen + 1, m)
-            maybe_checkpoint(ctx, tc, gen + 1, [POLICY], baseline, extra={"es": state.state_dict()})
+            end_step(ctx, tc, gen + 1, m, bar, [POLICY], baseline, extra={"es": state.state_dict()},
+                     total=tc.generations)
     summary = finish(ctx, [POLICY], baseline, {"generations": state.step, "num_singular_values": n,
                                                "sigma": sigma, "world_size": world})
     summary["inference_peak_memory_bytes"] = inference_peak

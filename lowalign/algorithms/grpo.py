@@ -19,10 +19,9 @@ import torch
 from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     add_policy,
-    eval_metrics,
+    end_step,
     finish,
     make_optimizer,
-    maybe_checkpoint,
     start_or_resume,
     step_seed,
 )
@@ -114,8 +113,13 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
 
 
 def check(cfg) -> None:
-    if cfg.train.num_generations < 2:
+    tc = cfg.train
+    if tc.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
+    B = tc.prompts_per_step * tc.num_generations
+    if tc.micro_batch_size and B % tc.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the batch of {B} "
+                          "(prompts_per_step x num_generations)")
 
 
 def train(ctx) -> dict:
@@ -136,11 +140,7 @@ def train(ctx) -> dict:
                 break
             m = grpo_step(ctx, step, opt, sched, rewards)
             m["elapsed_s"] = round(time.time() - t_start, 2)
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m.update(eval_metrics(ctx))
-            ctx.run_dir.log(m)
-            bar.update(step + 1, m)
-            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
+            end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched)
     hist = ctx.run_dir.read_metrics()
     tail = hist[-10:]
     extra = {"steps": tc.steps, "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}

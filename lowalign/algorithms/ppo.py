@@ -29,10 +29,9 @@ from lowalign.algorithms import register
 from lowalign.algorithms.common import (
     POLICY,
     add_policy,
-    eval_metrics,
+    end_step,
     finish,
     make_optimizer,
-    maybe_checkpoint,
     start_or_resume,
     step_seed,
 )
@@ -49,41 +48,42 @@ VALUE = "value"
 
 @dataclass
 class PPOConfig:
-    steps: int = F(200, "PPO iterations (one rollout batch each).")
-    prompts_per_step: int = F(32, "Prompts per rollout batch.")
-    num_generations: int = F(1, "Completions per prompt (PPO needs no groups; >1 just widens the batch).")
-    max_new_tokens: int = F(8, "Completion budget.")
-    temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.")
-    top_p: float = F(1.0, "Nucleus sampling.")
-    top_k: int = F(0, "Top-k sampling (0: off).")
+    steps: int = F(200, "PPO iterations (one rollout batch each).", ge=1)
+    prompts_per_step: int = F(32, "Prompts per rollout batch.", ge=1)
+    num_generations: int = F(1, "Completions per prompt (PPO needs no groups; >1 just widens the batch).", ge=1)
+    max_new_tokens: int = F(8, "Completion budget.", ge=1)
+    temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.", gt=0)
+    top_p: float = F(1.0, "Nucleus sampling.", gt=0, le=1)
+    top_k: int = F(0, "Top-k sampling (0: off).", ge=0)
     critic: Literal["separate", "shared"] = F(
         "separate", "separate: the critic is its own LoRA adapter + scalar head on the base; shared: a scalar "
         "head on the policy adapter (Hydra-RLHF's shared trunk: one forward gives log-probs and values).")
-    ppo_epochs: int = F(4, "Optimization passes over each rollout batch.")
-    num_mini_batches: int = F(1, "Minibatches per pass (one optimizer step each); must divide the batch.")
-    micro_batch_size: int = F(0, "Sequences per forward/backward within a minibatch (0: the whole minibatch).")
-    clip: float = F(0.2, "Policy ratio clip range (cliprange).")
-    value_clip: float = F(0.2, "Value clip range around the rollout's values (cliprange_value).")
-    vf_coef: float = F(0.1, "Weight of the value loss.")
-    gamma: float = F(1.0, "Discount factor of GAE.")
-    lam: float = F(0.95, "GAE lambda.")
+    ppo_epochs: int = F(4, "Optimization passes over each rollout batch.", ge=1)
+    num_mini_batches: int = F(1, "Minibatches per pass (one optimizer step each); must divide the batch.", ge=1)
+    micro_batch_size: int = F(0, "Sequences per forward/backward within a minibatch (0: the whole minibatch).", ge=0)
+    clip: float = F(0.2, "Policy ratio clip range (cliprange).", gt=0, lt=1)
+    value_clip: float = F(0.2, "Value clip range around the rollout's values (cliprange_value).", gt=0)
+    vf_coef: float = F(0.1, "Weight of the value loss.", ge=0)
+    gamma: float = F(1.0, "Discount factor of GAE.", ge=0, le=1)
+    lam: float = F(0.95, "GAE lambda.", ge=0, le=1)
     kl_coef: float = F(0.05, "Coefficient of the per-token KL penalty to the reference (initial value when "
-                             "adaptive_kl).")
+                             "adaptive_kl).", ge=0)
     kl_estimator: Literal["k1", "k3"] = F("k1", "Per-token KL in the reward: k1 = logp - ref (Ziegler et al.) "
                                                "or k3 (unbiased and >= 0).")
     adaptive_kl: bool = F(False, "Adapt kl_coef toward target_kl (Ziegler et al. 2019).")
-    target_kl: float = F(6.0, "Target per-sequence KL (nats) of the adaptive controller.")
-    kl_horizon: float = F(10000.0, "Horizon of the adaptive controller (in sequences).")
+    target_kl: float = F(6.0, "Target per-sequence KL (nats) of the adaptive controller.", gt=0)
+    kl_horizon: float = F(10000.0, "Horizon of the adaptive controller (in sequences).", gt=0)
     missing_eos_penalty: float = F(0.0, "Subtracted from the score of completions that hit max_new_tokens "
-                                        "without EOS (0: off).")
+                                        "without EOS (0: off).", ge=0)
     reward_norm: bool = F(False, "Normalize scores by the running mean/std of all scores seen so far.")
     whiten_advantages: bool = F(True, "Whiten advantages over the batch's valid tokens.")
-    value_learning_rate: float = F(0.0, "Learning rate of the critic's adapter and head (0: optim.learning_rate).")
+    value_learning_rate: float = F(0.0, "Learning rate of the critic's adapter and head (0: optim.learning_rate).",
+                                   ge=0)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule (one scheduler step per PPO step).")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).")
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.")
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.")
-    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
 
 
 def check(cfg) -> None:
@@ -91,9 +91,6 @@ def check(cfg) -> None:
     B = tc.prompts_per_step * tc.num_generations
     if not cfg.rewards:
         raise ConfigError("rewards: PPO needs at least one reward source (a function or a reward adapter)")
-    for key in ("steps", "prompts_per_step", "num_generations", "max_new_tokens", "ppo_epochs", "num_mini_batches"):
-        if getattr(tc, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(tc, key)}")
     if B < 2:
         raise ConfigError("train.prompts_per_step: a batch of at least 2 sequences is needed to whiten advantages")
     if B % tc.num_mini_batches:
@@ -102,10 +99,6 @@ def check(cfg) -> None:
     mb = B // tc.num_mini_batches
     if tc.micro_batch_size and mb % tc.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the minibatch of {mb}")
-    if tc.temperature <= 0:
-        raise ConfigError(f"train.temperature: must be > 0, got {tc.temperature}")
-    if tc.adaptive_kl and (tc.target_kl <= 0 or tc.kl_horizon <= 0):
-        raise ConfigError("train.target_kl and train.kl_horizon: must be > 0 with adaptive_kl")
 
 
 @dataclass
@@ -283,12 +276,8 @@ def train(ctx) -> dict:
                 break
             m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params)
             m["elapsed_s"] = round(time.time() - t_start, 2)
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m.update(eval_metrics(ctx))
-            ctx.run_dir.log(m)
-            bar.update(step + 1, m)
-            maybe_checkpoint(ctx, tc, step + 1, adapters, baseline, opt, sched,
-                             extra={"kl_coef": state.kl_coef, "moments": state.moments.state()})
+            end_step(ctx, tc, step + 1, m, bar, adapters, baseline, opt, sched,
+                     extra={"kl_coef": state.kl_coef, "moments": state.moments.state()})
     tail = ctx.run_dir.read_metrics()[-10:]
     summary_extra = {"steps": tc.steps, "critic": tc.critic, "final_kl_coef": state.kl_coef,
                      "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}

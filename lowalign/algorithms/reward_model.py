@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms.common import end_step, finish, make_optimizer, start_or_resume, step_seed
 from lowalign.algorithms.configs import RewardModelConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
@@ -101,11 +101,7 @@ def train(ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             m = {"step": step + 1, "loss": lo.loss.item(), **{str(k): float(v) for k, v in lo.metrics.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
-            if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and step + 1 < tc.steps:
-                m["eval/pairwise_accuracy"] = pairwise_eval(ctx, data.eval)["pairwise_accuracy"]
-            ctx.run_dir.log(m)
-            bar.update(step + 1, m)
-            maybe_checkpoint(ctx, tc, step + 1, [name], baseline, opt, sched)
+            end_step(ctx, tc, step + 1, m, bar, [name], baseline, opt, sched, evaluate_fn=evaluate_fn)
     summary = finish(ctx, [name], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)
     meta = {"adapter": name, "objective": tc.objective, "attributes": list(ATTRIBUTES) if K > 1 else ["reward"],
             "weights": tc.attribute_weights if K > 1 else None}

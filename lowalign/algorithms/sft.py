@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import add_policy, finish, make_optimizer, maybe_checkpoint, start_or_resume, step_seed
+from lowalign.algorithms.common import add_policy, end_step, finish, make_optimizer, start_or_resume, step_seed
 from lowalign.algorithms.configs import SFTConfig
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
@@ -49,9 +49,7 @@ def train(ctx) -> dict:
             opt.zero_grad(set_to_none=True)
             metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
                        "token_acc": masked_mean((lp.detach() > -0.6931).float(), m).item()}  # p > 1/2
-            ctx.run_dir.log(metrics)
-            bar.update(step + 1, metrics)
-            maybe_checkpoint(ctx, tc, step + 1, [POLICY], baseline, opt, sched)
+            end_step(ctx, tc, step + 1, metrics, bar, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps})
 
 

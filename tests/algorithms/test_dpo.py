@@ -17,7 +17,7 @@ def test_dpo_tiny_run(tmp_path):
     pairs = json.loads((out / "pairs.json").read_text())
     assert len(pairs["train"]) >= 32 and {"onpolicy", "near_miss"} >= {p["source"] for p in pairs["train"]}
     assert all(p["chosen"] != p["rejected"] for p in pairs["train"])
-    assert list((tmp_path / "runs" / ".lowalign-cache").glob("ref_logps-*.pt"))  # cached next to the run
+    assert list(out.glob("ref_logps-*.safetensors")) and not (tmp_path / "runs" / ".lowalign-cache").exists()
     rows = metrics(out)
     assert len(rows) == 6 and all(0 <= r["rewards/accuracy"] <= 1 for r in rows)
     assert s["memory"]["adapter:policy"] > 0 and "adapter:reward" not in s["memory"]

@@ -18,9 +18,11 @@ def test_ppo_run_writes_everything(tmp_path, critic):
     out = tmp_path / "run"
     cli("run", "recipes/ppo_tiny.yaml", f"output_dir={out}", "train.steps=3", "train.checkpoint_every=3",
         f"train.critic={critic}", "train.adaptive_kl=true", "train.target_kl=0.01", "train.kl_horizon=10",
-        "train.reward_norm=true", "train.missing_eos_penalty=1.0", "train.micro_batch_size=2", *SMALL)
+        "train.reward_norm=true", "train.missing_eos_penalty=1.0", "train.micro_batch_size=2", "eval.every=2", *SMALL)
     s, rows = summary(out), metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and s["critic"] == critic
+    assert {"eval/accuracy", "eval/reward"} <= rows[1].keys() and "eval/reward" not in rows[0]  # eval.every=2
+    assert {"accuracy", "reward", "reward/correctness_reward"} <= s["final"].keys()
     for key in ("reward", "kl", "kl_coef", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac",
                 "approx_kl", "explained_variance", "eos_fraction", "rewards/correctness_reward"):
         assert key in rows[0], key
