@@ -15,7 +15,6 @@ from lowalign.runtime import (
     Checkpointer,
     RunDir,
     RunLock,
-    RunLockedError,
     check_writable,
     peak_memory_bytes,
     seed_everything,
@@ -137,9 +136,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     if rank > 0:  # every rank holds the same state; rank 0 owns the run directory
         out = out / f".rank{rank}"
     check_writable(out)
-    holder = RunLock(out).holder()
-    if holder is not None:  # before any model work: another live run owns this directory
-        raise RunLockedError(RunLock(out).describe(holder))
+    lock = RunLock(out)
+    lock.check()  # before any model work: another live run may own this directory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -165,7 +163,6 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     fresh = not out.exists()  # the run directory is created only once everything before it worked
     run_dir = RunDir(out)
-    lock = RunLock(out)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
     try:
         lock.acquire(console)
@@ -174,7 +171,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         summary = algo.train(ctx)
     except BaseException:
         lock.release()
-        if fresh and not (out / "checkpoints").exists():  # a failed start leaves nothing behind
+        if fresh and not run_dir.metrics_path.exists():  # a failed start (no step logged) leaves nothing behind
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)

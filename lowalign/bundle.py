@@ -93,17 +93,13 @@ def disable_dropout(model: nn.Module) -> int:
     attention code reads from its module or the config (Llama's ``attention_dropout``, ...) become 0.
     Returns how many were changed."""
     n = 0
-    for m in model.modules():
-        if isinstance(m, nn.Dropout) and m.p:
-            m.p, n = 0.0, n + 1
+    configs = {id(c): c for c in (model.config, model.config.get_text_config())}.values()
+    for obj in [*model.modules(), *configs]:
+        if isinstance(obj, nn.Dropout) and obj.p:
+            obj.p, n = 0.0, n + 1
         for attr in _DROPOUT_ATTRS:
-            if isinstance(getattr(m, attr, None), float) and getattr(m, attr):
-                setattr(m, attr, 0.0)
-                n += 1
-    for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        for attr in _DROPOUT_ATTRS:
-            if isinstance(getattr(c, attr, None), float) and getattr(c, attr):
-                setattr(c, attr, 0.0)
+            if isinstance(getattr(obj, attr, None), float) and getattr(obj, attr):
+                setattr(obj, attr, 0.0)
                 n += 1
     return n
 

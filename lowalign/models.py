@@ -13,7 +13,6 @@ bundle uses the same resolution on the loaded model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from lowalign.config import ConfigError
@@ -64,14 +63,6 @@ def resolve_target_modules(model, requested, where: str = "lora.target_modules")
     return list(requested)
 
 
-@dataclass
-class ModelFacts:
-    architecture: str
-    vocab_size: int
-    softcap: float | None
-    target_modules: list[str]
-
-
 def read_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config from its config.json: a local dir, builtin, or the local hub cache (validation never
     waits on the network). None for a hub id not cached yet: the same checks then run on the loaded model
@@ -107,20 +98,16 @@ def skeleton(config, trust_remote_code: bool = False):
                           f"LM: {e}") from e
 
 
-def check_model(cfg) -> ModelFacts | None:
-    """The config.json checks of a run config; resolves ``cfg.lora.target_modules`` in place. None when the
-    model's config is out of reach (an uncached hub id offline)."""
+def check_model(cfg) -> None:
+    """The config.json checks of a run config; resolves ``cfg.lora.target_modules`` in place. Skipped when
+    the model's config is out of reach (a hub id not in the local cache): the bundle checks on load."""
     m = cfg.model
     config = read_config(m.name_or_path, m.trust_remote_code)
     if config is None:
-        return None
+        return
     model = skeleton(config, m.trust_remote_code)
     cfg.lora.target_modules = resolve_target_modules(model, cfg.lora.target_modules)
-    text = config.get_text_config()
-    vocab = model.get_input_embeddings().num_embeddings
-    _check_tokenizer(m, vocab)
-    return ModelFacts(type(model).__name__, vocab, getattr(text, "final_logit_softcapping", None) or None,
-                      cfg.lora.target_modules)
+    _check_tokenizer(m, model.get_input_embeddings().num_embeddings)
 
 
 def _check_tokenizer(m, vocab: int) -> None:

@@ -216,6 +216,12 @@ class RunLock:
             return None
         return info if self._alive(info) and info.get("pid") != os.getpid() else None
 
+    def check(self) -> None:
+        """Raise ``RunLockedError`` naming the holder when a live process owns the directory."""
+        info = self.holder()
+        if info is not None:
+            raise RunLockedError(self.describe(info))
+
     def describe(self, info: dict) -> str:
         return (f"{self.path.parent} is in use by another run (pid {info['pid']} on {info['host']}, since "
                 f"{info.get('started', '?')}); wait for it or pick another output_dir (if that process is "

@@ -37,6 +37,17 @@ def make_optimizer(params, oc, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def reward_sources(ctx):
+    """The run's weighted reward sources; each learned reward (``rewards: [{adapter, path}]``) becomes one
+    more frozen adapter + head on the same base first."""
+    from lowalign.rewards import RewardSources
+
+    for spec in ctx.cfg.rewards:
+        if spec.adapter is not None and spec.adapter not in ctx.bundle.adapter_configs:
+            ctx.bundle.load_reward(spec.adapter, spec.path)
+    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_texts)
+
+
 def evaluate(ctx, role: str = POLICY) -> dict:
     """Held-out metrics of ``role``: mean reward of greedy completions (per source and weighted total) when
     the run has rewards, accuracy when the task has an answer checker (see ``heldout_eval``)."""

@@ -18,11 +18,10 @@ import torch
 import torch.distributed as dist
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import end_step, finish, start_or_resume
+from lowalign.algorithms.common import end_step, finish, reward_sources, start_or_resume
 from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
-from lowalign.rewards import RewardSources
 from lowalign.runtime import Progress, peak_memory_bytes, seed_everything
 
 POLICY = "policy"
@@ -137,7 +136,7 @@ def train(ctx) -> dict:
         sigma = tc.sigma * (theta0.abs().mean().item() if tc.sigma_mode == "relative" else 1.0)
     state = ESState(theta0.clone(), torch.zeros(n), torch.ones(n) if tc.optimizer == "cma" else torch.zeros(n),
                     sigma=sigma)
-    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
+    rewards = reward_sources(ctx)
     sv.apply(state.theta)
 
     # a plain inference pass over one minibatch: the memory yardstick for the run

@@ -22,6 +22,7 @@ from lowalign.algorithms.common import (
     end_step,
     finish,
     make_optimizer,
+    reward_sources,
     start_or_resume,
     step_seed,
 )
@@ -123,12 +124,9 @@ def check(cfg) -> None:
 
 
 def train(ctx) -> dict:
-    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
+    tc, bundle = ctx.cfg.train, ctx.bundle
     add_policy(ctx)
-    for spec in cfg.rewards:
-        if spec.adapter is not None:  # a learned reward: one more adapter + head on the same base
-            bundle.load_reward(spec.adapter, spec.path)
-    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
+    rewards = reward_sources(ctx)
     opt, sched = make_optimizer(bundle.adapter_parameters(POLICY), tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
     bundle.base.train()

@@ -32,6 +32,7 @@ from lowalign.algorithms.common import (
     end_step,
     finish,
     make_optimizer,
+    reward_sources,
     start_or_resume,
     step_seed,
 )
@@ -39,6 +40,7 @@ from lowalign.algorithms.configs import OptimConfig
 from lowalign.config import ConfigError, F
 from lowalign.generation import generate
 from lowalign.logprobs import logprobs_from_hidden
+from lowalign.losses import masked_mean
 from lowalign.losses.ppo import RunningMoments, adaptive_kl_coef, gae, kl_shaped_rewards, ppo_loss, whiten
 from lowalign.rewards import RewardSources
 from lowalign.runtime import Progress, seed_everything
@@ -223,17 +225,13 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
          **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
          "score": scores.mean().item(), "kl": seq_kl, "kl_coef": state.kl_coef,
          "non_score_reward": (token_rewards.sum(1).mean().item() - scores.mean().item()),
-         **agg, "value_mean": masked(old_v, cmask), "return_mean": masked(ret, cmask),
+         **agg, "value_mean": masked_mean(old_v, cmask).item(), "return_mean": masked_mean(ret, cmask).item(),
          "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "completion_length": cmask.sum(1).mean().item(),
          "eos_fraction": ended.float().mean().item(),
          "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
     if tc.adaptive_kl:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B)
     return m
-
-
-def masked(x: torch.Tensor, mask: torch.Tensor) -> float:
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
 
 
 def add_critic(bundle, cfg) -> list:
@@ -255,10 +253,7 @@ def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     vparams = add_critic(bundle, cfg)
-    for spec in cfg.rewards:
-        if spec.adapter is not None:  # a learned reward: one more frozen adapter + head on the same base
-            bundle.load_reward(spec.adapter, spec.path)
-    rewards = RewardSources(cfg.rewards, scorer=bundle.score_texts)
+    rewards = reward_sources(ctx)
     groups = param_groups(bundle, cfg, vparams)
     params = [p for g in groups for p in g["params"]]
     opt, sched = make_optimizer(groups, tc.optim, tc.steps)
