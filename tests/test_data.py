@@ -43,7 +43,7 @@ def test_missing_columns_and_empty(tmp_path):
         load_prompt_data(DataConfig(path=str(e)), 0, 10)
     bad = tmp_path / "bad.jsonl"
     bad.write_text("{not json\n")
-    with pytest.raises(DataError, match=r"could not read .*bad\.jsonl as json"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: invalid JSON at column 2"):
         load_prompt_data(DataConfig(path=str(bad)), 0, 10)
 
 
