@@ -82,19 +82,17 @@ def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
     return load_config(p, overrides), p.stem
 
 
-def load_data(cfg: C.RunConfig):
+def load_data(cfg: C.RunConfig, tokenizer):
     """Prompt rows (or the built-in task) for most algorithms; for preference algorithms with a file or
-    hub source, the validated pairs (only the tokenizer is loaded for chat templates and lengths)."""
+    hub source, the validated pairs (``tokenizer``, the run's, renders chat templates and measures lengths)."""
     from lowalign.data import PromptData, load_prompt_data
 
     builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
     if algorithms()[cfg.algorithm].data == "preferences" and not builtin:
-        from lowalign.bundle import load_tokenizer, resolve_path
         from lowalign.preference import load_file_pairs
 
-        tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
         n_eval = getattr(cfg.train, "eval_pairs", 500)
-        return PromptData(None, [], None, pairs=load_file_pairs(cfg.data, tok, cfg.seed, n_eval))
+        return PromptData(None, [], None, pairs=load_file_pairs(cfg.data, tokenizer, cfg.seed, n_eval))
     return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
 
 
@@ -142,10 +140,12 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
+    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
     from lowalign.data import prepare_prompts
 
     algo = algorithms()[cfg.algorithm]
-    data = load_data(cfg)  # before any model work
+    tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)  # once per run
+    data = load_data(cfg, tok)  # before any model work
     if algo.check_data is not None:
         algo.check_data(cfg, data)
     if cfg.rewards and data.pairs is None:
@@ -155,9 +155,6 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     if isinstance(cfg.lora.target_modules, list):
         console.print(f"lora: target modules {cfg.lora.target_modules}")
 
-    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
-
-    tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
     for note in prepare_prompts(data, tok, cfg.data):  # chat templates and prompt lengths: before any weights
         console.print(f"[yellow]data:[/] {note}")
     bundle = ModelBundle.load(cfg.model, tokenizer=tok)

@@ -7,10 +7,7 @@ from __future__ import annotations
 import torch
 
 from lowalign.generation import generate
-
-
-def _columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
-    return {k: [r[k] for r in rows for _ in range(repeat)] for k in rows[0] if k != "prompt"}
+from lowalign.rewards import row_columns
 
 
 @torch.no_grad()
@@ -42,12 +39,12 @@ def heldout_eval(bundle, rows: list[dict], *, checker=None, rewards=None, batch_
         out["accuracy"] = sum(correct) / max(1, len(rows))
     totals = None
     if rewards is not None and rows:
-        rb = rewards([r["prompt"] for r in rows], texts, _columns(rows))
+        rb = rewards([r["prompt"] for r in rows], texts, row_columns(rows))
         totals = rb.total
         out["reward"] = rb.total.mean().item()
         out.update({f"reward/{k}": v.mean().item() for k, v in rb.parts.items()})
         if sampled:
-            rs = rewards([r["prompt"] for r in rows for _ in range(sampled)], sampled_texts, _columns(rows, sampled))
+            rs = rewards([r["prompt"] for r in rows for _ in range(sampled)], sampled_texts, row_columns(rows, sampled))
             out["reward_sampled"] = rs.total.mean().item()
     samples = []
     for i, (r, t) in enumerate(zip(rows[:n_samples], texts)):

@@ -63,17 +63,23 @@ def resolve_target_modules(model, requested, where: str = "lora.target_modules")
     return list(requested)
 
 
+def _local_dir(name_or_path: str) -> Path | None:
+    """The directory a builtin name or a local path names, or None (a hub id)."""
+    from lowalign.tiny import resolve_builtin
+
+    local = Path(resolve_builtin(name_or_path) or Path(name_or_path).expanduser())
+    return local if local.is_dir() else None
+
+
 def read_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config from its config.json: a local dir, builtin, or the local hub cache (validation never
     waits on the network). None for a hub id not cached yet: the same checks then run on the loaded model
     (``ModelBundle.add_adapter`` resolves the LoRA targets the same way)."""
     from transformers import AutoConfig
 
-    from lowalign.tiny import resolve_builtin
-
-    local = resolve_builtin(name_or_path) or Path(name_or_path).expanduser()
-    if Path(local).is_dir():
-        if not (Path(local) / "config.json").exists():
+    local = _local_dir(name_or_path)
+    if local is not None:
+        if not (local / "config.json").exists():
             raise ConfigError(f"model.name_or_path: {local} has no config.json (not a model directory)")
         try:
             return AutoConfig.from_pretrained(str(local), trust_remote_code=trust_remote_code)
@@ -111,10 +117,8 @@ def check_model(cfg) -> None:
 
 
 def _check_tokenizer(m, vocab: int) -> None:
-    from lowalign.tiny import resolve_builtin
-
-    local = resolve_builtin(m.name_or_path) or Path(m.name_or_path).expanduser()
-    if not Path(local).is_dir():
+    local = _local_dir(m.name_or_path)
+    if local is None:
         return
     from lowalign.bundle import load_tokenizer  # the bundle's own tokenizer loading, nothing else of it
 
@@ -132,11 +136,9 @@ _SAMPLE = 1 << 20
 
 def model_directory(name_or_path: str) -> Path | None:
     """The local directory holding a model's files: itself, the builtin's, or a hub id's cached snapshot."""
-    from lowalign.tiny import resolve_builtin
-
-    local = resolve_builtin(name_or_path) or Path(name_or_path).expanduser()
-    if Path(local).is_dir():
-        return Path(local)
+    local = _local_dir(name_or_path)
+    if local is not None:
+        return local
     try:
         from huggingface_hub import snapshot_download
 

@@ -31,6 +31,12 @@ def import_reward(path: str, where: str = "reward"):
     return fn
 
 
+def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
+    """The data's columns (all but ``prompt``) as the keyword lists reward functions receive, each row's value
+    repeated ``repeat`` times (one per completion of that prompt)."""
+    return {k: [r[k] for r in rows for _ in range(repeat)] for k in rows[0] if k != "prompt"}
+
+
 @dataclass
 class RewardBatch:
     total: torch.Tensor  # (B,) weighted sum
@@ -71,7 +77,7 @@ class RewardSources:
         so a broken function fails before any model is loaded."""
         prompts = [r["prompt"] for r in rows]
         completions = [str(r.get("answer", "")) for r in rows]
-        columns = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
+        columns = row_columns(rows)
         for name, _, fn, _ in self.sources:
             if fn is not None:
                 _call_checked(name, fn, prompts, completions, columns)

@@ -22,6 +22,7 @@ from lowalign.algorithms.common import end_step, finish, reward_sources, start_o
 from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate
+from lowalign.rewards import row_columns
 from lowalign.runtime import Progress, peak_memory_bytes, seed_everything
 
 POLICY = "policy"
@@ -83,8 +84,7 @@ def completions_of(bundle, rows, tc, seed: int) -> list[str]:
 
 def fitness_of(bundle, rewards, rows, tc, seed: int) -> float:
     texts = completions_of(bundle, rows, tc, seed)
-    cols = {k: [r[k] for r in rows] for k in rows[0] if k != "prompt"}
-    return float(rewards([r["prompt"] for r in rows], texts, cols).total.mean())
+    return float(rewards([r["prompt"] for r in rows], texts, row_columns(rows)).total.mean())
 
 
 def calibrate_sigma(bundle, sv, theta, rows, tc, seed: int, console) -> float:

@@ -31,15 +31,10 @@ from lowalign.config import ConfigError
 from lowalign.generation import generate
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
-from lowalign.rewards import RewardSources
+from lowalign.rewards import RewardSources, row_columns
 from lowalign.runtime import Progress, seed_everything
 
 POLICY = "policy"
-
-
-def _expand_columns(rows: list[dict], g: int) -> dict[str, list]:
-    keys = [k for k in rows[0] if k != "prompt"]
-    return {k: [r[k] for r in rows for _ in range(g)] for k in keys}
 
 
 def completion_logprobs(bundle, roll, tc, *, with_entropy=False, rows=None):
@@ -64,7 +59,7 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
                         num_generations=G)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    rb = rewards(prompts, roll.texts, _expand_columns(rows, G))
+    rb = rewards(prompts, roll.texts, row_columns(rows, G))
     adv = grpo_advantages(rb.total, G, scale=tc.scale_rewards, leave_one_out=tc.leave_one_out)
     adv = adv.to(bundle.device)
     cmask = roll.completion_mask.float()

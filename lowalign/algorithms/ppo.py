@@ -42,7 +42,7 @@ from lowalign.generation import generate
 from lowalign.logprobs import logprobs_from_hidden
 from lowalign.losses import masked_mean
 from lowalign.losses.ppo import RunningMoments, adaptive_kl_coef, gae, kl_shaped_rewards, ppo_loss, whiten
-from lowalign.rewards import RewardSources
+from lowalign.rewards import RewardSources, row_columns
 from lowalign.runtime import Progress, seed_everything
 
 VALUE = "value"
@@ -183,8 +183,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
                         temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-    rb = rewards(prompts, roll.texts, columns)
+    rb = rewards(prompts, roll.texts, row_columns(rows, G))
     ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
     scores = rb.total - tc.missing_eos_penalty * (~ended).float()
     if tc.reward_norm:
