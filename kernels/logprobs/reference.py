@@ -126,22 +126,16 @@ class ChunkedLogProbs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, g_kl):
         hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent = ctx.saved_tensors
         scale, temperature, estimator, chunk, softcap = ctx.cfg
-        need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         N = hidden.shape[0]
         g = torch.zeros_like(logps) if g_lp is None else g_lp.float()
         if g_kl is not None and ref_logps is not None:
             g = g + g_kl.float() * _dkl_dlogp(logps, ref_logps.float(), estimator)
         g_ent = None if g_ent is None or not ctx.with_entropy or not torch.any(g_ent != 0) else g_ent.float()
 
-        dH = torch.empty_like(hidden) if need_h else None
-        dW = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
-        db = torch.zeros(bias.shape, device=bias.device, dtype=torch.float32) if need_b else None
-        dA = torch.zeros(lora_a.shape, device=hidden.device, dtype=torch.float32) if need_a else None
-        dB = torch.zeros(lora_b.shape, device=hidden.device, dtype=torch.float32) if need_bb else None
+        grads = HeadGrads(hidden, weight, bias, lora_a, lora_b, scale, ctx.needs_input_grad[:5])
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            h = hidden[s:e]
-            z, u = _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap)
+            z, u = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, scale, temperature, softcap)
             # softcap derivative 1 - tanh^2(x/c) = 1 - (z T / c)^2, taken before z is overwritten
             dcap = None if not softcap else 1.0 - (z * (temperature / softcap)) ** 2
             logp_all = z.sub_(lse[s:e, None])  # in place: z is not needed any more
@@ -152,27 +146,56 @@ class ChunkedLogProbs(torch.autograd.Function):
             else:
                 dz = logp_all.exp_().mul_(-g[s:e, None])  # -g p, reusing the chunk's buffer
             dz.scatter_add_(-1, targets[s:e, None].long(), g[s:e, None])  # + g at the target
-            if temperature != 1.0:
-                dz /= temperature
-            if dcap is not None:
-                dz *= dcap
-            dzc = dz.to(weight.dtype)
-            if need_h:
-                dh = dzc @ weight
-                if lora_a is not None:
-                    dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
-                dH[s:e] = dh.to(hidden.dtype)
-            if need_w:
-                dW.addmm_(dz.T, h.float())  # accumulate in place: no V x d temporary per chunk
-            if need_b:
-                db += dz.sum(0)
-            if need_bb:
-                dB += scale * (dz.T @ u.float())
-            if need_a:
-                dA += scale * ((dz @ lora_b.float()).T @ h.float())
+            grads.add(dz, s, e, u, temperature, dcap)
+        return (*grads.result(), None, None, None, None, None, None, None, None)
+
+
+class HeadGrads:
+    """Gradient buffers of the head's inputs, filled one token chunk at a time from dZ (the gradient of the
+    tempered, softcapped logits): dX = dZ / T (* 1 - tanh^2 with softcapping), then
+
+        dH = dX W + s (dX B) A ;  dW = dX^T H ;  db = sum_n dX ;  dB = s dX^T U ;  dA = s (dX B)^T H
+
+    Only the inputs in ``needs`` (H, W, b, A, B) get buffers, so a frozen head costs no V x d memory."""
+
+    def __init__(self, hidden, weight, bias, lora_a, lora_b, scale, needs):
+        self.hidden, self.weight, self.bias, self.lora_a, self.lora_b, self.scale = (
+            hidden, weight, bias, lora_a, lora_b, scale)
+        need_h, need_w, need_b, need_a, need_bb = needs
+        f32 = lambda t: torch.zeros(t.shape, device=hidden.device, dtype=torch.float32)
+        self.dH = torch.empty_like(hidden) if need_h else None
+        self.dW = f32(weight) if need_w else None
+        self.db = f32(bias) if need_b else None
+        self.dA = f32(lora_a) if need_a else None
+        self.dB = f32(lora_b) if need_bb else None
+
+    def add(self, dz, s, e, u, temperature, dcap):
+        """Rows ``s:e``: dz (c, V) fp32 (modified in place), u = H A^T of the chunk (or None)."""
+        h, weight, lora_a, lora_b, scale = self.hidden[s:e], self.weight, self.lora_a, self.lora_b, self.scale
+        if temperature != 1.0:
+            dz /= temperature
+        if dcap is not None:
+            dz *= dcap
+        dzc = dz.to(weight.dtype)
+        if self.dH is not None:
+            dh = dzc @ weight
+            if lora_a is not None:
+                dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
+            self.dH[s:e] = dh.to(self.hidden.dtype)
+        if self.dW is not None:
+            self.dW.addmm_(dz.T, h.float())  # accumulate in place: no V x d temporary per chunk
+        if self.db is not None:
+            self.db += dz.sum(0)
+        if self.dB is not None:
+            self.dB += scale * (dz.T @ u.float())
+        if self.dA is not None:
+            self.dA += scale * ((dz @ lora_b.float()).T @ h.float())
+
+    def result(self):
+        """(dH, dW, db, dA, dB), each in its input's dtype, None where not needed."""
         cast = lambda t, ref: None if t is None else t.to(ref.dtype)
-        return (dH, cast(dW, weight), cast(db, bias), cast(dA, lora_a), cast(dB, lora_b),
-                None, None, None, None, None, None, None, None)
+        return (self.dH, cast(self.dW, self.weight), cast(self.db, self.bias), cast(self.dA, self.lora_a),
+                cast(self.dB, self.lora_b))
 
 
 def default_chunk_size(vocab: int) -> int:

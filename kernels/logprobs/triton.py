@@ -147,6 +147,40 @@ def _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, cap, HAS_ENT: tl.co
 
 
 @triton.jit
+def _acc_rows(dx, m_ptr, stride_m, offs_v, v_ok, out_ptr, offs_n, n_ok, K,
+              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[n, :] += dx M[v, :]   (out is (N, K) fp32 and its rows offs_n belong to this program: no atomics)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        m = tl.load(m_ptr + offs_v[:, None] * stride_m + offs_k[None, :], mask=v_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        m = m.to(tl.float32) if UPCAST else m
+        ptrs = out_ptr + offs_n[:, None] * K + offs_k[None, :]
+        msk = n_ok[:, None] & k_ok[None, :]
+        acc = tl.load(ptrs, mask=msk, other=0.0)
+        acc += tl.dot(dx.to(m.dtype), m, input_precision=PREC)
+        tl.store(ptrs, acc, mask=msk)
+
+
+@triton.jit
+def _acc_cols(dx, m_ptr, stride_m, offs_n, n_ok, out_ptr, offs_v, v_ok, K,
+              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_K: tl.constexpr):
+    # out[v, :] += dx^T M[n, :]   (out is (V, K) fp32 and its rows offs_v belong to this program)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < K
+        m = tl.load(m_ptr + offs_n[:, None] * stride_m + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        m = m.to(tl.float32) if UPCAST else m
+        ptrs = out_ptr + offs_v[:, None] * K + offs_k[None, :]
+        msk = v_ok[:, None] & k_ok[None, :]
+        acc = tl.load(ptrs, mask=msk, other=0.0)
+        acc += tl.dot(tl.trans(dx.to(m.dtype)), m, input_precision=PREC)
+        tl.store(ptrs, acc, mask=msk)
+
+
+@triton.jit
 def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr, ent_ptr, gent_ptr, dh_ptr, du_ptr,
                    N, V, D, R, stride_h, stride_w, stride_u, stride_b2, inv_t, cap,
                    HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, SOFTCAP: tl.constexpr, HAS_ENT: tl.constexpr,
@@ -168,29 +202,10 @@ def _bwd_dh_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr,
                          stride_h, stride_w, stride_u, stride_b2, inv_t, cap, HAS_BIAS, HAS_LORA, SOFTCAP,
                          UPCAST, PREC, BLOCK_N, BLOCK_V, BLOCK_D, BLOCK_R)
         dx = _dlogits_tile(z, offs_v, y, lse, g, ent, gent, V, inv_t, cap, HAS_ENT, SOFTCAP)
-        if NEED_DH:  # dH[n, :] += dx W[v, :]   (this program owns rows offs_n: plain read-add-write)
-            for k0 in range(0, D, BLOCK_D):
-                offs_k = k0 + tl.arange(0, BLOCK_D)
-                k_ok = offs_k < D
-                w = tl.load(w_ptr + offs_v[:, None] * stride_w + offs_k[None, :],
-                            mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-                w = w.to(tl.float32) if UPCAST else w
-                ptrs = dh_ptr + offs_n[:, None] * D + offs_k[None, :]
-                msk = n_ok[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
-                acc += tl.dot(dx.to(w.dtype), w, input_precision=PREC)
-                tl.store(ptrs, acc, mask=msk)
-        if HAS_LORA:  # dU[n, :] += dx B[v, :]
-            for k0 in range(0, R, BLOCK_R):
-                offs_k = k0 + tl.arange(0, BLOCK_R)
-                k_ok = offs_k < R
-                b2 = tl.load(b2_ptr + offs_v[:, None] * stride_b2 + offs_k[None, :],
-                             mask=v_ok[:, None] & k_ok[None, :], other=0.0)
-                ptrs = du_ptr + offs_n[:, None] * R + offs_k[None, :]
-                msk = n_ok[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
-                acc += tl.dot(dx, b2.to(tl.float32), input_precision="ieee")
-                tl.store(ptrs, acc, mask=msk)
+        if NEED_DH:  # dH[n, :] += dx W[v, :]
+            _acc_rows(dx, w_ptr, stride_w, offs_v, v_ok, dh_ptr, offs_n, n_ok, D, UPCAST, PREC, BLOCK_D)
+        if HAS_LORA:  # dU[n, :] += dx B[v, :]   (the LoRA term: always fp32)
+            _acc_rows(dx, b2_ptr, stride_b2, offs_v, v_ok, du_ptr, offs_n, n_ok, R, True, "ieee", BLOCK_R)
 
 
 @triton.jit
@@ -219,28 +234,9 @@ def _bwd_dw_kernel(h_ptr, w_ptr, u_ptr, b2_ptr, bias_ptr, y_ptr, lse_ptr, g_ptr,
         if NEED_BIAS:
             dbias += tl.sum(dx, axis=0)
         if NEED_W:  # dW[v, :] += dx^T H[n, :]
-            for k0 in range(0, D, BLOCK_D):
-                offs_k = k0 + tl.arange(0, BLOCK_D)
-                k_ok = offs_k < D
-                h = tl.load(h_ptr + offs_n[:, None] * stride_h + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                h = h.to(tl.float32) if UPCAST else h
-                ptrs = dw_ptr + offs_v[:, None] * D + offs_k[None, :]
-                msk = v_ok[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
-                acc += tl.dot(tl.trans(dx.to(h.dtype)), h, input_precision=PREC)
-                tl.store(ptrs, acc, mask=msk)
+            _acc_cols(dx, h_ptr, stride_h, offs_n, n_ok, dw_ptr, offs_v, v_ok, D, UPCAST, PREC, BLOCK_D)
         if NEED_B2:  # dB[v, :] += dx^T U[n, :]
-            for k0 in range(0, R, BLOCK_R):
-                offs_k = k0 + tl.arange(0, BLOCK_R)
-                k_ok = offs_k < R
-                u = tl.load(u_ptr + offs_n[:, None] * stride_u + offs_k[None, :],
-                            mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                ptrs = db2_ptr + offs_v[:, None] * R + offs_k[None, :]
-                msk = v_ok[:, None] & k_ok[None, :]
-                acc = tl.load(ptrs, mask=msk, other=0.0)
-                acc += tl.dot(tl.trans(dx), u.to(tl.float32), input_precision="ieee")
-                tl.store(ptrs, acc, mask=msk)
+            _acc_cols(dx, u_ptr, stride_u, offs_n, n_ok, db2_ptr, offs_v, v_ok, R, True, "ieee", BLOCK_R)
     if NEED_BIAS:
         tl.store(db_ptr + offs_v, dbias, mask=v_ok)
 
