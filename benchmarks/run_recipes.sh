@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every tiny recipe as its README/issue acceptance command and prints the summary numbers.
-#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~25 minutes on 2 CPU cores)
+#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~32 minutes on 2 CPU cores)
 #   ONLY="rm_tiny ppo_rm_tiny" bash benchmarks/run_recipes.sh /tmp/acc   # a subset, same table
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ run() {  # name, then lowalign run arguments
   .venv/bin/python - "$OUT/$name/summary.json" "$name" $((SECONDS - t0)) <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-keys = [k for k in ("accuracy", "preference_accuracy", "pairwise_accuracy") if k in s["final"]]
+keys = [k for k in ("accuracy", "preference_accuracy", "label_accuracy", "pairwise_accuracy") if k in s["final"]]
 parts = [f"{k}: {s['baseline'][k]:.3f} -> {s['final'][k]:.3f} ({100 * (s['final'][k] - s['baseline'][k]):+.1f} pts)"
          for k in keys]
 extra = ""
@@ -32,6 +32,10 @@ echo "|---|---|---|---|---|"
 run grpo_tiny recipes/grpo_tiny.yaml
 run grpo_tiny_nf4 recipes/grpo_tiny.yaml model.quantization=nf4
 run dpo_tiny recipes/dpo_tiny.yaml
+run orpo_tiny recipes/orpo_tiny.yaml
+run simpo_tiny recipes/simpo_tiny.yaml
+run kto_tiny recipes/kto_tiny.yaml
+run tdpo_tiny recipes/tdpo_tiny.yaml
 run rm_tiny recipes/rm_tiny.yaml
 run grpo_rm_tiny recipes/grpo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"
 run es_tiny recipes/es_tiny.yaml

@@ -49,6 +49,9 @@ def check_config(cfg: C.RunConfig) -> None:
 
         check_unsloth_available()
     algo = algorithms()[cfg.algorithm]
+    if cfg.data.pairs_as_feedback and algo.data != "feedback":
+        raise C.ConfigError(f"data.pairs_as_feedback: '{cfg.algorithm}' reads {algo.data}, not unpaired feedback "
+                            "rows (it is for algorithm: kto)")
     if algo.check is not None:
         algo.check(cfg)
     check_model(cfg)  # config.json only: a skeleton on the meta device, no weights
@@ -84,15 +87,18 @@ def resolve_config(config, overrides=None) -> tuple[C.RunConfig, str]:
 
 def load_data(cfg: C.RunConfig, tokenizer):
     """Prompt rows (or the built-in task) for most algorithms; for preference algorithms with a file or
-    hub source, the validated pairs (``tokenizer``, the run's, renders chat templates and measures lengths)."""
+    hub source, the validated pairs or KTO's feedback rows (``tokenizer``, the run's, renders chat templates
+    and measures lengths)."""
     from lowalign.data import PromptData, load_prompt_data
 
     builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
-    if algorithms()[cfg.algorithm].data == "preferences" and not builtin:
-        from lowalign.preference import load_file_pairs
+    kind = algorithms()[cfg.algorithm].data
+    if kind in ("preferences", "feedback") and not builtin:
+        from lowalign.preference import load_file_feedback, load_file_pairs
 
         n_eval = getattr(cfg.train, "eval_pairs", 500)
-        return PromptData(None, [], None, pairs=load_file_pairs(cfg.data, tokenizer, cfg.seed, n_eval))
+        load = load_file_pairs if kind == "preferences" else load_file_feedback
+        return PromptData(None, [], None, pairs=load(cfg.data, tokenizer, cfg.seed, n_eval))
     return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
 
 

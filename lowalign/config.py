@@ -85,6 +85,10 @@ class DataConfig:
     answer_column: str = F("answer", "Column holding the reference answer.")
     chosen_column: str = F("chosen", "Preference data: column of the preferred completion (string or messages).")
     rejected_column: str = F("rejected", "Preference data: column of the dispreferred completion.")
+    completion_column: str = F("completion", "Unpaired feedback (KTO): column of the completion (string or messages).")
+    label_column: str = F("label", "Unpaired feedback (KTO): column of the label, true = desirable.")
+    pairs_as_feedback: bool = F(False, "KTO on a preference file: split each prompt/chosen/rejected pair into a "
+                                       "desirable and an undesirable row.")
     pairs: Literal["correctness", "onpolicy", "mixed"] = F(
         "mixed", "Built-in preference pairs (builtin:arithmetic): right vs near-miss answers, the model's own "
         "samples ranked by the task reward, or half of each.")

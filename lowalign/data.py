@@ -122,7 +122,7 @@ class PromptData:
     eval_rows_all: list[dict]
     checker: object
     task: ArithmeticTask | None = None
-    pairs: object = None  # PreferenceData, for preference algorithms on files / hub sets
+    pairs: object = None  # PreferenceData (pairs, or KTO feedback rows), for preference algorithms on files
 
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""

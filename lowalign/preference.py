@@ -1,4 +1,5 @@
-"""Preference pairs ``{prompt, chosen, rejected}`` for DPO and reward models.
+"""Preference data: pairs ``{prompt, chosen, rejected}`` (DPO and its family, reward models) and unpaired
+feedback ``{prompt, completion, label}`` (KTO).
 
 Sources:
 * local JSONL/JSON/parquet files or hub datasets, with string columns or conversational columns (lists
@@ -179,3 +180,71 @@ def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
     limit_prompt_lengths(pairs, tokenizer, cfg, "train")
     limit_prompt_lengths(ev, tokenizer, cfg, "eval")
     return PreferenceData(pairs, ev)
+
+
+# ---- unpaired feedback (KTO): {prompt, completion, label} ------------------------------------------------
+
+
+def pairs_to_feedback(pairs: list[dict]) -> list[dict]:
+    """Each pair becomes two unpaired rows: the chosen completion desirable, the rejected one not."""
+    out = []
+    for p in pairs:
+        extra = {k: v for k, v in p.items() if k not in ("prompt", "chosen", "rejected")}
+        out.append({"prompt": p["prompt"], "completion": p["chosen"], "label": True, **extra})
+        out.append({"prompt": p["prompt"], "completion": p["rejected"], "label": False, **extra})
+    return out
+
+
+def normalize_feedback(row: dict, cfg, tokenizer, where: str) -> dict:
+    """One row in string or conversational format -> {prompt, completion, label}; the label must be a bool."""
+    p, c, lab = row.get(cfg.prompt_column), row.get(cfg.completion_column), row.get(cfg.label_column)
+    if not isinstance(lab, bool):
+        raise DataError(f"{where}: column '{cfg.label_column}' must be true or false (desirable or not), got "
+                        f"{lab!r}")
+    if isinstance(c, list):  # conversational: the prompt may be the messages before the last one
+        if not c or not isinstance(c[-1], dict) or "content" not in c[-1]:
+            raise DataError(f"{where}: conversational '{cfg.completion_column}' must be a list of {{role, content}}")
+        prompt_msgs = p if isinstance(p, list) else c[:-1]
+        if isinstance(p, str):
+            prompt_msgs = [{"role": "user", "content": p}]
+        return {"prompt": _render(prompt_msgs, tokenizer, True), "completion": c[-1]["content"], "label": lab}
+    if isinstance(p, list):
+        p = _render(p, tokenizer, True)
+    if not isinstance(p, str) or not isinstance(c, str):
+        raise DataError(f"{where}: '{cfg.prompt_column}' and '{cfg.completion_column}' must be strings or messages")
+    return {"prompt": p, "completion": c, "label": lab}
+
+
+def load_file_feedback(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
+    """KTO rows from a local file or hub set: ``prompt``, ``completion``, ``label`` columns (names from
+    ``data.*_column``), or, with ``data.pairs_as_feedback``, a preference file whose pairs are split into a
+    desirable and an undesirable row each. A held-out share (or ``eval_path`` / ``eval_split``) is set aside."""
+    if cfg.pairs_as_feedback:
+        pairs = load_file_pairs(cfg, tokenizer, seed, n_eval)
+        return PreferenceData(pairs_to_feedback(pairs.train), pairs_to_feedback(pairs.eval))
+    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
+    rows = _read_table(cfg.path, cfg.source, cfg.split, cfg.subset)
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    need = [cfg.completion_column, cfg.label_column]
+    if not isinstance(rows[0].get(cfg.completion_column), list):
+        need.insert(0, cfg.prompt_column)
+    missing = [k for k in need if k not in rows[0]]
+    if missing:
+        hint = (" (a prompt/chosen/rejected file? set data.pairs_as_feedback=true)"
+                if cfg.chosen_column in rows[0] else "")
+        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. Set "
+                        f"data.prompt_column / data.completion_column / data.label_column{hint}.")
+    fb = [normalize_feedback(r, cfg, tokenizer, f"{where} row {i + 1}") for i, r in enumerate(rows)]
+    if cfg.eval_path or (cfg.eval_split and cfg.path is None):
+        ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
+        ev = [normalize_feedback(r, cfg, tokenizer, f"eval row {i + 1}") for i, r in enumerate(ev_rows)]
+    else:
+        order = list(range(len(fb)))
+        random.Random(seed).shuffle(order)
+        k = min(n_eval, len(fb) // 10)
+        ev = [fb[i] for i in order[:k]]
+        fb = [fb[i] for i in sorted(order[k:])]
+    limit_prompt_lengths(fb, tokenizer, cfg, "train")
+    limit_prompt_lengths(ev, tokenizer, cfg, "eval")
+    return PreferenceData(fb, ev)

@@ -23,7 +23,8 @@ class Algorithm:
         name: the recipe's ``algorithm:`` value.
         config: dataclass of the recipe's ``train:`` section.
         train: ``train(ctx) -> summary dict``, called with the loaded bundle and data.
-        data: ``prompts`` (rows with a prompt) or ``preferences`` (chosen/rejected pairs).
+        data: ``prompts`` (rows with a prompt), ``preferences`` (chosen/rejected pairs) or ``feedback``
+            (unpaired completions labelled desirable or not, KTO).
         check: optional ``check(cfg)`` raising ``ConfigError`` for cross-field rules; it runs in
             ``lowalign validate`` and before a run creates anything or loads a model.
         check_data: optional ``check_data(cfg, data)`` raising ``DataError`` when the loaded data cannot
@@ -33,7 +34,7 @@ class Algorithm:
     name: str
     config: type
     train: Callable
-    data: Literal["prompts", "preferences"] = "prompts"
+    data: Literal["prompts", "preferences", "feedback"] = "prompts"
     check: Callable | None = None
     check_data: Callable | None = None
 

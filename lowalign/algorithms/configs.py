@@ -57,9 +57,22 @@ class SFTConfig:
 
 
 @dataclass
-class DPOConfig:
+class PreferenceConfig:
+    """What every preference algorithm's ``train:`` section has (DPO, ORPO, SimPO, TDPO, KTO)."""
+
     steps: int = F(150, "Optimizer steps.", ge=1)
-    batch_size: int = F(32, "Preference pairs per step.", ge=1)
+    batch_size: int = F(32, "Preference pairs (KTO: feedback rows) per step.", ge=1)
+    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.", ge=1)
+    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.", ge=1)
+    eval_pairs: int = F(500, "Held-out pairs (KTO: rows) for the held-out preference metrics.", ge=1)
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
     beta: float = F(0.1, "KL strength: implicit reward = beta (logp - ref) (DPO, arXiv 2305.18290).", gt=0)
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = F(
         "sigmoid", "sigmoid (DPO), ipo (arXiv 2310.12036), hinge (SLiC), robust (rDPO, arXiv 2403.00409).")
@@ -71,13 +84,6 @@ class DPOConfig:
                                    "adapter), so training runs only the policy.")
     reference_cache_dir: str | None = F(None, "Where the reference log-probs cache lives (default: the run "
                                               "directory); name a shared folder to reuse it across runs.")
-    onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.", ge=1)
-    max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.", ge=1)
-    eval_pairs: int = F(500, "Held-out pairs for the preference accuracy.", ge=1)
-    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
 
 
 @dataclass

@@ -100,7 +100,7 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
         loss = mean_B v
 
     ``z0`` comes from :func:`kto_reference_point`. Shapes: logps, ref_logps (B,); labels (B,) bool. Equals
-    TRL's KTOTrainer (loss_type "kto"). Metrics: rewards ``beta r`` per side, ``kl`` (z0).
+    TRL's KTOTrainer (loss_type "kto"). Metrics: mean reward ``beta r`` of each kind present, ``kl`` (z0).
     """
     lab = labels.bool()
     r = logps.float() - ref_logps.float()
@@ -109,9 +109,11 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, labels: torch.Tensor,
                     undesirable_weight * (1 - torch.sigmoid(beta * (z0 - r))))
     with torch.no_grad():
         rw = beta * r.detach()
-        metrics = {"kl": z0, "rewards/desirable": rw[lab].mean() if lab.any() else rw.new_tensor(float("nan")),
-                   "rewards/undesirable": rw[~lab].mean() if (~lab).any() else rw.new_tensor(float("nan")),
-                   "desirable_fraction": lab.float().mean()}
+        metrics = {"kl": z0, "desirable_fraction": lab.float().mean()}
+        if lab.any():  # a batch may hold one kind only: then the other's mean is absent, not NaN
+            metrics["rewards/desirable"] = rw[lab].mean()
+        if (~lab).any():
+            metrics["rewards/undesirable"] = rw[~lab].mean()
     return LossOutput(loss=v.mean(), metrics=metrics)
 
 

@@ -60,6 +60,8 @@ def test_kto_worked_example():
                    torch.tensor(0.5), beta=1.0, desirable_weight=2.0, undesirable_weight=1.0)
     assert math.isclose(out.loss.item(), (2 * (1 - sig(0.5)) + (1 - sig(1.5))) / 2, rel_tol=1e-6)
     assert out.metrics["rewards/desirable"] == 1.0 and out.metrics["rewards/undesirable"] == -1.0
+    only_good = kto_loss(torch.tensor([-1.0]), torch.tensor([-2.0]), torch.tensor([True]), 0.0)
+    assert "rewards/undesirable" not in only_good.metrics and only_good.metrics["desirable_fraction"] == 1.0
     # reference point: the mean mismatched log-ratio, clamped at 0, carries no gradient
     lp = torch.tensor([-1.0, -2.0], requires_grad=True)
     assert kto_reference_point(lp, torch.tensor([-1.5, -1.5])).item() == 0.0  # mean(.5, -.5) = 0

@@ -15,6 +15,11 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
                      ["reward"], ("loss", "accuracy", "grad_norm")),
     "sft": ("recipes/sft_tiny.yaml", ["train.steps=40", "train.batch_size=8"], ["policy"],
             ("loss", "token_acc", "grad_norm", "lr")),
+    # the preference family shares DPO's loop; each has its own loss, data path (KTO) and reference use
+    **{a: (f"recipes/{a}_tiny.yaml", ["train.steps=12", "data.num_pairs=48", "train.eval_pairs=16",
+                                      "train.batch_size=8"], ["policy"], ("loss", "grad_norm", *keys))
+       for a, keys in (("orpo", ("nll/chosen", "log_odds_ratio")), ("simpo", ("rewards/margin",)),
+                       ("kto", ("kl", "rewards/desirable")), ("tdpo", ("kl/rejected", "rewards/margin")))},
     "essa": ("recipes/es_tiny.yaml", ["train.generations=12", "train.population_size=4",
                                       "train.prompts_per_generation=8", "eval.batch_size=8"],
              ["policy"], ("fitness/mean", "fitness/std", "update_norm", "theta_norm", "sigma")),
@@ -28,7 +33,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, name):
     args = [recipe, *extra, "train.checkpoint_every=2", "eval.num_examples=8", "threads=1"]
     full, killed = tmp_path / "full", tmp_path / "killed"
     cli("run", *args, f"output_dir={full}")
-    kill_after_checkpoint(args, killed, "step_000004", "step_0000" + ("12" if name == "essa" else "40"))
+    last = next(int(a.split("=")[1]) for a in extra if a.startswith(("train.steps=", "train.generations=")))
+    kill_after_checkpoint(args, killed, "step_000004", f"step_{last:06d}")
     p = cli("run", str(killed))
     assert "resumed from" in p.stderr and "taking over the stale lock" in p.stderr
     for a in adapters:
