@@ -168,18 +168,24 @@ def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
         raise DataError(f"{where}: {len(same)} of {len(pairs)} pairs have chosen == rejected (first: row "
                         f"{same[0] + 1}, {pairs[same[0]]['chosen'][:60]!r}); such a pair states no preference: "
                         "remove it")
+    return _with_heldout(pairs, cfg, tokenizer, seed, n_eval, lambda r, i: normalize_pair(r, cfg, tokenizer, where))
+
+
+def _with_heldout(items: list[dict], cfg, tokenizer, seed: int, n_eval: int, normalize) -> PreferenceData:
+    """Train and held-out sets: the held-out file or split when the config names one (rows through
+    ``normalize(row, index)``), else a seeded 10% (at most ``n_eval``) of ``items``; prompt lengths checked."""
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):
         ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
-        ev = [normalize_pair(r, cfg, tokenizer, where) for r in ev_rows]
+        ev = [normalize(r, i) for i, r in enumerate(ev_rows)]
     else:
-        order = list(range(len(pairs)))
+        order = list(range(len(items)))
         random.Random(seed).shuffle(order)
-        k = min(n_eval, len(pairs) // 10)
-        ev = [pairs[i] for i in order[:k]]
-        pairs = [pairs[i] for i in sorted(order[k:])]
-    limit_prompt_lengths(pairs, tokenizer, cfg, "train")
+        k = min(n_eval, len(items) // 10)
+        ev = [items[i] for i in order[:k]]
+        items = [items[i] for i in sorted(order[k:])]
+    limit_prompt_lengths(items, tokenizer, cfg, "train")
     limit_prompt_lengths(ev, tokenizer, cfg, "eval")
-    return PreferenceData(pairs, ev)
+    return PreferenceData(items, ev)
 
 
 # ---- unpaired feedback (KTO): {prompt, completion, label} ------------------------------------------------
@@ -236,15 +242,5 @@ def load_file_feedback(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData
         raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. Set "
                         f"data.prompt_column / data.completion_column / data.label_column{hint}.")
     fb = [normalize_feedback(r, cfg, tokenizer, f"{where} row {i + 1}") for i, r in enumerate(rows)]
-    if cfg.eval_path or (cfg.eval_split and cfg.path is None):
-        ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
-        ev = [normalize_feedback(r, cfg, tokenizer, f"eval row {i + 1}") for i, r in enumerate(ev_rows)]
-    else:
-        order = list(range(len(fb)))
-        random.Random(seed).shuffle(order)
-        k = min(n_eval, len(fb) // 10)
-        ev = [fb[i] for i in order[:k]]
-        fb = [fb[i] for i in sorted(order[k:])]
-    limit_prompt_lengths(fb, tokenizer, cfg, "train")
-    limit_prompt_lengths(ev, tokenizer, cfg, "eval")
-    return PreferenceData(fb, ev)
+    return _with_heldout(fb, cfg, tokenizer, seed, n_eval,
+                         lambda r, i: normalize_feedback(r, cfg, tokenizer, f"held-out row {i + 1}"))

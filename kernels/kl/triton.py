@@ -32,7 +32,15 @@ import torch
 import triton
 import triton.language as tl
 from lowalign.kernels.kl.reference import KLOutput, check_kl_args
-from lowalign.kernels.logprobs.triton import _acc_cols, _acc_rows, _blocks, _flags, _interpreting, _logits_tile
+from lowalign.kernels.logprobs.triton import (
+    _acc_cols,
+    _acc_rows,
+    _blocks,
+    _flags,
+    _interpreting,
+    _logits_tile,
+    head_grads,
+)
 
 
 @triton.jit
@@ -223,36 +231,23 @@ class TritonKL(torch.autograd.Function):
     def backward(ctx, g_kl, g_lp, _g_ref):
         hidden, weight, bias, lora_a, lora_b, ref_hidden, ref_b, u, ru, tgt, lse_z, lse_q = ctx.saved_tensors
         scale, temperature, softcap, flags = ctx.cfg
-        need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         zeros = torch.zeros_like(lse_z)
         gkl = zeros if g_kl is None else g_kl.float().contiguous()
         glp = zeros if g_lp is None else g_lp.float().contiguous()
         ptrs, dims, strides = _args(hidden, ref_hidden, weight, u, lora_b, ru, ref_b, bias)
-        N, V, D, R, _ = dims
-        f32 = dict(device=hidden.device, dtype=torch.float32)
+        N, V = dims[:2]
         common = (*ptrs, tgt, lse_z, lse_q, gkl, glp)
         tail = (*dims, *strides, 1.0 / temperature, softcap or 1.0)
-        dH = dA = dW = db = dB = None
-        if need_h or need_a:
-            dh = torch.zeros(N, D, **f32) if need_h else torch.zeros(1, **f32)
-            du = torch.zeros(N, max(R, 1), **f32)
-            _kl_bwd_dh_kernel[(triton.cdiv(N, flags["BLOCK_N"]),)](*common, dh, du, *tail, NEED_DH=need_h, **flags)
-            if u is not None:
-                du = du[:, :R]
-                if need_h:
-                    dh += scale * (du @ lora_a.float())
-                if need_a:
-                    dA = (scale * (du.T @ hidden.float())).to(lora_a.dtype)
-            dH = dh.to(hidden.dtype) if need_h else None
-        if need_w or need_b or need_bb:
-            dw = torch.zeros(V, D, **f32) if need_w else torch.zeros(1, **f32)
-            dbias = torch.zeros(V, **f32) if need_b else torch.zeros(1, **f32)
-            db2 = torch.zeros(V, max(R, 1), **f32) if need_bb else torch.zeros(1, **f32)
+
+        def launch_dh(dh, du, need_dh):
+            _kl_bwd_dh_kernel[(triton.cdiv(N, flags["BLOCK_N"]),)](*common, dh, du, *tail, NEED_DH=need_dh, **flags)
+
+        def launch_dw(dw, dbias, db2, need):
             _kl_bwd_dw_kernel[(triton.cdiv(V, flags["BLOCK_V"]),)](
-                *common, dw, dbias, db2, *tail, NEED_W=need_w, NEED_BIAS=need_b, NEED_B2=need_bb, **flags)
-            dW = dw.to(weight.dtype) if need_w else None
-            db = dbias.to(bias.dtype) if need_b else None
-            dB = db2[:, :R].to(lora_b.dtype) if need_bb else None
+                *common, dw, dbias, db2, *tail, NEED_W=need[0], NEED_BIAS=need[1], NEED_B2=need[2], **flags)
+
+        dH, dW, db, dA, dB = head_grads(ctx.needs_input_grad[:5], hidden, weight, bias, lora_a, lora_b, u, scale,
+                                        launch_dh, launch_dw)
         return dH, dW, db, dA, dB, None, None, None, None, None, None, None, None
 
 

@@ -275,6 +275,38 @@ def _common(hidden, weight, u, lora_b, bias):
     return N, V, D, R, args, strides
 
 
+def head_grads(needs, hidden, weight, bias, lora_a, lora_b, u, scale, launch_dh, launch_dw):
+    """The backward kernels' host side: allocate the fp32 buffers of the gradients ``needs`` asks for (H, W, b,
+    A, B), launch ``launch_dh(dh, du, need_dh)`` (token blocks: dH += dx W, dU += dx B) and
+    ``launch_dw(dw, db, dB, (need_w, need_b, need_B))`` (vocabulary blocks, only when the head trains), then
+    finish the LoRA terms: dH += s dU A, dA = s dU^T H. Returns (dH, dW, db, dA, dB) in the inputs' dtypes."""
+    need_h, need_w, need_b, need_a, need_bb = needs
+    N, D = hidden.shape
+    V, R = weight.shape[0], (u.shape[1] if u is not None else 0)
+    f32 = dict(device=hidden.device, dtype=torch.float32)
+    dH = dA = dW = db = dB = None
+    if need_h or need_a:
+        dh = torch.zeros(N, D, **f32) if need_h else torch.zeros(1, **f32)
+        du = torch.zeros(N, max(R, 1), **f32)
+        launch_dh(dh, du, need_h)
+        if u is not None:
+            du = du[:, :R]
+            if need_h:
+                dh += scale * (du @ lora_a.float())
+            if need_a:
+                dA = (scale * (du.T @ hidden.float())).to(lora_a.dtype)
+        dH = dh.to(hidden.dtype) if need_h else None
+    if need_w or need_b or need_bb:
+        dw = torch.zeros(V, D, **f32) if need_w else torch.zeros(1, **f32)
+        dbias = torch.zeros(V, **f32) if need_b else torch.zeros(1, **f32)
+        db2 = torch.zeros(V, max(R, 1), **f32) if need_bb else torch.zeros(1, **f32)
+        launch_dw(dw, dbias, db2, (need_w, need_b, need_bb))
+        dW = dw.to(weight.dtype) if need_w else None
+        db = dbias.to(bias.dtype) if need_b else None
+        dB = db2[:, :R].to(lora_b.dtype) if need_bb else None
+    return dH, dW, db, dA, dB
+
+
 class TritonLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lora_scale, temperature,
@@ -303,42 +335,28 @@ class TritonLogProbs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent, g_kl):
         hidden, weight, bias, lora_a, lora_b, u, tgt, ref_logps, lse, logp, ent = ctx.saved_tensors
         scale, temperature, estimator, softcap = ctx.cfg
-        need_h, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = torch.zeros_like(logp) if g_lp is None else g_lp.float().contiguous()
         if g_kl is not None and ref_logps is not None:
             g = (g + g_kl.float() * _dkl_dlogp(logp, ref_logps.float(), estimator)).contiguous()
         has_ent = g_ent is not None and bool(torch.any(g_ent != 0))
         gent = g_ent.float().contiguous() if has_ent else g
         N, V, D, R, args, strides = _common(hidden, weight, u, lora_b, bias)
-        f32 = dict(device=hidden.device, dtype=torch.float32)
         bl, fl = _blocks(D, R), _flags(hidden)
         common = dict(HAS_BIAS=bias is not None, HAS_LORA=u is not None, SOFTCAP=softcap is not None,
                       HAS_ENT=has_ent, **fl, **bl)
-        inv_t = 1.0 / temperature
-        dH = dA = dW = db = dB = None
-        if need_h or need_a:
-            dh = torch.zeros(N, D, **f32) if need_h else torch.zeros(1, **f32)
-            du = torch.zeros(N, max(R, 1), **f32)
-            _bwd_dh_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](
-                *args, tgt, lse, g, ent, gent, dh, du, N, V, D, R, *strides, inv_t, softcap or 1.0,
-                NEED_DH=need_h, **common)
-            if u is not None:
-                du = du[:, :R]
-                if need_h:
-                    dh += scale * (du @ lora_a.float())
-                if need_a:
-                    dA = (scale * (du.T @ hidden.float())).to(lora_a.dtype)
-            dH = dh.to(hidden.dtype) if need_h else None
-        if need_w or need_b or need_bb:
-            dw = torch.zeros(V, D, **f32) if need_w else torch.zeros(1, **f32)
-            dbias = torch.zeros(V, **f32) if need_b else torch.zeros(1, **f32)
-            db2 = torch.zeros(V, max(R, 1), **f32) if need_bb else torch.zeros(1, **f32)
-            _bwd_dw_kernel[(triton.cdiv(V, bl["BLOCK_V"]),)](
-                *args, tgt, lse, g, ent, gent, dw, dbias, db2, N, V, D, R, *strides, inv_t, softcap or 1.0,
-                NEED_W=need_w, NEED_BIAS=need_b, NEED_B2=need_bb, **common)
-            dW = dw.to(weight.dtype) if need_w else None
-            db = dbias.to(bias.dtype) if need_b else None
-            dB = db2[:, :R].to(lora_b.dtype) if need_bb else None
+        tail = (N, V, D, R, *strides, 1.0 / temperature, softcap or 1.0)
+
+        def launch_dh(dh, du, need_dh):
+            _bwd_dh_kernel[(triton.cdiv(N, bl["BLOCK_N"]),)](*args, tgt, lse, g, ent, gent, dh, du, *tail,
+                                                              NEED_DH=need_dh, **common)
+
+        def launch_dw(dw, dbias, db2, need):
+            _bwd_dw_kernel[(triton.cdiv(V, bl["BLOCK_V"]),)](*args, tgt, lse, g, ent, gent, dw, dbias, db2, *tail,
+                                                              NEED_W=need[0], NEED_BIAS=need[1], NEED_B2=need[2],
+                                                              **common)
+
+        dH, dW, db, dA, dB = head_grads(ctx.needs_input_grad[:5], hidden, weight, bias, lora_a, lora_b, u, scale,
+                                        launch_dh, launch_dw)
         return dH, dW, db, dA, dB, None, None, None, None, None, None
 
 
