@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every tiny recipe as its README/issue acceptance command and prints the summary numbers.
-#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~32 minutes on 2 CPU cores)
+#   bash benchmarks/run_recipes.sh [OUT_DIR]      (default runs/acceptance; ~36 minutes on 2 CPU cores)
 #   ONLY="rm_tiny ppo_rm_tiny" bash benchmarks/run_recipes.sh /tmp/acc   # a subset, same table
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +36,8 @@ run orpo_tiny recipes/orpo_tiny.yaml
 run simpo_tiny recipes/simpo_tiny.yaml
 run kto_tiny recipes/kto_tiny.yaml
 run tdpo_tiny recipes/tdpo_tiny.yaml
+run remax_tiny recipes/remax_tiny.yaml
+run reinforcepp_tiny recipes/reinforcepp_tiny.yaml
 run rm_tiny recipes/rm_tiny.yaml
 run grpo_rm_tiny recipes/grpo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"
 run es_tiny recipes/es_tiny.yaml

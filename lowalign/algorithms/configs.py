@@ -18,7 +18,9 @@ class OptimConfig:
 
 
 @dataclass
-class GRPOConfig:
+class RolloutConfig:
+    """What every on-policy trainer built on the GRPO step has (GRPO, ReMax, REINFORCE++)."""
+
     steps: int = F(100, "Optimizer steps (one generation batch each, times num_iterations).", ge=1)
     prompts_per_step: int = F(16, "Distinct prompts per generation batch.", ge=1)
     num_generations: int = F(8, "Completions per prompt (the group size G).", ge=1)
@@ -29,9 +31,6 @@ class GRPOConfig:
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = F(
         "grpo", "Aggregation: grpo (per-sequence mean), bnpo (token mean), dr_grpo (/ B x max len, "
         "arXiv 2503.20783), dapo (global token mean, arXiv 2503.14476).")
-    scale_rewards: Literal["group", "batch", "none"] = F(
-        "group", "Divide advantages by the group std, the batch std, or nothing (Dr. GRPO).")
-    leave_one_out: bool = F(False, "RLOO baseline: mean of the other group members (arXiv 2402.14740).")
     beta: float = F(0.0, "KL coefficient to the adapter-off reference (0 skips the reference pass, as "
                          "DAPO/Dr. GRPO recommend).", ge=0)
     kl_estimator: Literal["k1", "k2", "k3"] = F("k3", "Per-token KL estimator (Schulman's k3 is unbiased, >= 0).")
@@ -44,6 +43,13 @@ class GRPOConfig:
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
     max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    scale_rewards: Literal["group", "batch", "none"] = F(
+        "group", "Divide advantages by the group std, the batch std, or nothing (Dr. GRPO).")
+    leave_one_out: bool = F(False, "RLOO baseline: mean of the other group members (arXiv 2402.14740).")
 
 
 @dataclass

@@ -13,6 +13,8 @@ Deterministic: all randomness of step ``s`` derives from ``(seed, s)``, so resum
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +49,33 @@ def completion_logprobs(bundle, roll, tc, *, with_entropy=False, rows=None):
     return out.logps[:, P:], ent
 
 
-def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """How a step turns its scored rollout into advantages; GRPO's group baseline is one, ReMax's greedy
+    baseline and REINFORCE++'s KL-shaped, batch-whitened returns are others.
+
+    Attributes:
+        fn: ``fn(ctx, rows, roll, rb, rewards, old, ref) -> (advantages (B,) or (B, C), metrics)``; ``rb``
+            the rollout's scores, ``rewards`` the reward sources (to score more completions), ``old`` / ``ref``
+            the rollout policy's / reference's completion log-probs (B, C) when asked for, else None.
+        needs_old: compute the rollout policy's log-probs even with ``num_iterations == 1``.
+        needs_ref: compute the reference's log-probs even with ``beta == 0``.
+    """
+
+    fn: Callable
+    needs_old: bool = False
+    needs_ref: bool = False
+
+
+def _group_advantages(ctx, rows, roll, rb, rewards, old, ref):
+    tc = ctx.cfg.train
+    return grpo_advantages(rb.total, tc.num_generations, scale=tc.scale_rewards, leave_one_out=tc.leave_one_out), {}
+
+
+GROUP = AdvantageEstimator(_group_advantages)
+
+
+def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: AdvantageEstimator = GROUP) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     t0 = time.time()
     seed_everything(step_seed(cfg.seed, step))
@@ -60,19 +88,19 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     rb = rewards(prompts, roll.texts, row_columns(rows, G))
-    adv = grpo_advantages(rb.total, G, scale=tc.scale_rewards, leave_one_out=tc.leave_one_out)
-    adv = adv.to(bundle.device)
     cmask = roll.completion_mask.float()
     B = cmask.shape[0]
 
     old = ref = None
     with torch.no_grad():
-        if tc.num_iterations > 1:
+        if tc.num_iterations > 1 or estimator.needs_old:
             with bundle.use(POLICY):
                 old, _ = completion_logprobs(bundle, roll, tc)
-        if tc.beta != 0.0:
+        if tc.beta != 0.0 or estimator.needs_ref:
             with bundle.use("reference"):
                 ref, _ = completion_logprobs(bundle, roll, tc)
+    adv, est_metrics = estimator.fn(ctx, rows, roll, rb, rewards, old, ref)
+    adv = adv.to(bundle.device)
 
     mb = tc.micro_batch_size or B
     chunks = [slice(s, min(B, s + mb)) for s in range(0, B, mb)]
@@ -103,8 +131,9 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources) -> dict:
          **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
          **agg, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "completion_length": lengths.mean().item(),
-         "frac_reward_zero_std": (rb.total.view(-1, G).std(1) == 0).float().mean().item(),
-         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **est_metrics}
+    if G > 1:
+        m["frac_reward_zero_std"] = (rb.total.view(-1, G).std(1) == 0).float().mean().item()
     return m
 
 
@@ -118,26 +147,31 @@ def check(cfg) -> None:
                           "(prompts_per_step x num_generations)")
 
 
-def train(ctx) -> dict:
+def train_rollouts(ctx, desc: str, estimator: AdvantageEstimator = GROUP,
+                   fields=("reward", "kl", "clip_ratio/region", "completion_length")) -> dict:
+    """The on-policy loop (GRPO, ReMax, REINFORCE++): one :func:`grpo_step` per step with ``estimator``."""
     tc, bundle = ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     rewards = reward_sources(ctx)
     opt, sched = make_optimizer(bundle.adapter_parameters(POLICY), tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
     bundle.base.train()
-    fields = ("reward", "kl", "clip_ratio/region", "completion_length")
     t_start = time.time()
-    with Progress(tc.steps, start, fields, desc="grpo", every=tc.log_every) as bar:
+    with Progress(tc.steps, start, fields, desc=desc, every=tc.log_every) as bar:
         for step in range(start, tc.steps):
             if tc.max_time_s and time.time() - t_start > tc.max_time_s:
                 break
-            m = grpo_step(ctx, step, opt, sched, rewards)
+            m = grpo_step(ctx, step, opt, sched, rewards, estimator)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched)
     hist = ctx.run_dir.read_metrics()
     tail = hist[-10:]
     extra = {"steps": tc.steps, "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}
     return finish(ctx, [POLICY], baseline, extra)
+
+
+def train(ctx) -> dict:
+    return train_rollouts(ctx, "grpo")
 
 
 register("grpo", GRPOConfig, train, check=check)

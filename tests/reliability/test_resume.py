@@ -20,6 +20,10 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
                                       "train.batch_size=8"], ["policy"], ("loss", "grad_norm", *keys))
        for a, keys in (("orpo", ("nll/chosen", "log_odds_ratio")), ("simpo", ("rewards/margin",)),
                        ("kto", ("kl", "rewards/desirable")), ("tdpo", ("kl/rejected", "rewards/margin")))},
+    # ReMax and REINFORCE++ run GRPO's step with their own advantages (GRPO's resume test is in algorithms/)
+    **{a: (f"recipes/{r}.yaml", ["train.steps=12", "train.prompts_per_step=8"], ["policy"],
+           ("loss", "grad_norm", "reward", key))
+       for a, r, key in (("remax", "remax_tiny", "reward_greedy"), ("reinforce_pp", "reinforcepp_tiny", "reward_kl"))},
     "essa": ("recipes/es_tiny.yaml", ["train.generations=12", "train.population_size=4",
                                       "train.prompts_per_generation=8", "eval.batch_size=8"],
              ["policy"], ("fitness/mean", "fitness/std", "update_norm", "theta_norm", "sigma")),
