@@ -54,7 +54,26 @@ def check_config(cfg: C.RunConfig) -> None:
                             "rows (it is for algorithm: kto)")
     if algo.check is not None:
         algo.check(cfg)
-    check_model(cfg)  # config.json only: a skeleton on the meta device, no weights
+    _check_soup(cfg.reference_soup)
+    check_model(cfg)
+
+
+def _check_soup(dirs: list[str]) -> None:
+    """The adapters of a reference soup average element-wise: same rank and target modules (their
+    adapter_config.json files, before any weights load)."""
+    import json
+
+    shapes = []
+    for i, d in enumerate(dirs):
+        f = Path(d).expanduser() / "adapter_config.json"
+        if not f.exists():
+            raise C.ConfigError(f"reference_soup[{i}]: no adapter_config.json in {d}")
+        c = json.loads(f.read_text())
+        shapes.append((c.get("r"), sorted(c.get("target_modules") or [])))
+        if shapes[i] != shapes[0]:
+            raise C.ConfigError(f"reference_soup[{i}]: rank {shapes[i][0]} on {shapes[i][1]} does not match "
+                                f"reference_soup[0] (rank {shapes[0][0]} on {shapes[0][1]}); a soup averages "
+                                "adapters of one shape")  # config.json only: a skeleton on the meta device, no weights
 
 
 def config_from_dict(raw: dict, overrides=None) -> C.RunConfig:

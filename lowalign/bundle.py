@@ -297,6 +297,24 @@ class ModelBundle:
         self.freeze_adapter(INIT_REFERENCE)
         self.reference_adapter = INIT_REFERENCE
 
+    def set_reference_soup(self, directories: list[str | Path]) -> None:
+        """Make the reference role the element-wise average of the adapters saved in ``directories`` (a weight
+        soup, SALSA), loaded as one more frozen adapter on the same base: never a second base."""
+        from safetensors.torch import load_file
+
+        dirs = [Path(d) for d in directories]
+        cfg0 = saved_lora_config(dirs[0])
+        states = [load_file(str(d / "adapter_model.safetensors"), device=str(self.device)) for d in dirs]
+        for d, st in zip(dirs[1:], states[1:]):
+            if st.keys() != states[0].keys() or any(st[k].shape != states[0][k].shape for k in st):
+                raise ValueError(f"reference soup: the adapter in {d} does not match the one in {dirs[0]} "
+                                 "(rank and target modules must be the same)")
+        avg = {k: torch.stack([st[k].float() for st in states]).mean(0).to(states[0][k].dtype) for k in states[0]}
+        self.add_adapter(INIT_REFERENCE, cfg0)
+        self._load_state(INIT_REFERENCE, avg, f"the soup of {len(dirs)} adapters")
+        self.freeze_adapter(INIT_REFERENCE)
+        self.reference_adapter = INIT_REFERENCE
+
     @property
     def role(self) -> str:
         return self._role
@@ -414,18 +432,20 @@ class ModelBundle:
         return directory
 
     def load_adapter(self, name: str, directory: str | Path) -> None:
-        from peft.utils import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         directory = Path(directory)
         f = directory / "adapter_model.safetensors"
         if not f.exists():
             raise FileNotFoundError(f"no adapter_model.safetensors in {directory}")
-        state = load_file(str(f), device=str(self.device))
+        self._load_state(name, load_file(str(f), device=str(self.device)), f"adapter at {directory}")
+
+    def _load_state(self, name: str, state: dict, what: str) -> None:
+        from peft.utils import set_peft_model_state_dict
+
         res = set_peft_model_state_dict(self.peft, state, adapter_name=name)
-        missing = [k for k in res.unexpected_keys]
-        if missing:
-            raise ValueError(f"adapter at {directory} does not fit adapter '{name}': unexpected {missing[:3]}")
+        if res.unexpected_keys:
+            raise ValueError(f"{what} does not fit adapter '{name}': unexpected {res.unexpected_keys[:3]}")
 
     def save_heads(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -136,9 +136,13 @@ class RunConfig:
     data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")
     eval: EvalConfig = F(factory=EvalConfig, help="Held-out evaluation.")
     rewards: list[RewardSpec] = F(factory=list, help="Reward sources combined by weighted sum.")
-    reference: Literal["auto", "base", "init"] = F(
-        "auto", "The KL/DPO reference: base (the base model, adapters off) or init (a frozen copy of the "
-        "starting adapter lora.init_from, on the same base). auto: init when lora.init_from is set, else base.")
+    reference: Literal["auto", "base", "init", "soup"] = F(
+        "auto", "The KL/DPO reference: base (the base model, adapters off), init (a frozen copy of the "
+        "starting adapter lora.init_from, on the same base) or soup (the element-wise average of the adapters "
+        "in reference_soup, one more adapter on the same base; SALSA, arXiv 2411.01798). auto: init when "
+        "lora.init_from is set, else base.")
+    reference_soup: list[str] = F(factory=list, help="reference: soup: directories of saved PEFT adapters (same "
+                                                     "rank and target modules) averaged into the reference.")
     train: Any = F(None, "Algorithm-specific settings (fields depend on `algorithm`).")
 
 
@@ -370,10 +374,15 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"rewards[{i}].path: a learned reward needs the reward_model run that trained it")
     if cfg.reference == "init" and not cfg.lora.init_from:
         raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from")
+    if (cfg.reference == "soup") != bool(cfg.reference_soup):
+        raise ConfigError("reference_soup: give the adapter directories to average exactly when reference: soup")
+    for i, d in enumerate(cfg.reference_soup):
+        if not (Path(d).expanduser() / "adapter_model.safetensors").exists():
+            raise ConfigError(f"reference_soup[{i}]: no saved adapter (adapter_model.safetensors) in {d}")
 
 
 def reference_mode(cfg: RunConfig) -> str:
-    """'init' or 'base': what ``reference: auto`` means for this config."""
+    """'init', 'base' or 'soup': what ``reference: auto`` means for this config."""
     if cfg.reference == "auto":
         return "init" if cfg.lora.init_from else "base"
     return cfg.reference

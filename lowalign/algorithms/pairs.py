@@ -117,8 +117,9 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
     from lowalign.models import fingerprint
 
     m, ref = ctx.cfg.model, reference_mode(ctx.cfg)
+    adapters = {"init": [ctx.cfg.lora.init_from], "soup": ctx.cfg.reference_soup}.get(ref, [])
     key = hashlib.sha256(json.dumps([pairs, fingerprint(m.name_or_path), m.quantization, m.dtype, ref,
-                                     fingerprint(ctx.cfg.lora.init_from) if ref == "init" else None],
+                                     [fingerprint(a) for a in adapters]],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(getattr(ctx.cfg.train, "reference_cache_dir", None) or ctx.run_dir.path)
     cache = cache_dir / f"ref_logps-{key}.safetensors"
