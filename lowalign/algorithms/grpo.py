@@ -8,6 +8,9 @@ One step:
      off) through the fused log-prob path, no grad;
   4. ``num_iterations`` optimizer steps on the clipped surrogate (micro-batched).
 Deterministic: all randomness of step ``s`` derives from ``(seed, s)``, so resume is exact.
+
+Step 2's advantages come from an :class:`AdvantageEstimator`; ReMax (``remax.py``) and REINFORCE++
+(``reinforce_pp.py``) are this step with theirs, through :func:`train_rollouts`.
 """
 
 from __future__ import annotations
