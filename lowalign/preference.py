@@ -134,34 +134,47 @@ def _render(messages, tokenizer, add_generation_prompt: bool) -> str:
     return text + ("assistant: " if add_generation_prompt else "")
 
 
+def _conversation_prompt(p, messages: list, column: str, tokenizer, where: str) -> str:
+    """The prompt text for a conversational completion ``messages`` (its last message is the completion): the
+    prompt column's messages, or its string as one user message, or else the completion's earlier messages."""
+    if not messages or not isinstance(messages[-1], dict) or "content" not in messages[-1]:
+        raise DataError(f"{where}: conversational '{column}' must be a list of {{role, content}}")
+    if isinstance(p, str):
+        p = [{"role": "user", "content": p}]
+    return _render(p if isinstance(p, list) else messages[:-1], tokenizer, True)
+
+
+def _read_rows(cfg, fields: list[str], hint: str = "") -> tuple[list[dict], str]:
+    """The file's or hub set's rows and its name for messages. Fails on an empty set and on missing columns:
+    those named by the DataConfig ``fields`` (the first holds the completion), and the prompt column unless
+    the first is conversational (then the prompt may be inside it)."""
+    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
+    rows = _read_table(cfg.path, cfg.source, cfg.split, cfg.subset)
+    if not rows:
+        raise DataError(f"{where}: the dataset is empty")
+    if not isinstance(rows[0].get(getattr(cfg, fields[0])), list):
+        fields = ["prompt_column", *fields]
+    missing = [getattr(cfg, f) for f in fields if getattr(cfg, f) not in rows[0]]
+    if missing:
+        names = " / ".join(f"data.{f}" for f in dict.fromkeys(["prompt_column", *fields]))
+        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. Set {names}"
+                        f"{hint if cfg.chosen_column in rows[0] else ''}.")
+    return rows, where
+
+
 def normalize_pair(row: dict, cfg, tokenizer, where: str) -> dict:
     """One row in string or conversational format -> {prompt, chosen, rejected} strings."""
     p, c, r = row.get(cfg.prompt_column), row.get(cfg.chosen_column), row.get(cfg.rejected_column)
     if isinstance(c, list):  # conversational: messages; the prompt may be inside chosen/rejected (HH style)
-        if not c or not isinstance(c[-1], dict) or "content" not in c[-1]:
-            raise DataError(f"{where}: conversational '{cfg.chosen_column}' must be a list of {{role, content}}")
-        prompt_msgs = p if isinstance(p, list) else c[:-1]
-        if isinstance(p, str):
-            prompt_msgs = [{"role": "user", "content": p}]
-        return {"prompt": _render(prompt_msgs, tokenizer, True), "chosen": c[-1]["content"],
-                "rejected": r[-1]["content"]}
+        return {"prompt": _conversation_prompt(p, c, cfg.chosen_column, tokenizer, where),
+                "chosen": c[-1]["content"], "rejected": r[-1]["content"]}
     if isinstance(p, list):
         p = _render(p, tokenizer, True)
     return {"prompt": p, "chosen": c, "rejected": r}
 
 
 def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
-    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
-    rows = _read_table(cfg.path, cfg.source, cfg.split, cfg.subset)
-    if not rows:
-        raise DataError(f"{where}: the dataset is empty")
-    need = [cfg.chosen_column, cfg.rejected_column]
-    if not isinstance(rows[0].get(cfg.chosen_column), list):
-        need.insert(0, cfg.prompt_column)
-    missing = [k for k in need if k not in rows[0]]
-    if missing:
-        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. "
-                        "Set data.prompt_column / data.chosen_column / data.rejected_column.")
+    rows, where = _read_rows(cfg, ["chosen_column", "rejected_column"])
     pairs = [normalize_pair(r, cfg, tokenizer, where) for r in rows]
     same = [i for i, p in enumerate(pairs) if p["chosen"] == p["rejected"]]
     if same:
@@ -208,12 +221,8 @@ def normalize_feedback(row: dict, cfg, tokenizer, where: str) -> dict:
         raise DataError(f"{where}: column '{cfg.label_column}' must be true or false (desirable or not), got "
                         f"{lab!r}")
     if isinstance(c, list):  # conversational: the prompt may be the messages before the last one
-        if not c or not isinstance(c[-1], dict) or "content" not in c[-1]:
-            raise DataError(f"{where}: conversational '{cfg.completion_column}' must be a list of {{role, content}}")
-        prompt_msgs = p if isinstance(p, list) else c[:-1]
-        if isinstance(p, str):
-            prompt_msgs = [{"role": "user", "content": p}]
-        return {"prompt": _render(prompt_msgs, tokenizer, True), "completion": c[-1]["content"], "label": lab}
+        return {"prompt": _conversation_prompt(p, c, cfg.completion_column, tokenizer, where),
+                "completion": c[-1]["content"], "label": lab}
     if isinstance(p, list):
         p = _render(p, tokenizer, True)
     if not isinstance(p, str) or not isinstance(c, str):
@@ -228,19 +237,8 @@ def load_file_feedback(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData
     if cfg.pairs_as_feedback:
         pairs = load_file_pairs(cfg, tokenizer, seed, n_eval)
         return PreferenceData(pairs_to_feedback(pairs.train), pairs_to_feedback(pairs.eval))
-    where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
-    rows = _read_table(cfg.path, cfg.source, cfg.split, cfg.subset)
-    if not rows:
-        raise DataError(f"{where}: the dataset is empty")
-    need = [cfg.completion_column, cfg.label_column]
-    if not isinstance(rows[0].get(cfg.completion_column), list):
-        need.insert(0, cfg.prompt_column)
-    missing = [k for k in need if k not in rows[0]]
-    if missing:
-        hint = (" (a prompt/chosen/rejected file? set data.pairs_as_feedback=true)"
-                if cfg.chosen_column in rows[0] else "")
-        raise DataError(f"{where}: missing column(s) {missing}; available: {sorted(rows[0])}. Set "
-                        f"data.prompt_column / data.completion_column / data.label_column{hint}.")
+    rows, where = _read_rows(cfg, ["completion_column", "label_column"],
+                             hint=" (a prompt/chosen/rejected file? set data.pairs_as_feedback=true)")
     fb = [normalize_feedback(r, cfg, tokenizer, f"{where} row {i + 1}") for i, r in enumerate(rows)]
     return _with_heldout(fb, cfg, tokenizer, seed, n_eval,
                          lambda r, i: normalize_feedback(r, cfg, tokenizer, f"held-out row {i + 1}"))

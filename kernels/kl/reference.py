@@ -30,7 +30,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from lowalign.kernels.logprobs.reference import _CHUNK_ELEMENTS, _MIN_CHUNK, HeadGrads, _chunk_logits
+from lowalign.kernels.logprobs.reference import (
+    _CHUNK_ELEMENTS,
+    _MIN_CHUNK,
+    HeadGrads,
+    _chunk_logits,
+    naive_log_softmax,
+)
 
 
 @dataclass
@@ -44,20 +50,10 @@ def naive_kl(hidden, ref_hidden, weight, targets, *, bias=None, lora_a=None, lor
              ref_lora_a=None, ref_lora_b=None, ref_lora_scale=1.0, temperature=1.0, softcap=None) -> KLOutput:
     """Full-logits implementation with ``torch.nn.functional.kl_div`` (materializes N x V twice): the
     independent check for tests and benchmarks."""
-
-    def logprobs(h, a, b, s):
-        x = h.float() @ weight.float().T
-        if bias is not None:
-            x = x + bias.float()
-        if a is not None:
-            x = x + s * (h.float() @ a.float().T) @ b.float().T
-        if softcap:
-            x = softcap * torch.tanh(x / softcap)
-        return torch.log_softmax(x / temperature, dim=-1)
-
-    logp = logprobs(hidden, lora_a, lora_b, lora_scale)
+    logp = naive_log_softmax(hidden, weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
     with torch.no_grad():
-        logq = logprobs(ref_hidden, ref_lora_a, ref_lora_b, ref_lora_scale)
+        logq = naive_log_softmax(ref_hidden, weight, bias, ref_lora_a, ref_lora_b, ref_lora_scale, temperature,
+                                 softcap)
     # kl_div(input=log P, target=log Q, log_target) = sum Q (log Q - log P)
     kl = torch.nn.functional.kl_div(logp, logq, reduction="none", log_target=True).sum(-1)
     y = targets[:, None].long()

@@ -63,10 +63,8 @@ def _dkl_dlogp(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> 
     return 1.0 - torch.exp(delta)  # k3
 
 
-def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
-                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
-                   softcap=None) -> LogProbOutput:
-    """Full-logits implementation (materializes N x V). Independent check for tests and benchmarks."""
+def naive_log_softmax(hidden, weight, bias, lora_a, lora_b, lora_scale, temperature, softcap) -> torch.Tensor:
+    """log softmax of the full (N, V) fp32 logits, written out plainly (no chunking, no custom backward)."""
     logits = hidden.float() @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
@@ -74,7 +72,14 @@ def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=No
         logits = logits + lora_scale * (hidden.float() @ lora_a.float().T) @ lora_b.float().T
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    logp_all = torch.log_softmax(logits / temperature, dim=-1)
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=None, lora_scale=1.0,
+                   temperature=1.0, ref_logps=None, kl_estimator="k3", with_entropy=False,
+                   softcap=None) -> LogProbOutput:
+    """Full-logits implementation (materializes N x V). Independent check for tests and benchmarks."""
+    logp_all = naive_log_softmax(hidden, weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
     logps = logp_all.gather(-1, targets[:, None].long()).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
     kl = kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None else None

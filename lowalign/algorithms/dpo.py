@@ -48,7 +48,7 @@ def objective(ctx, data) -> PreferenceObjective:
 
 
 def train(ctx) -> dict:
-    return train_preference(ctx, ctx.cfg.train, "dpo", lambda data: objective(ctx, data))
+    return train_preference(ctx, "dpo", lambda data: objective(ctx, data))
 
 
 register("dpo", DPOConfig, train, data="preferences")

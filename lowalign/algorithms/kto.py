@@ -54,29 +54,29 @@ def objective(ctx, data) -> PreferenceObjective:
         prompts, comps = _columns(rows)
         labels = torch.tensor([bool(r["label"]) for r in rows], device=bundle.device)
         n = len(rows)
+        other = mismatched(rows)
         lp, _ = completion_logps(bundle, prompts, comps)
         with torch.no_grad():
-            kl_lp, _ = completion_logps(bundle, prompts, mismatched(rows))
+            kl_lp, _ = completion_logps(bundle, prompts, other)
             with bundle.use("reference"):
-                ref, _ = completion_logps(bundle, prompts * 2, comps + mismatched(rows))
+                ref, _ = completion_logps(bundle, prompts * 2, comps + other)
         z0 = kto_reference_point(kl_lp, ref[n:])
         return kto_loss(lp, ref[:n], labels, z0, beta=tc.beta, desirable_weight=tc.desirable_weight,
                         undesirable_weight=tc.undesirable_weight)
 
-    ref_eval = {}
+    ref_eval = {}  # held-out chunk offset -> its reference log-probs: the held-out rows are fixed
 
     def heldout(rows):
         """label_accuracy: share of held-out rows whose implicit reward logp - ref has the sign of the label
         (a tie counts one half: a fresh adapter scores 0.5)."""
-        if "ref" not in ref_eval:  # the held-out rows are fixed: their reference log-probs once per run
-            with torch.no_grad(), bundle.use("reference"):
-                ref_eval["ref"] = torch.cat([completion_logps(bundle, *_columns(rows[s:s + 128]))[0]
-                                             for s in range(0, len(rows), 128)])
 
         def hits(chunk, start):
+            if start not in ref_eval:
+                with bundle.use("reference"):
+                    ref_eval[start] = completion_logps(bundle, *_columns(chunk))[0]
             lp, _ = completion_logps(bundle, *_columns(chunk))
             sign = torch.tensor([1.0 if r["label"] else -1.0 for r in chunk], device=lp.device)
-            return preference_hits(sign * (lp - ref_eval["ref"][start:start + len(chunk)].to(lp.device)))
+            return preference_hits(sign * (lp - ref_eval[start].to(lp.device)))
 
         return {"label_accuracy": heldout_mean(bundle, rows, hits)}
 
@@ -88,7 +88,7 @@ def _columns(rows):
 
 
 def train(ctx) -> dict:
-    return train_preference(ctx, ctx.cfg.train, "kto", lambda data: objective(ctx, data), load=run_feedback,
+    return train_preference(ctx, "kto", lambda data: objective(ctx, data), load=run_feedback,
                             unit="rows", bar_fields=("loss", "kl", "rewards/desirable", "rewards/undesirable"))
 
 

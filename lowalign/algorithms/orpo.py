@@ -30,7 +30,7 @@ def objective(ctx, data) -> PreferenceObjective:
 
 
 def train(ctx) -> dict:
-    return train_preference(ctx, ctx.cfg.train, "orpo", lambda data: objective(ctx, data),
+    return train_preference(ctx, "orpo", lambda data: objective(ctx, data),
                             bar_fields=("loss", "nll/chosen", "log_odds_ratio"))
 
 

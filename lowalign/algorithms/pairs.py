@@ -77,13 +77,16 @@ def pair_batch(pairs: list[dict], step: int, n: int, seed: int) -> list[int]:
     return epoch_indices(len(pairs), step, n, seed)
 
 
+def pair_columns(pairs: list[dict]) -> tuple[list[str], list[str]]:
+    """Prompts and completions of 2B rows: every pair's chosen completion, then every rejected one."""
+    return [p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+
+
 def encode_pairs(bundle, pairs: list[dict]):
-    """One teacher-forcing batch of 2B rows: every pair's chosen completion, then every rejected one."""
+    """One teacher-forcing batch of 2B rows (:func:`pair_columns`)."""
     from lowalign.generation import encode_completions
 
-    prompts = [p["prompt"] for p in pairs] * 2
-    comps = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    return encode_completions(bundle.tokenizer, prompts, comps, bundle.device)
+    return encode_completions(bundle.tokenizer, *pair_columns(pairs), bundle.device)
 
 
 # ---- log-probs ---------------------------------------------------------------------------------------------
@@ -102,8 +105,7 @@ def completion_logps(bundle, prompts: list[str], completions: list[str]):
 
 def sequence_logps(bundle, pairs: list[dict]):
     """Summed completion log-probs and lengths in the current role, chosen then rejected: (2B,), (2B,)."""
-    return completion_logps(bundle, [p["prompt"] for p in pairs] * 2,
-                            [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs])
+    return completion_logps(bundle, *pair_columns(pairs))
 
 
 @torch.no_grad()
@@ -168,14 +170,14 @@ class PreferenceObjective:
     heldout: Callable
 
 
-def train_preference(ctx, tc, desc: str, objective: Callable[[PreferenceData], PreferenceObjective], *,
+def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], PreferenceObjective], *,
                      load: Callable = run_pairs, unit: str = "pairs",
                      bar_fields=("loss", "rewards/accuracy", "rewards/margin")) -> dict:
     """The loop every preference algorithm shares: the policy adapter, the run's data (``load``, after the
     policy exists: built-in on-policy pairs are sampled from it), seeded batches that are a pure function of
     the step, clipping, schedule, held-out evaluation, checkpoints and resume. ``objective(data)`` builds the
     algorithm's loss once the data exist (DPO precomputes reference log-probs there)."""
-    cfg, bundle = ctx.cfg, ctx.bundle
+    cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     data = load(ctx, tc, role=POLICY)  # the fresh adapter is the starting policy
     obj = objective(data)

@@ -31,7 +31,7 @@ def objective(ctx, data) -> PreferenceObjective:
 
 
 def train(ctx) -> dict:
-    return train_preference(ctx, ctx.cfg.train, "simpo", lambda data: objective(ctx, data))
+    return train_preference(ctx, "simpo", lambda data: objective(ctx, data))
 
 
 register("simpo", SimPOConfig, train, data="preferences")

@@ -63,8 +63,7 @@ def objective(ctx, data) -> PreferenceObjective:
 
 
 def train(ctx) -> dict:
-    tc = ctx.cfg.train
-    return train_preference(ctx, tc, tc.variant, lambda data: objective(ctx, data),
+    return train_preference(ctx, ctx.cfg.train.variant, lambda data: objective(ctx, data),
                             bar_fields=("loss", "rewards/accuracy", "kl/rejected"))
 
 
