@@ -76,12 +76,12 @@ def worker(impl, N, V, d, dtype, reps, frozen) -> dict:
     return out
 
 
-def run_worker(impl, N, V, d, dtype, reps, frozen):
+def run_worker(impl, N, V, d, dtype, reps, frozen, env=None):
     cmd = [sys.executable, __file__, "--worker", impl, "--shapes", f"{N}x{V}x{d}", "--dtype", dtype,
            "--reps", str(reps)]
     if frozen:
         cmd.append("--frozen")
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if p.returncode != 0:
         return {"error": (p.stderr.strip().splitlines() or ["failed"])[-1][:80]}
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -94,7 +94,9 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--frozen", action="store_true", help="frozen lm_head (no weight gradient)")
     ap.add_argument("--worker", default=None)
-    ap.add_argument("--max-naive-gb", type=float, default=12.0, help="skip naive beyond this logits budget")
+    ap.add_argument("--sweep", nargs="*", default=None, metavar="BN,BV,BD,WARPS,STAGES",
+                    help="time the Triton kernels at these tile sizes / launch shapes (forward and backward alike)")
+    ap.add_argument("--max-naive-gb", type=float, default=40.0, help="skip naive beyond this logits budget")
     a = ap.parse_args()
     cuda = torch.cuda.is_available()
     dtype = a.dtype or ("bfloat16" if cuda else "float32")
@@ -105,6 +107,22 @@ def main():
     shapes = a.shapes or (
         [f"{n}x{v}x{d}" for n in (2048, 8192) for v in (32000, 151936) for d in (256, 896)] if cuda
         else ["2048x32000x256", "4096x32000x256", "2048x151936x896"])
+    if a.sweep:
+        print(f"device: {torch.cuda.get_device_name() if cuda else 'cpu'}, {dtype}, lm_head "
+              f"{'frozen' if a.frozen else 'trainable'}, Triton tile sweep\n")
+        print("| N x V x d | BLOCK_N,BLOCK_V,BLOCK_D,warps,stages | fwd ms | fwd+bwd ms | bwd ms | fwd TFLOP/s |")
+        print("|---|---|---|---|---|---|")
+        for s in a.shapes:
+            N, V, d = map(int, s.split("x"))
+            for c in a.sweep:
+                r = run_worker("triton", N, V, d, dtype, a.reps, a.frozen,
+                               {"LOWALIGN_TRITON_BLOCKS": c, "LOWALIGN_TRITON_BLOCKS_BWD": c})
+                if "error" in r:
+                    print(f"| {s} | {c} | {r['error']} | | | |")
+                    continue
+                f, fb = r["fwd"]["ms"], r["fwd_bwd"]["ms"]
+                print(f"| {s} | {c} | {f:.1f} | {fb:.1f} | {fb - f:.1f} | {2 * N * d * V / f / 1e9:.0f} |", flush=True)
+        return
     impls = IMPLS if cuda else IMPLS[:2]
     dev_name = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     peak = next((v for k, v in PEAK_TFLOPS.items() if cuda and k in dev_name), None)
@@ -112,7 +130,7 @@ def main():
           f"median of {a.reps}\n")
     hdr = "| N x V x d | impl | fwd ms | fwd+bwd ms | fwd peak MiB | fwd+bwd peak MiB | time vs naive | mem vs naive |"
     if cuda:
-        hdr += " fwd TFLOP/s |"
+        hdr += " fwd TFLOP/s | fwd+bwd TFLOP/s |"
     print(hdr)
     print("|" + "---|" * (hdr.count("|") - 1))
     for s in a.shapes or shapes:
@@ -127,7 +145,7 @@ def main():
         for impl in impls:
             r = res[impl]
             if "error" in r:
-                print(f"| {s} | {impl} | {r['error']} | | | | | |" + (" |" if cuda else ""))
+                print(f"| {s} | {impl} | {r['error']} | | | | | |" + (" | |" if cuda else ""))
                 continue
             tr = (f"{r['fwd_bwd']['ms'] / nv['fwd_bwd']['ms']:.2f}x" if "fwd_bwd" in nv else "-")
             mr = (f"{r['fwd_bwd']['peak_mb'] / max(nv['fwd_bwd']['peak_mb'], 1e-9):.3f}x" if "fwd_bwd" in nv else "-")
@@ -136,6 +154,9 @@ def main():
             if cuda:
                 tf = 2 * N * d * V / (r["fwd"]["ms"] / 1e3) / 1e12
                 row += f" {tf:.0f}" + (f" ({100 * tf / peak:.0f}% of {peak:g})" if peak else "") + " |"
+                # backward recomputes the logits tile (2NdV) and forms grad_h (2NdV), + grad_W (2NdV) if trainable
+                tb = (6 if a.frozen else 8) * N * d * V / (r["fwd_bwd"]["ms"] / 1e3) / 1e12
+                row += f" {tb:.0f}" + (f" ({100 * tb / peak:.0f}%)" if peak else "") + " |"
             print(row)
 
 

@@ -200,6 +200,9 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         raise
     summary["wall_time_s"] = round(time.time() - t0, 2)
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
+    if bundle.device.type == "cuda":  # torch's own figures, next to the bundle's memory report
+        summary["peak_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(bundle.device))
+        summary["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(bundle.device))
     summary["output_dir"] = str(out)
     run_dir.write_json("summary.json", summary)
     lock.release()

@@ -79,9 +79,6 @@ def _read_json_rows(path: str) -> list[dict]:
 
 
 def _read_table(path: str | None, source: str, split: str, subset: str | None = None) -> list[dict]:
-    import datasets
-
-    datasets.disable_progress_bar()
     if path is not None:
         suffix = Path(path).suffix.lower()
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}.get(suffix)
@@ -89,8 +86,12 @@ def _read_table(path: str | None, source: str, split: str, subset: str | None = 
             raise ConfigError(f"data.path: unsupported file type '{suffix}' (use .jsonl, .json, .parquet, .csv)")
         if Path(path).stat().st_size == 0:
             raise DataError(f"data file {path} is empty")
-        if kind == "json":
+        if kind == "json":  # read here: JSON files need no `datasets`
             return _read_json_rows(path)
+    import datasets
+
+    datasets.disable_progress_bar()
+    if path is not None:
         try:
             ds = datasets.load_dataset(kind, data_files=str(path), split="train")
         except Exception as e:  # the datasets library's own errors do not name the file
@@ -171,7 +172,7 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
         order = list(range(len(rows)))
         random.Random(seed).shuffle(order)
         k = min(n_eval, len(rows) // 10)
-        if k == 0:
+        if k == 0 and n_eval > 0:  # eval.num_examples=0: no held-out set asked for
             raise DataError(f"{where}: too few rows ({len(rows)}) to hold out an evaluation set; "
                             "set data.eval_path")
         ev = [rows[i] for i in order[:k]]

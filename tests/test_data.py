@@ -72,3 +72,15 @@ def test_prompt_only_file_is_accepted_without_a_checker(tmp_path):
     f = _write(tmp_path, [{"prompt": f"write about {i}"} for i in range(30)])
     d = load_prompt_data(DataConfig(path=str(f)), 0, 10)
     assert d.checker is None and len(d.eval_rows_all) == 3 and "answer" not in d.train_rows[0]
+
+
+def test_json_files_need_no_datasets_and_zero_eval_holds_out_nothing(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` would now raise ImportError
+    f = _write(tmp_path, ROWS[:5])  # too few rows to hold out 10%
+    cfg = DataConfig(path=str(f), prompt_column="question", answer_format="gsm8k")
+    d = load_prompt_data(cfg, 0, 0)  # eval.num_examples=0 asks for no held-out set
+    assert len(d.train_rows) == 5 and d.eval_rows_all == []
+    with pytest.raises(DataError, match="too few rows"):
+        load_prompt_data(cfg, 0, 10)

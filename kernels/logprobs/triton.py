@@ -248,14 +248,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(D: int, R: int) -> dict:
-    """Static tile sizes (multi-config autotune does not run under the interpreter)."""
+def _blocks(D: int, R: int, kind: str = "fwd") -> dict:
+    """Static tile sizes and launch shape (multi-config autotune does not run under the interpreter).
+    ``LOWALIGN_TRITON_BLOCKS`` / ``LOWALIGN_TRITON_BLOCKS_BWD`` = "BLOCK_N,BLOCK_V,BLOCK_D,num_warps,num_stages"
+    override them (used by ``benchmarks/bench_logprobs.py --sweep`` to tune a GPU)."""
     if _interpreting():
-        bn, bv, bd = 16, 32, 16
+        bn, bv, bd, warps, stages = 16, 32, 16, 4, 2
     else:
-        bn, bv, bd = 64, 128, 64
+        bn, bv, bd, warps, stages = 64, 128, 64, 4, 3
+    env = os.environ.get("LOWALIGN_TRITON_BLOCKS" + ("_BWD" if kind == "bwd" else ""))
+    if env:
+        bn, bv, bd, warps, stages = (int(x) for x in env.split(","))
     return dict(BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=min(bd, max(16, triton.next_power_of_2(D))),
-                BLOCK_R=max(16, triton.next_power_of_2(max(R, 1))))
+                BLOCK_R=max(16, triton.next_power_of_2(max(R, 1))), num_warps=warps, num_stages=stages)
 
 
 def _flags(hidden: torch.Tensor) -> dict:
@@ -341,7 +346,7 @@ class TritonLogProbs(torch.autograd.Function):
         has_ent = g_ent is not None and bool(torch.any(g_ent != 0))
         gent = g_ent.float().contiguous() if has_ent else g
         N, V, D, R, args, strides = _common(hidden, weight, u, lora_b, bias)
-        bl, fl = _blocks(D, R), _flags(hidden)
+        bl, fl = _blocks(D, R, "bwd"), _flags(hidden)
         common = dict(HAS_BIAS=bias is not None, HAS_LORA=u is not None, SOFTCAP=softcap is not None,
                       HAS_ENT=has_ent, **fl, **bl)
         tail = (N, V, D, R, *strides, 1.0 / temperature, softcap or 1.0)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,6 +195,7 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
     bundle.base.train()
     with Progress(tc.steps, start, bar_fields, desc=desc, every=tc.log_every) as bar:
         for step in range(start, tc.steps):
+            t0 = time.time()
             seed_everything(step_seed(cfg.seed, step))
             idx = pair_batch(data.train, step, tc.batch_size, cfg.seed)
             with bundle.use(POLICY):
@@ -204,7 +206,7 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
             sched.step()
             opt.zero_grad(set_to_none=True)
             m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
-                 "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
+                 "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time/step_s": round(time.time() - t0, 3)}
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched, evaluate_fn=evaluate_fn)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps, unit: len(data.train)}, evaluate_fn)
 

@@ -1,0 +1,211 @@
+"""Rollout speed: completions per second of HF ``generate`` on the shared base with the policy LoRA unmerged.
+
+    python benchmarks/bench_rollout.py                                  # Qwen2.5-0.5B shape, bf16, 8x8x256
+    python benchmarks/bench_rollout.py --size 1.5b --quantization nf4 --variants dynamic static_compiled
+
+A random-weight model with a real configuration's sizes (no hub here) and the character-level wide tokenizer
+is built once; the policy adapter is added through ``ModelBundle`` (LoRA on every projection, its B matrices
+made non-zero so the adapter really changes the output). Each variant runs in a fresh process (clean peak
+memory, no compiled state shared), generates ``prompts x generations`` completions of exactly
+``--new-tokens`` tokens (EOS suppressed, so every variant does the same work), once to warm up (compilation)
+and ``--reps`` times timed. Variants:
+
+* ``dynamic``: what ``lowalign.generation.generate`` does today (``DynamicCache``, eager).
+* ``static``: a preallocated ``StaticCache``, eager.
+* ``static_compiled``: ``StaticCache`` and transformers' compiled decode step (torch.compile,
+  ``reduce-overhead``: CUDA graphs).
+
+Greedy completions of each variant are compared with ``dynamic``'s token by token. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SIZES = {  # the published configurations' numbers (Qwen2.5 family): random weights, same cost
+    "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+}
+VARIANTS = ("dynamic", "static", "static_compiled")
+
+
+def build_model(size: str, out: Path) -> Path:
+    """Save a random-weight model of ``size`` (in the compute dtype) and the wide tokenizer to ``out``."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from lowalign.tiny import wide_tokenizer
+
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(0)
+    cfg = Qwen2Config(**SIZES[size], max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.save_pretrained(out)
+    wide_tokenizer(cfg.vocab_size).save_pretrained(out)
+    return out
+
+
+def prompts(n: int, chars: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "sum", "of", "the", "numbers", "is", "what", "compute"]
+    out = []
+    for _ in range(n):
+        s = ""
+        while len(s) < chars:
+            s += rng.choice(words) + " "
+        out.append(s[:chars])
+    return out
+
+
+def load_policy(model_dir: Path, quantization: str):
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+
+    b = ModelBundle.load(ModelConfig(name_or_path=str(model_dir), quantization=quantization,
+                                     gradient_checkpointing=True))
+    torch.manual_seed(0)  # PEFT draws lora_A from the global generator
+    b.add_adapter("policy", LoraConfig(r=16, alpha=32))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in b.base.named_parameters():
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+    return b
+
+
+def _log(*a) -> None:
+    print(f"[{time.strftime('%X')}]", *a, file=sys.stderr, flush=True)
+
+
+def worker(variant: str, args) -> dict:
+    from lowalign.generation import encode_prompts
+
+    _log(variant, "loading")
+    b = load_policy(Path(args.work) / args.size, args.quantization)
+    tok, model = b.tokenizer, b.causal_lm
+    ids, mask = encode_prompts(tok, prompts(args.prompts, args.prompt_chars), b.device)
+    ids, mask = ids.repeat_interleave(args.generations, 0), mask.repeat_interleave(args.generations, 0)
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id, use_cache=True)
+    if variant != "dynamic":
+        kw["cache_implementation"] = "static"
+        kw["disable_compile"] = variant == "static"
+    model.eval()
+    cuda = b.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def run(sample: bool):
+        s = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=None) if sample else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        with b.use("policy"), torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, **kw, **s)
+
+    t0 = time.perf_counter()
+    run(True)  # warm-up: compilation, cache allocation
+    sync()
+    warm = time.perf_counter() - t0
+    _log(variant, f"warm-up {warm:.1f} s")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ts = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        out = run(True)
+        sync()
+        ts.append(time.perf_counter() - t0)
+        _log(variant, f"rollout {ts[-1]:.2f} s")
+    greedy = run(False)[:, ids.shape[1]:]
+    np_ = Path(args.work) / f"greedy_{variant}.pt"
+    torch.save(greedy.cpu(), np_)
+    med = sorted(ts)[len(ts) // 2]
+    rows = out.shape[0]
+    return {"variant": variant, "warmup_s": round(warm, 2), "s": round(med, 3), "all_s": [round(t, 3) for t in ts],
+            "completions_per_s": rows / med, "tokens_per_s": rows * args.new_tokens / med,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "device": torch.cuda.get_device_name() if cuda else "cpu"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    ap.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--prompt-chars", type=int, default=256, help="prompt length (1 token per character)")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--work", default=None, help="folder for the model (kept; default: a temporary folder)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--variant-timeout", type=float, default=300, help="give up on a variant after this long")
+    ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker, args)))
+        return
+    tmp = None
+    if args.work is None:
+        tmp = tempfile.TemporaryDirectory()
+        args.work = tmp.name
+    build_model(args.size, Path(args.work) / args.size)
+    rows = []
+    for v in args.variants:
+        cmd = [sys.executable, __file__, "--worker", v] + [a for a in sys.argv[1:] if a != "--worker"]
+        cmd += ["--work", args.work] if "--work" not in sys.argv else []
+        try:  # the worker's log goes straight to our stderr
+            p = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO, timeout=args.variant_timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": v, "error": f"over {args.variant_timeout} s"})
+            continue
+        if p.returncode != 0:
+            rows.append({"variant": v, "error": f"exit {p.returncode} (see the log)"})
+            continue
+        rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    ref = Path(args.work) / "greedy_dynamic.pt"
+    base = next((r for r in rows if r["variant"] == "dynamic" and "error" not in r), None)
+    dev = next((r["device"] for r in rows if "device" in r), "?")
+    print(f"\n{dev}; Qwen2.5-{args.size} shape, random weights, quantization {args.quantization}, LoRA r16 unmerged; "
+          f"{args.prompts} prompts x {args.generations} generations, {args.prompt_chars}-token prompts, "
+          f"{args.new_tokens} new tokens; median of {args.reps}\n")
+    print("| variant | s per rollout | completions/s | tokens/s | vs dynamic | peak MiB | warm-up s "
+          "| greedy = dynamic |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['variant']} | failed: {r['error']} | | | | | | |")
+            continue
+        same = "-"
+        if ref.exists() and (Path(args.work) / f"greedy_{r['variant']}.pt").exists():
+            a, b = torch.load(ref), torch.load(Path(args.work) / f"greedy_{r['variant']}.pt")
+            same = f"{(a == b).float().mean().item() * 100:.1f}% of tokens" if a.shape == b.shape else "shape differs"
+        sp = f"{base['s'] / r['s']:.2f}x" if base else "-"
+        pk = f"{r['peak_mib']:.0f}" if r["peak_mib"] is not None else "-"
+        print(f"| {r['variant']} | {r['s']:.2f} | {r['completions_per_s']:.1f} | {r['tokens_per_s']:.0f} | {sp} | {pk} "
+              f"| {r['warmup_s']} | {same} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
