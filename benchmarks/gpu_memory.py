@@ -47,7 +47,8 @@ def write_data(work: Path) -> tuple[Path, Path]:
 
 
 SMOKE = {"grpo": ["train.max_new_tokens=4", "train.prompts_per_step=2", "train.num_generations=2",
-                  "train.micro_batch_size=4"], "dpo": ["train.batch_size=2", "train.eval_pairs=2", "train.precompute_ref=false"]}
+                  "train.micro_batch_size=4"],
+         "dpo": ["train.batch_size=2", "train.eval_pairs=2", "train.precompute_ref=false"]}
 
 
 def command(algo: str, model: Path, quant: str, data: Path, out: Path) -> list[str]:

@@ -133,7 +133,7 @@ def worker(setup: str, work: Path, args) -> dict:
         rb.load_reward("reward", work / "rm")
         roles, reward_bundle, b = Roles(pb, vb, refb, "separate"), rb, pb
         bases = 4
-    rewards = RewardSources(cfg.rewards, scorer=reward_bundle.score_texts)
+    rewards = RewardSources(cfg.rewards, scorer=reward_bundle.score_attributes)
     groups = param_groups(b, cfg, vparams)
     opt, sched = make_optimizer(groups, cfg.train.optim, 1)
     state = PPOState(cfg.train.kl_coef, RunningMoments())

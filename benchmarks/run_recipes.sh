@@ -38,6 +38,12 @@ run kto_tiny recipes/kto_tiny.yaml
 run tdpo_tiny recipes/tdpo_tiny.yaml
 run remax_tiny recipes/remax_tiny.yaml
 run reinforcepp_tiny recipes/reinforcepp_tiny.yaml
+run raft_tiny recipes/raft_tiny.yaml
+run superhf_tiny recipes/superhf_tiny.yaml
+run rm_ratings_tiny recipes/rm_ratings_tiny.yaml
+run grpo_multiobjective_tiny recipes/grpo_multiobjective_tiny.yaml "rewards.0.path=$OUT/rm_ratings_tiny"
+run grpo_multiobjective_rm_only recipes/grpo_multiobjective_tiny.yaml "rewards.0.path=$OUT/rm_ratings_tiny" \
+  "rewards=[{adapter: reward, path: $OUT/rm_ratings_tiny, attribute_weights: {correctness: 1.0, format: 0.1, length: 0.1}}]"
 run rm_tiny recipes/rm_tiny.yaml
 run grpo_rm_tiny recipes/grpo_rm_tiny.yaml "rewards.0.path=$OUT/rm_tiny"
 run es_tiny recipes/es_tiny.yaml

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from lowalign import config as C
-from lowalign.algorithms import algorithms, train_configs
+from lowalign.algorithms import algorithms, data_kind, train_configs
 from lowalign.runtime import (
     Checkpointer,
     RunDir,
@@ -49,13 +49,32 @@ def check_config(cfg: C.RunConfig) -> None:
 
         check_unsloth_available()
     algo = algorithms()[cfg.algorithm]
-    if cfg.data.pairs_as_feedback and algo.data != "feedback":
-        raise C.ConfigError(f"data.pairs_as_feedback: '{cfg.algorithm}' reads {algo.data}, not unpaired feedback "
+    if cfg.data.pairs_as_feedback and data_kind(cfg) != "feedback":
+        raise C.ConfigError(f"data.pairs_as_feedback: '{cfg.algorithm}' reads {data_kind(cfg)}, not unpaired feedback "
                             "rows (it is for algorithm: kto)")
     if algo.check is not None:
         algo.check(cfg)
     _check_soup(cfg.reference_soup)
+    _check_reward_attributes(cfg.rewards)
     check_model(cfg)
+
+
+def _check_reward_attributes(specs) -> None:
+    """``attribute_weights`` name outputs of the reward run's head (its reward_meta.json, no weights)."""
+    import json
+
+    for i, r in enumerate(specs):
+        if r.attribute_weights is None:
+            continue
+        root = Path(r.path) / "adapters" if (Path(r.path) / "adapters").is_dir() else Path(r.path)
+        f = root / "reward_meta.json"
+        if not f.exists():
+            raise C.ConfigError(f"rewards[{i}].path: no reward_meta.json in {root} (not a reward_model run)")
+        names = json.loads(f.read_text()).get("attributes") or []
+        unknown = sorted(set(r.attribute_weights) - set(names))
+        if len(names) < 2 or unknown:
+            raise C.ConfigError(f"rewards[{i}].attribute_weights: {unknown or sorted(r.attribute_weights)} are not "
+                                f"attributes of the reward model in {r.path} (it has {names})")
 
 
 def _check_soup(dirs: list[str]) -> None:
@@ -111,12 +130,18 @@ def load_data(cfg: C.RunConfig, tokenizer):
     from lowalign.data import PromptData, load_prompt_data
 
     builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
-    kind = algorithms()[cfg.algorithm].data
-    if kind in ("preferences", "feedback") and not builtin:
-        from lowalign.preference import load_file_feedback, load_file_pairs
+    kind = data_kind(cfg)
+    if kind == "ratings" and builtin:
+        raise C.ConfigError("train.attributes: names the score columns of a rating file; set data.path (the "
+                            "built-in task has no rating file: scripts/make_rating_file.py writes one)")
+    if kind in ("preferences", "feedback", "ratings") and not builtin:
+        from functools import partial
+
+        from lowalign.preference import load_file_feedback, load_file_pairs, load_file_ratings
 
         n_eval = getattr(cfg.train, "eval_pairs", 500)
-        load = load_file_pairs if kind == "preferences" else load_file_feedback
+        load = {"preferences": load_file_pairs, "feedback": load_file_feedback,
+                "ratings": partial(load_file_ratings, columns=getattr(cfg.train, "attributes", []))}[kind]
         return PromptData(None, [], None, pairs=load(cfg.data, tokenizer, cfg.seed, n_eval))
     return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
 

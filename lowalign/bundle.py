@@ -141,6 +141,7 @@ class ModelBundle:
         self.dtype = dtype
         self.heads = nn.ModuleDict()
         self.head_weights: dict[str, torch.Tensor] = {}  # multi-output head -> weights combining its outputs
+        self.head_attributes: dict[str, list[str]] = {}  # multi-output head -> the names of its outputs
         self.adapter_configs: dict[str, LoraConfig] = {}
         self.frozen: set[str] = set()  # adapters that never train, whatever peft's set_adapter says
         self._params: dict[str, list[nn.Parameter]] = {}  # adapter -> its LoRA parameters (cached)
@@ -382,10 +383,11 @@ class ModelBundle:
         return out
 
     @torch.no_grad()
-    def score_texts(self, adapter: str, prompts: list[str], completions: list[str],
-                    batch_size: int = 256) -> torch.Tensor:
+    def score_attributes(self, adapter: str, prompts: list[str], completions: list[str],
+                         batch_size: int = 256) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Learned reward of (prompt, completion) pairs: role ``adapter``, head ``adapter`` on the EOS
-        position, multi-output heads combined by ``head_weights``: (B,) on CPU."""
+        position. Returns the reward (B,) (a multi-output head's outputs combined by ``head_weights``) and,
+        for a multi-attribute head, each named output {attribute: (B,)} (else {}); on CPU."""
         from lowalign.generation import encode_completions
 
         out = []
@@ -393,10 +395,26 @@ class ModelBundle:
             for s in range(0, len(prompts), batch_size):
                 b = encode_completions(self.tokenizer, prompts[s:s + batch_size], completions[s:s + batch_size],
                                        self.device)
-                r = self.score(adapter, b.input_ids, b.attention_mask, b.target_mask)  # (b, K)
-                w = self.head_weights.get(adapter)
-                out.append((r @ w.to(r) if w is not None else r[:, 0]).cpu())
-        return torch.cat(out)
+                out.append(self.score(adapter, b.input_ids, b.attention_mask, b.target_mask).float().cpu())
+        r = torch.cat(out)  # (B, K)
+        w = self.head_weights.get(adapter)
+        names = self.head_attributes.get(adapter, [])
+        return (r @ w if w is not None else r[:, 0]), {a: r[:, i] for i, a in enumerate(names)}
+
+    def score_texts(self, adapter: str, prompts: list[str], completions: list[str],
+                    batch_size: int = 256) -> torch.Tensor:
+        """The learned reward alone: (B,) on CPU (see :meth:`score_attributes`)."""
+        return self.score_attributes(adapter, prompts, completions, batch_size)[0]
+
+    def set_attribute_weights(self, adapter: str, weights: dict[str, float]) -> None:
+        """Weigh a multi-attribute reward head's outputs by name (names left out weigh 0)."""
+        names = self.head_attributes.get(adapter)
+        if not names:
+            raise ConfigError(f"attribute_weights: reward adapter '{adapter}' has a single output, no attributes")
+        unknown = sorted(set(weights) - set(names))
+        if unknown:
+            raise ConfigError(f"attribute_weights: unknown attribute(s) {unknown}; '{adapter}' has {names}")
+        self.head_weights[adapter] = torch.tensor([float(weights.get(a, 0.0)) for a in names])
 
     def load_reward(self, name: str, path: str | Path) -> None:
         """Add a trained reward adapter + head (a reward_model run's output) as one more role."""
@@ -412,6 +430,7 @@ class ModelBundle:
         meta = json.loads(meta_f.read_text())
         if meta.get("weights"):
             self.head_weights[name] = torch.tensor(meta["weights"], dtype=torch.float32)
+            self.head_attributes[name] = list(meta["attributes"])
         for h in [k for k in self.heads if k == name or k.startswith(f"{name}__")]:
             self.heads[h].requires_grad_(False)
         self.freeze_adapter(name)

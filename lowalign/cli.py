@@ -1,4 +1,4 @@
-"""`lowalign run | validate | ls | cp`: the command-line recipe runner."""
+"""`lowalign run | validate | bon | ls | cp`: the command-line recipe runner."""
 
 from __future__ import annotations
 
@@ -43,11 +43,27 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser("validate", help="check a recipe without loading any model")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
+    b = sub.add_parser("bon", help="best-of-N: sample N per prompt, keep the best by the recipe's rewards, "
+                                   "write JSONL")
+    b.add_argument("recipe")
+    b.add_argument("overrides", nargs="*", help="key.sub=value")
+    b.add_argument("--out", required=True, help="JSONL file to write (one line per prompt)")
+    b.add_argument("--n", type=int, default=8, help="samples per prompt")
+    b.add_argument("--adapter", default=None, help="trained policy adapter directory (default: the base model)")
+    b.add_argument("--split", default="train", choices=["train", "eval"], help="which prompts")
+    b.add_argument("--limit", type=int, default=0, help="at most this many prompts (0: all; built-in task: 256)")
+    b.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
+    b.add_argument("--temperature", type=float, default=None, help="default: the recipe's train.temperature")
+    b.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's")
     sub.add_parser("ls", help="list the built-in recipes")
     c = sub.add_parser("cp", help="copy a built-in recipe to edit it")
     c.add_argument("name")
     c.add_argument("dest")
-    args = ap.parse_args(argv)
+    args, rest = ap.parse_known_args(argv)
+    if rest and (not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in rest)):
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:  # key=value overrides after an option (`lowalign bon R --n 4 train.top_k=5`)
+        args.overrides += rest
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
     from lowalign.config import ConfigError
@@ -76,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
             note = (f", LoRA on {targets}" if isinstance(targets, list)
                     else " (config.json not in the local cache: the model checks run when it loads)")
             print(f"ok: {args.recipe} ({cfg.algorithm}, model {cfg.model.name_or_path}{note})")
+            return 0
+        if args.cmd == "bon":
+            from lowalign.bon import best_of_n
+
+            best_of_n(recipe_path(args.recipe), args.overrides, out=args.out, n=args.n, adapter=args.adapter,
+                      split=args.split, limit=args.limit, batch_size=args.batch_size, temperature=args.temperature,
+                      max_new_tokens=args.max_new_tokens)
             return 0
         from lowalign.api import run
 

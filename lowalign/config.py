@@ -121,6 +121,9 @@ class RewardSpec:
     path: str | None = F(None, "Run directory (or its adapters/ folder) of a reward_model run.", path=True)
     weight: float = F(1.0, "Weight in the weighted sum of rewards.")
     name: str | None = F(None, "Name in logs (defaults to the function or adapter name).")
+    attribute_weights: dict[str, float] | None = F(
+        None, "Multi-attribute reward adapter: weight of each attribute by name (attributes left out weigh 0; "
+              "default: the weights it was trained with). Each attribute is logged as rewards/<name>/<attribute>.")
 
 
 @dataclass
@@ -189,7 +192,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        _, item = typing.get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if tp is bool:
@@ -372,6 +376,9 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"rewards[{i}]: give exactly one of 'fn' or 'adapter'")
         if r.adapter is not None and r.path is None:
             raise ConfigError(f"rewards[{i}].path: a learned reward needs the reward_model run that trained it")
+        if r.attribute_weights is not None and r.adapter is None:
+            raise ConfigError(f"rewards[{i}].attribute_weights: weighs the outputs of a learned multi-attribute "
+                              "reward adapter; this source is a function")
     if cfg.reference == "init" and not cfg.lora.init_from:
         raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from")
     if (cfg.reference == "soup") != bool(cfg.reference_soup):

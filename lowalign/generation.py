@@ -16,6 +16,12 @@ class Rollout:
     completion_mask: torch.Tensor  # (B, C) 1 up to and including the first EOS
     texts: list[str]  # decoded completions (special tokens dropped)
 
+    def select(self, rows: torch.Tensor) -> Rollout:
+        """The rollout of the rows where the (B,) bool mask ``rows`` is true (prompt padding kept)."""
+        idx = rows.nonzero().flatten().tolist()
+        return Rollout(self.prompt_ids[idx], self.prompt_mask[idx], self.completion_ids[idx],
+                       self.completion_mask[idx], [self.texts[i] for i in idx])
+
     @property
     def input_ids(self) -> torch.Tensor:
         return torch.cat([self.prompt_ids, self.completion_ids], 1)

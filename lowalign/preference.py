@@ -1,5 +1,6 @@
-"""Preference data: pairs ``{prompt, chosen, rejected}`` (DPO and its family, reward models) and unpaired
-feedback ``{prompt, completion, label}`` (KTO).
+"""Preference data: pairs ``{prompt, chosen, rejected}`` (DPO and its family, reward models), unpaired
+feedback ``{prompt, completion, label}`` (KTO) and ratings ``{prompt, completion, <score columns>}``
+(multi-attribute reward models).
 
 Sources:
 * local JSONL/JSON/parquet files or hub datasets, with string columns or conversational columns (lists
@@ -9,7 +10,9 @@ Sources:
     swapped digits, a stray suffix);
   - ``onpolicy``: completions sampled from the current model, ranked by the task reward (a correct one,
     or the reference answer when none was, vs the model's own wrong one);
-  - ``mixed``: half of each.
+  - ``mixed``: half of each;
+  - a rating file (``rating_rows``, written by ``scripts/make_rating_file.py``): the right answer and
+    near misses per prompt, each scored for correctness, format and length.
 """
 
 from __future__ import annotations
@@ -184,18 +187,24 @@ def load_file_pairs(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData:
     return _with_heldout(pairs, cfg, tokenizer, seed, n_eval, lambda r, i: normalize_pair(r, cfg, tokenizer, where))
 
 
-def _with_heldout(items: list[dict], cfg, tokenizer, seed: int, n_eval: int, normalize) -> PreferenceData:
+def _with_heldout(items: list[dict], cfg, tokenizer, seed: int, n_eval: int, normalize,
+                  by_prompt: bool = False) -> PreferenceData:
     """Train and held-out sets: the held-out file or split when the config names one (rows through
-    ``normalize(row, index)``), else a seeded 10% (at most ``n_eval``) of ``items``; prompt lengths checked."""
+    ``normalize(row, index)``), else a seeded 10% (at most ``n_eval``) of ``items`` (``by_prompt``: of the
+    distinct prompts, every row of a held-out prompt held out with it); prompt lengths checked."""
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):
         ev_rows = _read_table(cfg.eval_path, cfg.source, cfg.eval_split or "test", cfg.subset)
         ev = [normalize(r, i) for i, r in enumerate(ev_rows)]
     else:
-        order = list(range(len(items)))
-        random.Random(seed).shuffle(order)
-        k = min(n_eval, len(items) // 10)
-        ev = [items[i] for i in order[:k]]
-        items = [items[i] for i in sorted(order[k:])]
+        members: dict = {}
+        for i, it in enumerate(items):
+            members.setdefault(it["prompt"] if by_prompt else i, []).append(it)
+        groups = list(members)
+        random.Random(seed).shuffle(groups)
+        k = min(n_eval, len(groups) // 10)
+        ev = [it for g in groups[:k] for it in members[g]]  # in the shuffled order
+        held = set(groups[:k])
+        items = [it for g in members if g not in held for it in members[g]]
     limit_prompt_lengths(items, tokenizer, cfg, "train")
     limit_prompt_lengths(ev, tokenizer, cfg, "eval")
     return PreferenceData(items, ev)
@@ -242,3 +251,83 @@ def load_file_feedback(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData
     fb = [normalize_feedback(r, cfg, tokenizer, f"{where} row {i + 1}") for i, r in enumerate(rows)]
     return _with_heldout(fb, cfg, tokenizer, seed, n_eval,
                          lambda r, i: normalize_feedback(r, cfg, tokenizer, f"held-out row {i + 1}"))
+
+
+# ---- ratings (multi-attribute reward models): {prompt, completion, <score columns>} -------------------------
+
+
+@torch.no_grad()
+def rating_rows(task: ArithmeticTask, n_prompts: int, seed: int, bundle=None, samples: int = 4,
+                max_new_tokens: int = 6) -> list[dict]:
+    """A rating file's rows for the arithmetic task: per training prompt, the right answer (sometimes with
+    a format slip), a near miss, a rambling answer (digits past its end), a cut-short one, an empty one and,
+    given a ``bundle``, ``samples`` completions sampled from its model (the distribution a policy starts from), each
+    scored by the task's attribute functions under the column names ``correctness``, ``format``, ``length``
+    (the answer column kept too). Every kind of wrong answer a policy can drift to should be rated, or a
+    learned reward will rate it high (reward hacking)."""
+    from lowalign.generation import generate
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    rows = task.train_rows(n_prompts, seed=seed)
+    sampled = [[] for _ in rows]
+    if bundle is not None:
+        with bundle.use("reference"), bundle.eval_mode():
+            for s in range(0, len(rows), 256):
+                chunk = rows[s:s + 256]
+                texts = generate(bundle, [r["prompt"] for r in chunk], max_new_tokens=max_new_tokens,
+                                 do_sample=True, temperature=1.0, num_generations=samples).texts
+                for i in range(len(chunk)):
+                    sampled[s + i] = texts[i * samples:(i + 1) * samples]
+    out = []
+    for r, own in zip(rows, sampled):
+        a, b = _operands(r["prompt"])
+        miss = near_miss(r["answer"], a, b, rng)
+        stem = rng.choice([r["answer"], miss])  # a rambling answer: digits past the end, repeated or random
+        tail = stem[-1] * rng.randint(1, 5) if rng.random() < 0.5 else str(rng.randint(0, 99999))
+        short = r["answer"][:rng.randint(1, len(r["answer"]) - 1)] if len(r["answer"]) > 1 else str(rng.randint(0, 9))
+        comps = [r["answer"] + (rng.choice([" ", "?", "!"]) if rng.random() < 0.15 else ""), miss, stem + tail,
+                 short, "", *own]  # a cut-short answer and an empty one (EOS at once) are wrong too
+        scores = attributes([(r["prompt"], c, r["answer"]) for c in comps])
+        for c, sc in zip(comps, scores.tolist()):
+            out.append({"prompt": r["prompt"], "response": c, "answer": r["answer"],
+                        **{k: round(v, 4) for k, v in zip(ATTRIBUTES, sc)}})
+    return out
+
+
+def normalize_rating(row: dict, cfg, tokenizer, columns: list[str], where: str) -> dict:
+    """One row -> {prompt, completion, scores: [float per column]}; every score must be a finite number."""
+    import math
+
+    scores = []
+    for c in columns:
+        v = row.get(c)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise DataError(f"{where}: score column '{c}' must be a finite number, got {v!r}")
+        scores.append(float(v))
+    p, comp = row.get(cfg.prompt_column), row.get(cfg.completion_column)
+    if isinstance(comp, list):
+        p, comp = _conversation_prompt(p, comp, cfg.completion_column, tokenizer, where), comp[-1]["content"]
+    elif isinstance(p, list):
+        p = _render(p, tokenizer, True)
+    if not isinstance(p, str) or not isinstance(comp, str):
+        raise DataError(f"{where}: '{cfg.prompt_column}' and '{cfg.completion_column}' must be strings or messages")
+    out = {"prompt": p, "completion": comp, "scores": scores}
+    if cfg.answer_column in row:
+        out["answer"] = str(row[cfg.answer_column])
+    return out
+
+
+def load_file_ratings(cfg, tokenizer, seed: int, n_eval: int, columns: list[str]) -> PreferenceData:
+    """Rated completions from a local file or hub set: the prompt and completion columns (``data.*_column``)
+    and one numeric column per attribute in ``columns`` (``train.attributes``). A held-out share (or
+    ``eval_path`` / ``eval_split``) is set aside."""
+    rows, where = _read_rows(cfg, ["completion_column"])
+    missing = [c for c in columns if c not in rows[0]]
+    if missing:
+        raise DataError(f"{where}: missing score column(s) {missing}; available: {sorted(rows[0])}. Set "
+                        "train.attributes to the file's score columns")
+    rated = [normalize_rating(r, cfg, tokenizer, columns, f"{where} row {i + 1}") for i, r in enumerate(rows)]
+    return _with_heldout(rated, cfg, tokenizer, seed, n_eval,
+                         lambda r, i: normalize_rating(r, cfg, tokenizer, columns, f"held-out row {i + 1}"),
+                         by_prompt=True)

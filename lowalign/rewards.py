@@ -48,8 +48,9 @@ class RewardSources:
 
     Args:
         specs: list of :class:`lowalign.config.RewardSpec`.
-        scorer: callable ``(adapter_name, prompts, completions) -> Tensor (B,)`` for learned rewards
-            (the seam a reward adapter plugs into; see ``ModelBundle.score``).
+        scorer: callable ``(adapter_name, prompts, completions) -> (Tensor (B,), {attribute: Tensor (B,)})``
+            for learned rewards (the seam a reward adapter plugs into; see ``ModelBundle.score_attributes``):
+            the reward and, for a multi-attribute head, each attribute, logged as ``<source>/<attribute>``.
     """
 
     def __init__(self, specs, scorer=None):
@@ -90,7 +91,9 @@ class RewardSources:
             else:
                 if self.scorer is None:
                     raise RewardError(f"reward '{name}': no scorer for learned reward adapters")
-                vals = self.scorer(adapter, prompts, completions).float().cpu()
+                vals, attrs = self.scorer(adapter, prompts, completions)
+                vals = vals.float().cpu()
+                parts.update({f"{name}/{a}": v.float().cpu() for a, v in attrs.items()})
             parts[name] = vals
             total += weight * vals
         return RewardBatch(total=total, parts=parts)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -66,7 +67,8 @@ def test_list_index_overrides():
 def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative paths in recipes resolve against an empty directory
     raw = C.load_raw(recipe)
-    missing = [(f"rewards.{i}.path", rf"rewards\[{i}\]\.path") for i, r in enumerate(raw.get("rewards") or [])
+    rewards = raw.get("rewards") or []
+    missing = [(f"rewards.{i}.path", rf"rewards\[{i}\]\.path") for i, r in enumerate(rewards)
                if r.get("path")]  # built by another recipe
     if (raw.get("data") or {}).get("path"):
         missing.append(("data.path", r"data\.path"))  # the user's own file
@@ -76,6 +78,11 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
             load_config(recipe, overrides)
         stand_in = tmp_path / key
         stand_in.write_text("")
+        if key.startswith("rewards.") and rewards[int(key.split(".")[1])].get("attribute_weights"):
+            stand_in.unlink()  # a reward run whose reward_meta.json names the weighted attributes
+            stand_in.mkdir()
+            names = list(rewards[int(key.split(".")[1])]["attribute_weights"])
+            (stand_in / "reward_meta.json").write_text(json.dumps({"attributes": names}))
         overrides.append(f"{key}={stand_in}")
     load_config(recipe, overrides)
     head = recipe.read_text().splitlines()[:4]

@@ -52,3 +52,23 @@ def test_errors_name_columns_and_lengths(tmp_path):
         load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50), byte_tokenizer(), 0, 4)
     d = load_file_pairs(DataConfig(path=str(f), max_prompt_tokens=50, truncation="drop"), byte_tokenizer(), 0, 4)
     assert all(len(p["prompt"]) <= 50 for p in d.train)
+
+
+def test_rating_files(tmp_path):
+    from lowalign.preference import load_file_ratings, rating_rows
+
+    rows = rating_rows(ArithmeticTask(), 40, 0)
+    assert rows == rating_rows(ArithmeticTask(), 40, 0) and len(rows) == 40 * 5
+    assert {r["correctness"] for r in rows} == {0.0, 1.0} and min(r["length"] for r in rows) < 1
+    f = _write(tmp_path, rows)
+    cfg = DataConfig(path=str(f), completion_column="response")
+    d = load_file_ratings(cfg, byte_tokenizer(), 0, 100, ["correctness", "length"])
+    assert d.train[0]["scores"] == [rows[0]["correctness"], rows[0]["length"]]
+    assert len(d.eval) == 4 * 5  # 10% of the 40 prompts, with all their rows
+    assert not {r["prompt"] for r in d.eval} & {r["prompt"] for r in d.train}
+    with pytest.raises(DataError, match=r"missing score column\(s\) \['helpfulness'\]"):
+        load_file_ratings(cfg, byte_tokenizer(), 0, 100, ["helpfulness"])
+    bad = _write(tmp_path, [rows[0], {**rows[1], "length": "long"}])
+    with pytest.raises(DataError, match=r"row 2: score column 'length' must be a finite number, got 'long'"):
+        load_file_ratings(DataConfig(path=str(bad), completion_column="response"), byte_tokenizer(), 0, 10,
+                          ["length"])

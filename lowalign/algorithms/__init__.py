@@ -23,8 +23,9 @@ class Algorithm:
         name: the recipe's ``algorithm:`` value.
         config: dataclass of the recipe's ``train:`` section.
         train: ``train(ctx) -> summary dict``, called with the loaded bundle and data.
-        data: ``prompts`` (rows with a prompt), ``preferences`` (chosen/rejected pairs) or ``feedback``
-            (unpaired completions labelled desirable or not, KTO).
+        data: ``prompts`` (rows with a prompt), ``preferences`` (chosen/rejected pairs), ``feedback``
+            (unpaired completions labelled desirable or not, KTO) or ``ratings`` (completions with numeric
+            score columns); or ``data(cfg) -> one of those`` when the recipe decides.
         check: optional ``check(cfg)`` raising ``ConfigError`` for cross-field rules; it runs in
             ``lowalign validate`` and before a run creates anything or loads a model.
         check_data: optional ``check_data(cfg, data)`` raising ``DataError`` when the loaded data cannot
@@ -34,7 +35,7 @@ class Algorithm:
     name: str
     config: type
     train: Callable
-    data: Literal["prompts", "preferences", "feedback"] = "prompts"
+    data: Literal["prompts", "preferences", "feedback", "ratings"] | Callable = "prompts"
     check: Callable | None = None
     check_data: Callable | None = None
 
@@ -42,7 +43,8 @@ class Algorithm:
 _REGISTRY: dict[str, Algorithm] = {}
 
 
-def register(name: str, config: type, train: Callable, *, data: str = "prompts", check: Callable | None = None,
+def register(name: str, config: type, train: Callable, *, data: str | Callable = "prompts",
+             check: Callable | None = None,
              check_data: Callable | None = None):
     if name in _REGISTRY and _REGISTRY[name].train is not train:
         raise ValueError(f"algorithm '{name}' is registered twice")
@@ -58,3 +60,9 @@ def algorithms() -> dict[str, Algorithm]:
 
 def train_configs() -> dict[str, type]:
     return {name: a.config for name, a in algorithms().items()}
+
+
+def data_kind(cfg) -> str:
+    """What the recipe's algorithm reads: prompts, preferences, feedback or ratings."""
+    d = algorithms()[cfg.algorithm].data
+    return d(cfg) if callable(d) else d

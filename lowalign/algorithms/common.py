@@ -48,7 +48,9 @@ def reward_sources(ctx):
     for spec in ctx.cfg.rewards:
         if spec.adapter is not None and spec.adapter not in ctx.bundle.adapter_configs:
             ctx.bundle.load_reward(spec.adapter, spec.path)
-    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_texts)
+        if spec.attribute_weights is not None:
+            ctx.bundle.set_attribute_weights(spec.adapter, spec.attribute_weights)
+    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes)
 
 
 def evaluate(ctx, role: str = POLICY) -> dict:
@@ -57,7 +59,7 @@ def evaluate(ctx, role: str = POLICY) -> dict:
     from lowalign.rewards import RewardSources
 
     e = ctx.cfg.eval
-    rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_texts) if ctx.cfg.rewards else None
+    rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes) if ctx.cfg.rewards else None
     return heldout_eval(ctx.bundle, ctx.data.eval_rows(e.num_examples), checker=ctx.data.checker, rewards=rewards,
                         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role, sampled=e.sampled,
                         temperature=e.temperature)

@@ -18,16 +18,28 @@ class OptimConfig:
 
 
 @dataclass
-class RolloutConfig:
-    """What every on-policy trainer built on the GRPO step has (GRPO, ReMax, REINFORCE++)."""
+class SamplingConfig:
+    """What every trainer that samples from the policy each step has (the GRPO family, RAFT, SuperHF)."""
 
-    steps: int = F(100, "Optimizer steps (one generation batch each, times num_iterations).", ge=1)
+    steps: int = F(100, "Training steps (one generation batch each).", ge=1)
     prompts_per_step: int = F(16, "Distinct prompts per generation batch.", ge=1)
     num_generations: int = F(8, "Completions per prompt (the group size G).", ge=1)
     max_new_tokens: int = F(8, "Completion budget (= max_completion_length for dr_grpo).", ge=1)
     temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.", gt=0)
     top_p: float = F(1.0, "Nucleus sampling.", gt=0, le=1)
     top_k: int = F(0, "Top-k sampling (0: off).", ge=0)
+    micro_batch_size: int = F(0, "Sequences per forward/backward (0: the whole batch at once).", ge=0)
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
+    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
+
+
+@dataclass
+class RolloutConfig(SamplingConfig):
+    """What every on-policy trainer built on the GRPO step has (GRPO, ReMax, REINFORCE++)."""
+
     loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = F(
         "grpo", "Aggregation: grpo (per-sequence mean), bnpo (token mean), dr_grpo (/ B x max len, "
         "arXiv 2503.20783), dapo (global token mean, arXiv 2503.14476).")
@@ -37,12 +49,6 @@ class RolloutConfig:
     epsilon_low: float = F(0.2, "Lower clip range of the ratio.", ge=0, lt=1)
     epsilon_high: float = F(0.2, "Upper clip range (DAPO's clip-higher uses 0.28).", ge=0)
     num_iterations: int = F(1, "Optimizer passes over each generation batch (old log-probs reused).", ge=1)
-    micro_batch_size: int = F(0, "Sequences per forward/backward (0: the whole batch at once).", ge=0)
-    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
-    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
-    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
-    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
-    max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
 
 
 @dataclass
@@ -101,7 +107,13 @@ class RewardModelConfig:
         "scored attributes (correctness, format, length) combined by `attribute_weights`.")
     margin: float = F(0.0, "Bradley-Terry margin.")
     attribute_weights: list[float] = F(factory=lambda: [1.0, 0.1, 0.1],
-                                       help="Regression: weights of (correctness, format, length) in the reward.")
+                                       help="Regression: weight of each attribute in the reward, in the order of "
+                                            "`attributes` (built-in task: correctness, format, length).")
+    rank_weight: float = F(1.0, "Rating files: weight of a Bradley-Terry term on every two completions of one "
+                                "prompt, ordered by their weighted true scores (batches are whole prompts).", ge=0)
+    attributes: list[str] = F(factory=list, help="Regression on a rating file (data.path): its numeric score "
+                                                 "columns, one head output each (empty: the built-in task's "
+                                                 "correctness, format, length, scored on its pairs).")
     adapter_name: str = F("reward", "Name of the reward adapter and its head.")
     likelihood_feature: bool = F(False, "Also feed the head the completion's mean token log-prob under the "
                                         "reward adapter (fused kernel, same backbone pass), times a learned "

@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -42,12 +43,12 @@ from lowalign.runtime import Progress, seed_everything
 POLICY = "policy"
 
 
-def completion_logprobs(bundle, roll, tc, *, with_entropy=False, rows=None):
-    """Per-token log-probs of the completion tokens: (B, C) (+ entropy / KL when asked)."""
+def completion_logprobs(bundle, roll, temperature: float = 1.0, *, with_entropy=False, rows=None):
+    """Per-token log-probs of the completion tokens at ``temperature``: (B, C) (+ entropy when asked)."""
     sl = slice(None) if rows is None else rows
     P = roll.prompt_ids.shape[1]
     out = token_logprobs(bundle, roll.input_ids[sl], roll.attention_mask[sl], roll.target_mask[sl],
-                         temperature=tc.temperature, with_entropy=with_entropy)
+                         temperature=temperature, with_entropy=with_entropy)
     ent = out.entropy[:, P:] if out.entropy is not None else None
     return out.logps[:, P:], ent
 
@@ -78,7 +79,9 @@ def _group_advantages(ctx, rows, roll, rb, rewards, old, ref):
 GROUP = AdvantageEstimator(_group_advantages)
 
 
-def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: AdvantageEstimator = GROUP) -> dict:
+def sample_and_score(ctx, step: int, rewards: RewardSources):
+    """Step ``step``'s prompts (seeded by ``(seed, step)``), ``num_generations`` samples each from the policy,
+    and their rewards. Returns (rows, rollout, rewards batch, generation seconds)."""
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     t0 = time.time()
     seed_everything(step_seed(cfg.seed, step))
@@ -90,7 +93,14 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
                         num_generations=G)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    rb = rewards(prompts, roll.texts, row_columns(rows, G))
+    return rows, roll, rewards(prompts, roll.texts, row_columns(rows, G)), t_gen
+
+
+def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: AdvantageEstimator = GROUP) -> dict:
+    tc, bundle = ctx.cfg.train, ctx.bundle
+    t0 = time.time()
+    rows, roll, rb, t_gen = sample_and_score(ctx, step, rewards)
+    G = tc.num_generations
     cmask = roll.completion_mask.float()
     B = cmask.shape[0]
 
@@ -98,12 +108,13 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     with torch.no_grad():
         if tc.num_iterations > 1 or estimator.needs_old:
             with bundle.use(POLICY):
-                old, _ = completion_logprobs(bundle, roll, tc)
+                old, _ = completion_logprobs(bundle, roll, tc.temperature)
         if tc.beta != 0.0 or estimator.needs_ref:
             with bundle.use("reference"):
-                ref, _ = completion_logprobs(bundle, roll, tc)
+                ref, _ = completion_logprobs(bundle, roll, tc.temperature)
     adv, est_metrics = estimator.fn(ctx, rows, roll, rb, rewards, old, ref)
     adv = adv.to(bundle.device)
+    t_score = time.time() - t0 - t_gen  # rewards, old / reference log-probs, advantages
 
     mb = tc.micro_batch_size or B
     chunks = [slice(s, min(B, s + mb)) for s in range(0, B, mb)]
@@ -113,7 +124,7 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     with bundle.use(POLICY):
         for _ in range(tc.num_iterations):
             for sl in chunks:
-                lp, ent = completion_logprobs(bundle, roll, tc, with_entropy=True, rows=sl)
+                lp, ent = completion_logprobs(bundle, roll, tc.temperature, with_entropy=True, rows=sl)
                 out = grpo_loss(lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
                                 ref_logps=None if ref is None else ref[sl], beta=tc.beta,
                                 epsilon_low=tc.epsilon_low, epsilon_high=tc.epsilon_high,
@@ -130,11 +141,14 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
             opt.zero_grad(set_to_none=True)
 
     lengths = cmask.sum(1)
+    t_step = time.time() - t0
     m = {"step": step + 1, "reward": rb.total.mean().item(), "reward_std": rb.total.std().item(),
          **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
          **agg, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "completion_length": lengths.mean().item(),
-         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **est_metrics}
+         "time/generate_s": round(t_gen, 3), "time/score_s": round(t_score, 3),
+         "time/train_s": round(t_step - t_gen - t_score, 3), "time/step_s": round(t_step, 3),
+         "tokens_per_s": round(float(lengths.sum()) / t_step, 1), **est_metrics}
     if G > 1:
         m["frac_reward_zero_std"] = (rb.total.view(-1, G).std(1) == 0).float().mean().item()
     return m
@@ -151,8 +165,10 @@ def check(cfg) -> None:
 
 
 def train_rollouts(ctx, desc: str, estimator: AdvantageEstimator = GROUP,
-                   fields=("reward", "kl", "clip_ratio/region", "completion_length")) -> dict:
-    """The on-policy loop (GRPO, ReMax, REINFORCE++): one :func:`grpo_step` per step with ``estimator``."""
+                   fields=("reward", "kl", "clip_ratio/region", "completion_length"), step_fn=None) -> dict:
+    """The on-policy loop (GRPO, ReMax, REINFORCE++, RAFT, SuperHF): one :func:`grpo_step` per step with
+    ``estimator``, or ``step_fn(ctx, step, opt, sched, rewards) -> metrics`` in its place."""
+    step_fn = step_fn or partial(grpo_step, estimator=estimator)
     tc, bundle = ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     rewards = reward_sources(ctx)
@@ -164,7 +180,7 @@ def train_rollouts(ctx, desc: str, estimator: AdvantageEstimator = GROUP,
         for step in range(start, tc.steps):
             if tc.max_time_s and time.time() - t_start > tc.max_time_s:
                 break
-            m = grpo_step(ctx, step, opt, sched, rewards, estimator)
+            m = step_fn(ctx, step, opt, sched, rewards)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched)
     hist = ctx.run_dir.read_metrics()

@@ -2,9 +2,12 @@
 
 Objectives (``lowalign.losses``):
 * ``bradley_terry``: -log sigma(r_c - r_r - margin) on preference pairs;
-* ``regression``: the task's scored attributes (correctness, format, length) regressed by a 3-output
-  head; the reward is their weighted sum (multi-objective reward models, as in multi-objective GRPO).
-The result (adapter + head + reward_meta.json) plugs into GRPO as ``rewards: [{adapter: reward, path: RUN}]``.
+* ``regression``: scored attributes regressed by a K-output head, the reward their weighted sum
+  (multi-objective reward models, as in multi-objective GRPO): on the built-in task, the correctness,
+  format and length of its pairs' completions; on a rating file (``data.path``), the numeric columns named
+  by ``train.attributes`` of rows ``{prompt, completion, <attribute>...}``.
+The result (adapter + head + reward_meta.json naming the attributes) plugs into GRPO as
+``rewards: [{adapter: reward, path: RUN, attribute_weights: {name: w}}]``, each attribute logged.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from lowalign.algorithms.common import end_step, finish, make_optimizer, start_o
 from lowalign.algorithms.configs import RewardModelConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
-from lowalign.losses import bradley_terry_loss, multi_objective_loss
+from lowalign.losses import LossOutput, bradley_terry_loss, multi_objective_loss, within_prompt_ranking_loss
 from lowalign.preference import ATTRIBUTES, attributes
 from lowalign.runtime import Progress, atomic_write_text, seed_everything
 
@@ -55,40 +58,116 @@ def pairwise_eval(ctx, pairs, batch_size: int = 128) -> dict:
     return res
 
 
+@torch.no_grad()
+def rating_eval(ctx, rows, names: list[str], batch_size: int = 128) -> dict:
+    """Held-out ratings: mean absolute error and Pearson correlation of each attribute, the correlation of the
+    weighted reward with the weighted true scores, and ``pairwise_accuracy``: over every two completions of
+    one held-out prompt with different true rewards, the share the reward orders rightly (what a
+    group-normalized trainer such as GRPO reads)."""
+    bundle, name = ctx.bundle, ctx.cfg.train.adapter_name
+    with bundle.use(name), bundle.eval_mode():
+        pred = torch.cat([_rating_scores(bundle, name, rows[s:s + batch_size]).cpu()
+                          for s in range(0, len(rows), batch_size)])
+    true = torch.tensor([r["scores"] for r in rows])
+    w = bundle.head_weights[name]
+
+    def corr(a, b):
+        a, b = a - a.mean(), b - b.mean()
+        return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
+
+    rp, rt = pred @ w, true @ w
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_prompt.setdefault(r["prompt"], []).append(i)
+    hits = total = 0
+    for idx in by_prompt.values():
+        for a in range(len(idx)):
+            for b in range(a + 1, len(idx)):
+                i, j = idx[a], idx[b]
+                if rt[i] != rt[j]:
+                    total += 1
+                    hits += bool((rp[i] - rp[j]) * (rt[i] - rt[j]) > 0)
+    res = {"pairwise_accuracy": hits / max(1, total), "reward_corr": corr(rp, rt)}
+    for i, a in enumerate(names):
+        res[f"mae/{a}"] = float((pred[:, i] - true[:, i]).abs().mean())
+        res[f"corr/{a}"] = corr(pred[:, i], true[:, i])
+    return res
+
+
+def _rating_scores(bundle, name, rows):
+    """Head outputs of rated completions: (B, K)."""
+    from lowalign.generation import encode_completions
+
+    b = encode_completions(bundle.tokenizer, [r["prompt"] for r in rows], [r["completion"] for r in rows],
+                           bundle.device)
+    return bundle.score(name, b.input_ids, b.attention_mask, b.target_mask)
+
+
 def check(cfg) -> None:
     tc = cfg.train
-    if tc.objective == "regression" and len(tc.attribute_weights) != len(ATTRIBUTES):
-        raise ConfigError(f"train.attribute_weights: need {len(ATTRIBUTES)} weights for {ATTRIBUTES}")
+    names = tc.attributes or ATTRIBUTES
+    if tc.attributes and tc.objective != "regression":
+        raise ConfigError("train.attributes: a rating file's scores are regressed; set train.objective=regression")
+    if len(set(tc.attributes)) != len(tc.attributes):
+        raise ConfigError(f"train.attributes: {tc.attributes} names a column twice")
+    if tc.objective == "regression" and len(tc.attribute_weights) != len(names):
+        raise ConfigError(f"train.attribute_weights: {len(tc.attribute_weights)} weights for the "
+                          f"{len(names)} attributes {list(names)}")
 
 
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     name = tc.adapter_name
-    K = len(ATTRIBUTES) if tc.objective == "regression" else 1
+    ratings = bool(tc.attributes)  # a rating file's rows {prompt, completion, scores}, not pairs
+    names = list(tc.attributes or ATTRIBUTES) if tc.objective == "regression" else []
+    K = max(1, len(names))
     bundle.add_adapter(name, cfg.lora, init_from=cfg.lora.init_from)
     bundle.add_head(name, K)
     if tc.likelihood_feature:
         bundle.add_likelihood_feature(name)
     if K > 1:
         bundle.head_weights[name] = torch.tensor(tc.attribute_weights, dtype=torch.float32)
-    data = run_pairs(ctx, tc, role="reference")  # pairs sampled from the base model itself
-    if tc.objective == "regression" and "answer" not in data.train[0]:
-        raise ConfigError("train.objective: 'regression' needs scored attributes (built-in task data)")
+        bundle.head_attributes[name] = names
+    if ratings:
+        data = ctx.data.pairs
+        by_prompt: dict[str, list[int]] = {}
+        for i, r in enumerate(data.train):
+            by_prompt.setdefault(r["prompt"], []).append(i)
+        groups = list(by_prompt.values())
+        ctx.console.print(f"ratings: {len(data.train)} train, {len(data.eval)} held-out; attributes {names}")
+        evaluate_fn = lambda c: rating_eval(c, data.eval, names)
+    else:
+        data = run_pairs(ctx, tc, role="reference")  # pairs sampled from the base model itself
+        if tc.objective == "regression" and "answer" not in data.train[0]:
+            raise ConfigError("train.objective: 'regression' on pairs needs the built-in task's scored attributes; "
+                              "for your own scores use a rating file and train.attributes")
+        evaluate_fn = lambda c: pairwise_eval(c, data.eval)
     params = bundle.adapter_parameters(name) + [p for k, h in bundle.heads.items()
                                                 if k == name or k.startswith(f"{name}__") for p in h.parameters()]
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
-    evaluate_fn = lambda c: pairwise_eval(c, data.eval)
     start, baseline = start_or_resume(ctx, [name], opt, sched, evaluate_fn=evaluate_fn)
     bundle.base.train()
     wt = torch.tensor(tc.attribute_weights, device=bundle.device)
-    with Progress(tc.steps, start, ("loss", "accuracy"), desc="reward model", every=tc.log_every) as bar:
+    fields = ("loss", "rank_accuracy") if ratings else ("loss", "accuracy")
+    with Progress(tc.steps, start, fields, desc="reward model", every=tc.log_every) as bar:
         for step in range(start, tc.steps):
             seed_everything(step_seed(cfg.seed, step))
-            pairs = [data.train[i] for i in pair_batch(data.train, step, tc.batch_size, cfg.seed)]
+            if ratings:  # whole prompts, so the ranking term sees every completion of each
+                pick = pair_batch(groups, step, max(1, tc.batch_size * len(groups) // len(data.train)), cfg.seed)
+                pairs = [data.train[i] for g in pick for i in groups[g]]
+                gid = torch.tensor([g for g in pick for _ in groups[g]], device=bundle.device)
+            else:
+                pairs = [data.train[i] for i in pair_batch(data.train, step, tc.batch_size, cfg.seed)]
             n = len(pairs)
             with bundle.use(name):
-                out = _scores(bundle, name, pairs)
-            if tc.objective == "bradley_terry":
+                out = _rating_scores(bundle, name, pairs) if ratings else _scores(bundle, name, pairs)
+            if ratings:
+                target = torch.tensor([r["scores"] for r in pairs]).to(out)
+                lo = multi_objective_loss(out, target, wt)
+                rank = within_prompt_ranking_loss(out @ wt, target @ wt, gid)
+                lo = LossOutput(lo.loss + tc.rank_weight * rank.loss, {**lo.metrics, "rank_loss": rank.loss.detach(),
+                                                                       **rank.metrics})
+            elif tc.objective == "bradley_terry":
                 lo = bradley_terry_loss(out[:n, 0], out[n:, 0], margin=tc.margin)
             else:
                 lo = multi_objective_loss(out, _targets(pairs).to(out), wt)
@@ -99,11 +178,13 @@ def train(ctx) -> dict:
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            m = {"step": step + 1, "loss": lo.loss.item(), **{str(k): float(v) for k, v in lo.metrics.items()},
+            named = {f"mae/{names[int(k[4:])]}" if k.startswith("mae/") else k: v for k, v in lo.metrics.items()}
+            m = {"step": step + 1, "loss": lo.loss.item(), **{k: float(v) for k, v in named.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
             end_step(ctx, tc, step + 1, m, bar, [name], baseline, opt, sched, evaluate_fn=evaluate_fn)
-    summary = finish(ctx, [name], baseline, {"steps": tc.steps, "pairs": len(data.train)}, evaluate_fn)
-    meta = {"adapter": name, "objective": tc.objective, "attributes": list(ATTRIBUTES) if K > 1 else ["reward"],
+    summary = finish(ctx, [name], baseline, {"steps": tc.steps, ("ratings" if ratings else "pairs"): len(data.train)},
+                     evaluate_fn)
+    meta = {"adapter": name, "objective": tc.objective, "attributes": names if K > 1 else ["reward"],
             "weights": tc.attribute_weights if K > 1 else None}
     import json
 
@@ -111,4 +192,5 @@ def train(ctx) -> dict:
     return summary
 
 
-register("reward_model", RewardModelConfig, train, data="preferences", check=check)
+register("reward_model", RewardModelConfig, train, check=check,
+         data=lambda cfg: "ratings" if cfg.train.attributes else "preferences")

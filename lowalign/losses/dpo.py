@@ -92,3 +92,26 @@ def multi_objective_loss(pred: torch.Tensor, target: torch.Tensor, weights: torc
     with torch.no_grad():
         metrics = {f"mae/{k}": v for k, v in enumerate((pred - target).abs().mean(0))}
     return LossOutput(loss=loss, metrics=metrics)
+
+
+def within_prompt_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor) -> LossOutput:
+    """Bradley-Terry on every two rated completions of one prompt, ordered by their true scores:
+    mean over pairs (i, j) with groups_i = groups_j and t_i > t_j of -log sigma(s_i - s_j). A pointwise
+    regression spends itself on offsets between prompts; a group-normalized trainer (GRPO) reads only the
+    order within a prompt, which this term teaches. Pairs with equal targets are skipped.
+
+    Shapes: scores, targets (B,) (the weighted reward and the weighted true score); groups (B,) ids.
+    Worked example: s [2, 0, 1], t [1, 0, 0], one group -> pairs (0, 1), (0, 2):
+    loss = (log(1 + e^-2) + log(1 + e^-1)) / 2 = 0.2200, rank_accuracy 1.
+    """
+    same = groups[:, None] == groups[None, :]
+    better = (targets[:, None] > targets[None, :]) & same  # (B, B): i ranked above j
+    d = scores[:, None] - scores[None, :]
+    n = better.sum()
+    if n == 0:
+        z = scores.sum() * 0.0
+        return LossOutput(z, {"rank_accuracy": torch.tensor(float("nan"))})
+    loss = -(F.logsigmoid(d) * better).sum() / n
+    with torch.no_grad():
+        metrics = {"rank_accuracy": ((d > 0) & better).sum() / n}
+    return LossOutput(loss, metrics)

@@ -80,3 +80,19 @@ def test_bradley_terry_and_regression():
     mo = multi_objective_loss(pred, tgt, torch.tensor([3.0, 1.0]))
     assert math.isclose(mo.loss.item(), (3 * 0.5 + 1 * 2.0) / 4, rel_tol=1e-6)
     assert mo.metrics["mae/0"] == 0.5 and mo.metrics["mae/1"] == 1.0
+
+
+def test_within_prompt_ranking_worked_example_and_plain_loop():
+    from lowalign.losses import within_prompt_ranking_loss
+
+    o = within_prompt_ranking_loss(torch.tensor([2.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0]), torch.zeros(3))
+    assert abs(o.loss.item() - (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2) < 1e-6
+    assert o.metrics["rank_accuracy"] == 1
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(12, generator=g), torch.randint(0, 3, (12,), generator=g).float()
+    grp = torch.tensor([0, 0, 0, 1, 1, 1, 1, 2, 2, 3, 3, 3])
+    terms = [-torch.nn.functional.logsigmoid(s[i] - s[j]) for i in range(12) for j in range(12)
+             if grp[i] == grp[j] and t[i] > t[j]]  # pairs across prompts never count
+    assert torch.allclose(within_prompt_ranking_loss(s, t, grp).loss, torch.stack(terms).mean())
+    z = within_prompt_ranking_loss(s, torch.zeros(12), grp)  # no ordered pair: zero loss, NaN accuracy
+    assert z.loss.item() == 0 and torch.isnan(z.metrics["rank_accuracy"])

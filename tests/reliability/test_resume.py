@@ -13,6 +13,9 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
     "reward_model": ("recipes/rm_tiny.yaml", ["train.steps=40", "data.num_pairs=64", "train.eval_pairs=16",
                                               "train.batch_size=8"],
                      ["reward"], ("loss", "accuracy", "grad_norm")),
+    "reward_model_ratings": ("recipes/rm_ratings_tiny.yaml", ["train.steps=12", "train.batch_size=8",
+                                                              "train.eval_pairs=8"],
+                             ["reward"], ("loss", "rank_accuracy", "mae/correctness", "grad_norm")),
     "sft": ("recipes/sft_tiny.yaml", ["train.steps=40", "train.batch_size=8"], ["policy"],
             ("loss", "token_acc", "grad_norm", "lr")),
     # the preference family shares DPO's loop; each has its own loss, data path (KTO) and reference use
@@ -20,10 +23,11 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
                                       "train.batch_size=8"], ["policy"], ("loss", "grad_norm", *keys))
        for a, keys in (("orpo", ("nll/chosen", "log_odds_ratio")), ("simpo", ("rewards/margin",)),
                        ("kto", ("kl", "rewards/desirable")), ("tdpo", ("kl/rejected", "rewards/margin")))},
-    # ReMax and REINFORCE++ run GRPO's step with their own advantages (GRPO's resume test is in algorithms/)
+    # ReMax, REINFORCE++, RAFT and SuperHF run on GRPO's sampling loop (GRPO's resume test is in algorithms/)
     **{a: (f"recipes/{r}.yaml", ["train.steps=12", "train.prompts_per_step=8"], ["policy"],
            ("loss", "grad_norm", "reward", key))
-       for a, r, key in (("remax", "remax_tiny", "reward_greedy"), ("reinforce_pp", "reinforcepp_tiny", "reward_kl"))},
+       for a, r, key in (("remax", "remax_tiny", "reward_greedy"), ("reinforce_pp", "reinforcepp_tiny", "reward_kl"),
+                         ("raft", "raft_tiny", "kept"), ("superhf", "superhf_tiny", "kl"))},
     "essa": ("recipes/es_tiny.yaml", ["train.generations=12", "train.population_size=4",
                                       "train.prompts_per_generation=8", "eval.batch_size=8"],
              ["policy"], ("fitness/mean", "fitness/std", "update_norm", "theta_norm", "sigma")),
