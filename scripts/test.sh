@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: install (idempotent), lint, then the full test suite.
+# The test command: install (idempotent), lint, then the full test suite, on PYTEST_WORKERS processes
+# (pytest-xdist; default 2, one per core of the CI machine: most tests are single-threaded CLI runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 .venv/bin/ruff check .
-.venv/bin/pytest -q "$@"
+.venv/bin/pytest -q -n "${PYTEST_WORKERS:-2}" "$@"

@@ -15,9 +15,9 @@ def start_adapter(tmp_path_factory):
     from lowalign.bundle import ModelBundle
     from lowalign.config import LoraConfig, ModelConfig
 
+    torch.manual_seed(0)  # before add_adapter: PEFT draws lora_A from the global generator
     b = ModelBundle.load(ModelConfig())
     b.add_adapter("policy", LoraConfig())  # the recipes' r=16, alpha=32
-    torch.manual_seed(0)
     for _, _, B, _ in b.lora_factors("policy"):
         B.data.normal_(0, 0.02)
     d = tmp_path_factory.mktemp("start") / "policy"
