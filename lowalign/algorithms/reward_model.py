@@ -76,22 +76,23 @@ def rating_eval(ctx, rows, names: list[str], batch_size: int = 128) -> dict:
         return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
 
     rp, rt = pred @ w, true @ w
-    by_prompt: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        by_prompt.setdefault(r["prompt"], []).append(i)
-    hits = total = 0
-    for idx in by_prompt.values():
-        for a in range(len(idx)):
-            for b in range(a + 1, len(idx)):
-                i, j = idx[a], idx[b]
-                if rt[i] != rt[j]:
-                    total += 1
-                    hits += bool((rp[i] - rp[j]) * (rt[i] - rt[j]) > 0)
-    res = {"pairwise_accuracy": hits / max(1, total), "reward_corr": corr(rp, rt)}
+    groups = prompt_groups(rows)
+    gid = torch.tensor([g for g, idx in enumerate(groups) for _ in idx])
+    order = [i for idx in groups for i in idx]
+    acc = within_prompt_ranking_loss(rp[order], rt[order], gid).metrics["rank_accuracy"]
+    res = {"pairwise_accuracy": float(acc.nan_to_num(0.0)), "reward_corr": corr(rp, rt)}
     for i, a in enumerate(names):
         res[f"mae/{a}"] = float((pred[:, i] - true[:, i]).abs().mean())
         res[f"corr/{a}"] = corr(pred[:, i], true[:, i])
     return res
+
+
+def prompt_groups(rows: list[dict]) -> list[list[int]]:
+    """Indices of the rows of each distinct prompt, in first-seen order."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_prompt.setdefault(r["prompt"], []).append(i)
+    return list(by_prompt.values())
 
 
 def _rating_scores(bundle, name, rows):
@@ -130,10 +131,7 @@ def train(ctx) -> dict:
         bundle.head_attributes[name] = names
     if ratings:
         data = ctx.data.pairs
-        by_prompt: dict[str, list[int]] = {}
-        for i, r in enumerate(data.train):
-            by_prompt.setdefault(r["prompt"], []).append(i)
-        groups = list(by_prompt.values())
+        groups = prompt_groups(data.train)
         ctx.console.print(f"ratings: {len(data.train)} train, {len(data.eval)} held-out; attributes {names}")
         evaluate_fn = lambda c: rating_eval(c, data.eval, names)
     else:
