@@ -11,6 +11,7 @@ import torch
 
 from lowalign import config as C
 from lowalign.algorithms import algorithms, data_kind, train_configs
+from lowalign.distributed import SINGLE, Dist
 from lowalign.runtime import (
     Checkpointer,
     RunDir,
@@ -32,6 +33,7 @@ class RunContext:
     checkpointer: Checkpointer
     console: object
     resumed_state: dict | None = None  # the checkpoint's state.json (+ "extra") when resuming
+    dist: Dist = SINGLE  # this process's rank among torchrun's (one process: rank 0 of 1)
 
 
 def check_config(cfg: C.RunConfig) -> None:
@@ -150,20 +152,37 @@ def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def init_distributed() -> tuple[int, int]:
+def init_distributed():
     """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, NCCL on GPUs)."""
     import os
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    from lowalign.distributed import SINGLE, Dist, world_size
+
+    world = world_size()
     if world <= 1:
-        return 0, 1
+        return SINGLE
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return dist.get_rank(), world
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), world, torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu")
+
+
+def check_world(cfg: C.RunConfig, world: int) -> None:
+    """Under ``torchrun``: the algorithm runs data-parallel and its step batch splits evenly over ranks."""
+    if world <= 1:
+        return
+    field = algorithms()[cfg.algorithm].shards
+    if field is None:
+        raise C.ConfigError(f"algorithm: '{cfg.algorithm}' runs in one process only (not under torchrun with "
+                            f"{world} processes)")
+    n = getattr(cfg.train, field)
+    if n % world:
+        raise C.ConfigError(f"train.{field}: {n} does not split over {world} processes (torchrun "
+                            f"--nproc_per_node); use a multiple of {world}")
 
 
 def run(config, overrides=None, *, quiet: bool = False) -> dict:
@@ -171,21 +190,21 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
 
     t0 = time.time()
     cfg, name = resolve_config(config, overrides)  # validate before joining any process group
-    rank, world = init_distributed()
-    if world > 1 and cfg.algorithm != "essa":
-        raise C.ConfigError(f"algorithm: '{cfg.algorithm}' runs in one process; only essa is distributed")
-    console = Console(stderr=True, quiet=quiet or rank > 0)
+    check_world(cfg, _launched_world())
+    dist = init_distributed()
+    console = Console(stderr=True, quiet=quiet or not dist.main)
     if cfg.resume and not cfg.output_dir:
         raise C.ConfigError("resume: true needs output_dir (the run directory to continue)")
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(name)
     if not cfg.resume and (out / "checkpoints" / "latest").exists():
         raise C.ConfigError(f"output_dir: {out} already holds a run; pass resume=true or a new output_dir")
+    if dist.world > 1 and not cfg.output_dir:  # every rank must name the same directory: rank 0's clock
+        out = Path(_broadcast_text(str(out)))
     cfg.output_dir = str(out)
-    if rank > 0:  # every rank holds the same state; rank 0 owns the run directory
-        out = out / f".rank{rank}"
     check_writable(out)
     lock = RunLock(out)
-    lock.check()  # before any model work: another live run may own this directory
+    if dist.main:
+        lock.check()  # before any model work: another live run may own this directory
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
@@ -209,16 +228,22 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         console.print(f"[yellow]data:[/] {note}")
     bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     fresh = not out.exists()  # the run directory is created only once everything before it worked
-    run_dir = RunDir(out)
+    run_dir = RunDir(out, writer=dist.main)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
+    if dist.world > 1:
+        console.print(f"data parallel: {dist.world} processes, {_effective_batch(cfg, dist.world)}")
     try:
-        lock.acquire(console)
+        if dist.main:
+            lock.acquire(console)
         run_dir.write_config(C.to_dict(cfg))
-        ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console)
+        ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console, dist=dist)
         summary = algo.train(ctx)
+        if dist.world > 1:
+            summary["world_size"] = dist.world
+            summary["ranks_identical"] = _ranks_identical(bundle, dist)
     except BaseException:
         lock.release()
-        if fresh and not run_dir.metrics_path.exists():  # a failed start (no step logged) leaves nothing behind
+        if fresh and dist.main and not run_dir.metrics_path.exists():  # a failed start leaves nothing behind
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
@@ -233,6 +258,41 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     lock.release()
     print_summary(console, summary)
     return summary
+
+
+def _launched_world() -> int:
+    from lowalign.distributed import world_size
+
+    return world_size()
+
+
+def _broadcast_text(text: str) -> str:
+    import torch.distributed as dist
+
+    obj = [text]
+    dist.broadcast_object_list(obj, src=0)
+    return obj[0]
+
+
+def _effective_batch(cfg: C.RunConfig, world: int) -> str:
+    """One line: the step batch, and each rank's share of it."""
+    field = algorithms()[cfg.algorithm].shards
+    n = getattr(cfg.train, field)
+    per = f"{n // world} per process"
+    mb = getattr(cfg.train, "micro_batch_size", 0)
+    return f"train.{field} = {n} per step ({per}{f', micro-batches of {mb}' if mb else ''})"
+
+
+def _ranks_identical(bundle, dist) -> bool:
+    """Whether every rank ends with bit-identical trainable weights (adapters and heads): a checksum per
+    rank, gathered."""
+    params = [p for p in bundle.base.parameters() if p.requires_grad] + \
+             [p for h in bundle.heads.values() for p in h.parameters()]
+    flat = torch.cat([p.detach().reshape(-1).double().cpu() for p in params]) if params else torch.zeros(1)
+    idx = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    mine = torch.stack([flat.sum(), (flat * idx).sum(), (flat * flat).sum()])
+    every = dist.gather(mine[None].to(dist.device)).cpu()
+    return bool((every == every[0]).all())
 
 
 def print_summary(console, summary: dict) -> None:

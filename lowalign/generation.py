@@ -55,10 +55,60 @@ def completion_mask_from_ids(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (after == 0).long()
 
 
+def row_seed(seed: int, row: int) -> int:
+    """The sampling seed of row ``row`` (its index in the step's whole batch) of a batch seeded ``seed``."""
+    x = (seed * 0x9E3779B97F4A7C15 + row * 0xBF58476D1CE4E5B9 + 1) % 2**64  # splitmix64 finalizer
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return (x ^ (x >> 31)) % 2**63
+
+
+class RowSeededSampler:
+    """A logits processor that samples each row from its own random stream, so a completion depends only
+    on its prompt, the weights and its row seed, never on which other rows share the batch (rank shards,
+    chunked generation): data-parallel ranks sample exactly what one process samples.
+
+    Inverse-CDF sampling: at new token t, row i draws u = 1 - U_i[t] in (0, 1] (``U_i`` uniform, from a
+    generator seeded ``seeds[i]``), warps its logits (temperature, top-k, top-p, as HF's sampler does) and
+    takes the first token whose cumulative probability reaches u * (total mass); a token of probability 0 is
+    never taken. The chosen token is returned as the only finite logit, so greedy decoding emits it.
+    """
+
+    def __init__(self, seeds: list[int], prompt_len: int, max_new_tokens: int, *, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0):
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        self.u = torch.stack([1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
+                                               dtype=torch.float64) for s in seeds])  # (B, T) in (0, 1]
+        self.prompt_len = prompt_len
+        warp = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        if top_k:
+            warp.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            warp.append(TopPLogitsWarper(top_p))
+        self.warp = LogitsProcessorList(warp)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        t = input_ids.shape[1] - self.prompt_len
+        probs = torch.softmax(self.warp(input_ids, scores).float(), -1)
+        cdf = probs.cumsum(-1)
+        u = self.u[:, t].to(cdf.device, torch.float32)[:, None] * cdf[:, -1:]
+        tok = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tok, 0.0)
+
+
 @torch.no_grad()
 def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_generations: int = 1) -> Rollout:
-    """Sample ``num_generations`` completions per prompt (rows grouped by prompt, contiguous)."""
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_generations: int = 1,
+             row_seeds: list[int] | None = None) -> Rollout:
+    """Sample ``num_generations`` completions per prompt (rows grouped by prompt, contiguous). With
+    ``row_seeds`` (one per completion), each row samples from its own seeded stream
+    (:class:`RowSeededSampler`) instead of the global RNG."""
     tok = bundle.tokenizer
     model = bundle.causal_lm
     ids, mask = encode_prompts(tok, prompts, bundle.device)
@@ -69,7 +119,13 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
     model.eval()
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
               use_cache=True)
-    if do_sample:
+    if do_sample and row_seeds is not None:
+        if len(row_seeds) != ids.shape[0]:
+            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {ids.shape[0]} completions")
+        sampler = RowSeededSampler(row_seeds, ids.shape[1], max_new_tokens, temperature=temperature, top_p=top_p,
+                                   top_k=top_k)
+        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=[sampler])
+    elif do_sample:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
     else:
         kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)

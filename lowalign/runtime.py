@@ -53,17 +53,29 @@ def _jsonable(v):
 
 
 class RunDir:
-    """``output_dir`` with config.yaml, metrics.jsonl, summary.json, adapters/, checkpoints/."""
+    """``output_dir`` with config.yaml, metrics.jsonl, summary.json, adapters/, checkpoints/.
 
-    def __init__(self, path: str | Path):
+    ``writer=False`` (the ranks after 0 of a multi-process run) reads the same directory and writes nothing."""
+
+    def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
 
     def write_config(self, cfg_dict: dict) -> None:
-        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+        if self.writer:
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+
+    def write_text(self, name: str, text: str) -> None:
+        """``name`` (relative to the run directory), atomically; nothing on a non-writing rank."""
+        if self.writer:
+            atomic_write_text(self.path / name, text)
 
     def log(self, metrics: dict) -> None:
+        if not self.writer:
+            return
         row = {k: _jsonable(v) for k, v in metrics.items()}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -71,7 +83,7 @@ class RunDir:
 
     def truncate_metrics(self, max_step: int) -> None:
         """Drop rows past ``max_step`` (rows a killed run wrote after its last checkpoint)."""
-        if not self.metrics_path.exists():
+        if not self.writer or not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= max_step]
@@ -83,7 +95,8 @@ class RunDir:
         return [json.loads(ln) for ln in self.metrics_path.read_text().splitlines() if ln.strip()]
 
     def write_json(self, name: str, obj: dict) -> None:
-        atomic_write_text(self.path / name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+        if self.writer:
+            atomic_write_text(self.path / name, json.dumps(obj, indent=2, default=_jsonable) + "\n")
 
     def read_json(self, name: str) -> dict | None:
         p = self.path / name
@@ -282,9 +295,12 @@ class Checkpointer:
     def __init__(self, run_dir: RunDir, keep: int = 2):
         self.root = run_dir.path / "checkpoints"
         self.keep = keep
+        self.writer = run_dir.writer  # every rank holds the same state: rank 0 writes it
 
     def save(self, step: int, bundle, adapters: list[str], state: dict, optimizer=None, scheduler=None,
-             extra: dict | None = None) -> Path:
+             extra: dict | None = None) -> Path | None:
+        if not self.writer:
+            return None
         try:
             return self._save(step, bundle, adapters, state, optimizer, scheduler, extra)
         except OSError as e:
@@ -372,9 +388,9 @@ class Progress:
         )
         from rich.progress import Progress as RichProgress
 
-        self.console = Console(stderr=True)
+        self.console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # torchrun: rank 0 shows it
         self.fields, self.total, self.every, self.t0 = fields, total, every, time.time()
-        self.tty = self.console.is_terminal
+        self.tty = self.console.is_terminal and not self.console.quiet
         self.done = start
         self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),

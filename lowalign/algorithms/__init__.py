@@ -30,6 +30,8 @@ class Algorithm:
             ``lowalign validate`` and before a run creates anything or loads a model.
         check_data: optional ``check_data(cfg, data)`` raising ``DataError`` when the loaded data cannot
             serve this algorithm (e.g. SFT without answers); runs before the model loads.
+        shards: the ``train:`` field whose rows split over ``torchrun`` ranks (``lowalign.distributed``);
+            None: the algorithm runs in one process only.
     """
 
     name: str
@@ -38,6 +40,7 @@ class Algorithm:
     data: Literal["prompts", "preferences", "feedback", "ratings"] | Callable = "prompts"
     check: Callable | None = None
     check_data: Callable | None = None
+    shards: str | None = None
 
 
 _REGISTRY: dict[str, Algorithm] = {}
@@ -45,10 +48,10 @@ _REGISTRY: dict[str, Algorithm] = {}
 
 def register(name: str, config: type, train: Callable, *, data: str | Callable = "prompts",
              check: Callable | None = None,
-             check_data: Callable | None = None):
+             check_data: Callable | None = None, shards: str | None = None):
     if name in _REGISTRY and _REGISTRY[name].train is not train:
         raise ValueError(f"algorithm '{name}' is registered twice")
-    _REGISTRY[name] = Algorithm(name, config, train, data, check, check_data)
+    _REGISTRY[name] = Algorithm(name, config, train, data, check, check_data, shards)
 
 
 def algorithms() -> dict[str, Algorithm]:

@@ -98,9 +98,9 @@ def step_seed(seed: int, step: int) -> int:
 
 def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None, evaluate_fn=None) -> dict:
     final = (evaluate_fn or evaluate)(ctx)
-    for name in adapters:
+    for name in adapters if ctx.run_dir.writer else []:
         ctx.bundle.save_adapter(name, ctx.run_dir.path / "adapters" / name)
-    if len(ctx.bundle.heads):
+    if len(ctx.bundle.heads) and ctx.run_dir.writer:
         ctx.bundle.save_heads(ctx.run_dir.path / "adapters" / "heads.safetensors")
     return {"baseline": {k: v for k, v in baseline.items() if k != "samples"},
             "final": {k: v for k, v in final.items() if k != "samples"},

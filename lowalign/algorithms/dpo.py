@@ -51,4 +51,4 @@ def train(ctx) -> dict:
     return train_preference(ctx, "dpo", lambda data: objective(ctx, data))
 
 
-register("dpo", DPOConfig, train, data="preferences")
+register("dpo", DPOConfig, train, data="preferences", shards="batch_size")

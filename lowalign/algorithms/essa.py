@@ -15,7 +15,6 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from lowalign.algorithms import register
 from lowalign.algorithms.common import end_step, finish, reward_sources, start_or_resume
@@ -67,12 +66,6 @@ class SingularValueLoRA:
             B.copy_((U * (s.to(U.device) / scale)).to(B))
 
 
-def _dist():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 @torch.no_grad()
 def completions_of(bundle, rows, tc, seed: int) -> list[str]:
     torch.manual_seed(seed)  # the same sampling seed for every member of a generation
@@ -120,7 +113,7 @@ def check(cfg) -> None:
 
 def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
-    rank, world = _dist()
+    rank, world = ctx.dist.rank, ctx.dist.world
     bundle.add_adapter(POLICY, cfg.lora, init_from=cfg.lora.init_from)
     for p in bundle.base.parameters():
         p.requires_grad_(False)
@@ -163,9 +156,7 @@ def train(ctx) -> dict:
                     continue
                 sv.apply(theta_i)
                 fit[i] = fitness_of(bundle, rewards, rows, tc, seed=cfg.seed * 31 + gen)
-            if world > 1:
-                dist.all_reduce(fit)  # only fitness scalars cross ranks
-            fit = fit.float()
+            fit = ctx.dist.sum(fit).float()  # only fitness scalars cross ranks
             if tc.optimizer == "cma":
                 norm = cma_update(state, fit, seed=cfg.seed, generation=gen)
             else:
@@ -188,4 +179,4 @@ def train(ctx) -> dict:
     return summary
 
 
-register("essa", ESSAConfig, train, check=check)
+register("essa", ESSAConfig, train, check=check, shards="population_size")

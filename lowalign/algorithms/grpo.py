@@ -34,7 +34,8 @@ from lowalign.algorithms.common import (
 )
 from lowalign.algorithms.configs import GRPOConfig
 from lowalign.config import ConfigError
-from lowalign.generation import generate
+from lowalign.distributed import world_size
+from lowalign.generation import generate, row_seed
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
 from lowalign.rewards import RewardSources, row_columns
@@ -73,24 +74,32 @@ class AdvantageEstimator:
 
 def _group_advantages(ctx, rows, roll, rb, rewards, old, ref):
     tc = ctx.cfg.train
-    return grpo_advantages(rb.total, tc.num_generations, scale=tc.scale_rewards, leave_one_out=tc.leave_one_out), {}
+    adv = partial(grpo_advantages, group_size=tc.num_generations, scale=tc.scale_rewards,
+                  leave_one_out=tc.leave_one_out)
+    if tc.scale_rewards == "batch":  # the std of every rank's rewards
+        return ctx.dist.on_whole_batch(adv, rb.total), {}
+    return adv(rb.total), {}  # groups never straddle ranks
 
 
 GROUP = AdvantageEstimator(_group_advantages)
 
 
 def sample_and_score(ctx, step: int, rewards: RewardSources):
-    """Step ``step``'s prompts (seeded by ``(seed, step)``), ``num_generations`` samples each from the policy,
-    and their rewards. Returns (rows, rollout, rewards batch, generation seconds)."""
+    """Step ``step``'s prompts (seeded by ``(seed, step)``; under torchrun this rank's share of them),
+    ``num_generations`` samples each from the policy, and their rewards. Every completion samples from its
+    own stream, seeded by ``(seed, step)`` and its index in the step's whole batch, so it is the same on
+    any number of ranks. Returns (rows, rollout, rewards batch, generation seconds)."""
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     t0 = time.time()
     seed_everything(step_seed(cfg.seed, step))
-    rows = ctx.data.batch(step, tc.prompts_per_step, cfg.seed)
     G = tc.num_generations
+    batch = ctx.data.batch(step, tc.prompts_per_step, cfg.seed)
+    rows, first = ctx.dist.shard(batch), ctx.dist.bounds(len(batch))[0] * G
+    seeds = [row_seed(step_seed(cfg.seed, step), first + i) for i in range(len(rows) * G)]
     with bundle.use(POLICY):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
                         do_sample=True, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
-                        num_generations=G)
+                        num_generations=G, row_seeds=seeds)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     return rows, roll, rewards(prompts, roll.texts, row_columns(rows, G)), t_gen
@@ -118,7 +127,8 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
 
     mb = tc.micro_batch_size or B
     chunks = [slice(s, min(B, s + mb)) for s in range(0, B, mb)]
-    n_items = cmask.sum()
+    d = ctx.dist
+    n_items, B_all = d.sum(cmask.sum()), B * d.world  # the step's tokens and rows, over every rank
     params = bundle.adapter_parameters(POLICY)
     agg = {}
     with bundle.use(POLICY):
@@ -130,27 +140,35 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
                                 epsilon_low=tc.epsilon_low, epsilon_high=tc.epsilon_high,
                                 loss_type=tc.loss_type, max_completion_length=tc.max_new_tokens,
                                 kl_estimator=tc.kl_estimator, entropy=ent, num_items=n_items)
-                # dapo normalizes by the global token count already; the others average micro-batches
-                scale = 1.0 if tc.loss_type == "dapo" else (sl.stop - sl.start) / B
+                # dapo normalizes by the step's token count already; the others average micro-batches
+                scale = 1.0 if tc.loss_type == "dapo" else (sl.stop - sl.start) / B_all
                 (out.loss * scale).backward()
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     agg[k] = agg.get(k, 0.0) + float(v) * (sl.stop - sl.start) / B / tc.num_iterations
+            d.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
 
-    lengths = cmask.sum(1)
     t_step = time.time() - t0
-    m = {"step": step + 1, "reward": rb.total.mean().item(), "reward_std": rb.total.std().item(),
-         **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
-         **agg, "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
-         "completion_length": lengths.mean().item(),
+    m = {"step": step + 1, **reward_metrics(d, rb, G), **d.mean({**agg, **est_metrics}),
+         "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "time/generate_s": round(t_gen, 3), "time/score_s": round(t_score, 3),
-         "time/train_s": round(t_step - t_gen - t_score, 3), "time/step_s": round(t_step, 3),
-         "tokens_per_s": round(float(lengths.sum()) / t_step, 1), **est_metrics}
-    if G > 1:
-        m["frac_reward_zero_std"] = (rb.total.view(-1, G).std(1) == 0).float().mean().item()
+         "time/train_s": round(t_step - t_gen - t_score, 3), "time/step_s": round(t_step, 3)}
+    lengths = d.gather(cmask.sum(1))
+    m.update(completion_length=lengths.mean().item(), tokens_per_s=round(float(lengths.sum()) / t_step, 1))
+    return m
+
+
+def reward_metrics(dist, rb, group_size: int) -> dict:
+    """Mean and std of the step's rewards (every rank's), the mean of each source and, with groups, the
+    share of prompts whose samples all scored the same (no learning signal)."""
+    total = dist.gather(rb.total.float())
+    m = {"reward": total.mean().item(), "reward_std": total.std().item(),
+         **{f"rewards/{k}": dist.gather(v.float()).mean().item() for k, v in rb.parts.items()}}
+    if group_size > 1:
+        m["frac_reward_zero_std"] = (total.view(-1, group_size).std(1) == 0).float().mean().item()
     return m
 
 
@@ -158,10 +176,11 @@ def check(cfg) -> None:
     tc = cfg.train
     if tc.num_generations < 2:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
-    B = tc.prompts_per_step * tc.num_generations
+    world = world_size()  # under torchrun each rank splits its share of the batch into micro-batches
+    B = tc.prompts_per_step * tc.num_generations // world if tc.prompts_per_step % world == 0 else 0
     if tc.micro_batch_size and B % tc.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the batch of {B} "
-                          "(prompts_per_step x num_generations)")
+                          "(prompts_per_step x num_generations" + (f" / {world} processes)" if world > 1 else ")"))
 
 
 def train_rollouts(ctx, desc: str, estimator: AdvantageEstimator = GROUP,
@@ -193,4 +212,4 @@ def train(ctx) -> dict:
     return train_rollouts(ctx, "grpo")
 
 
-register("grpo", GRPOConfig, train, check=check)
+register("grpo", GRPOConfig, train, check=check, shards="prompts_per_step")

@@ -50,19 +50,24 @@ def mismatched(rows: list[dict]) -> list[str]:
 def objective(ctx, data) -> PreferenceObjective:
     tc, bundle = ctx.cfg.train, ctx.bundle
 
-    def loss(rows, _idx):
+    def loss(batch, _idx):
+        d = ctx.dist
+        rows, other = d.shard(batch), d.shard(mismatched(batch))  # mismatched within the whole batch
         prompts, comps = _columns(rows)
         labels = torch.tensor([bool(r["label"]) for r in rows], device=bundle.device)
         n = len(rows)
-        other = mismatched(rows)
         lp, _ = completion_logps(bundle, prompts, comps)
         with torch.no_grad():
             kl_lp, _ = completion_logps(bundle, prompts, other)
             with bundle.use("reference"):
                 ref, _ = completion_logps(bundle, prompts * 2, comps + other)
-        z0 = kto_reference_point(kl_lp, ref[n:])
-        return kto_loss(lp, ref[:n], labels, z0, beta=tc.beta, desirable_weight=tc.desirable_weight,
-                        undesirable_weight=tc.undesirable_weight)
+        z0 = kto_reference_point(d.gather(kl_lp), d.gather(ref[n:]))  # over every rank's rows
+        kw = dict(beta=tc.beta, desirable_weight=tc.desirable_weight, undesirable_weight=tc.undesirable_weight)
+        out = kto_loss(lp, ref[:n], labels, z0, **kw)
+        if d.world > 1:  # metrics over the whole batch (the rewards of its desirable rows, ...), as one process
+            every = d.gather(lp.detach()), d.gather(ref[:n]), d.gather(labels.long()).bool()
+            out.metrics = kto_loss(*every, z0, **kw).metrics
+        return out
 
     ref_eval = {}  # held-out chunk offset -> its reference log-probs: the held-out rows are fixed
 
@@ -80,7 +85,7 @@ def objective(ctx, data) -> PreferenceObjective:
 
         return {"label_accuracy": heldout_mean(bundle, rows, hits)}
 
-    return PreferenceObjective(loss, heldout)
+    return PreferenceObjective(loss, heldout, whole_batch=True)
 
 
 def _columns(rows):
@@ -92,4 +97,4 @@ def train(ctx) -> dict:
                             unit="rows", bar_fields=("loss", "kl", "rewards/desirable", "rewards/undesirable"))
 
 
-register("kto", KTOConfig, train, data="feedback")
+register("kto", KTOConfig, train, data="feedback", shards="batch_size")

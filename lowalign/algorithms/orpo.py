@@ -34,4 +34,4 @@ def train(ctx) -> dict:
                             bar_fields=("loss", "nll/chosen", "log_odds_ratio"))
 
 
-register("orpo", ORPOConfig, train, data="preferences")
+register("orpo", ORPOConfig, train, data="preferences", shards="batch_size")

@@ -26,7 +26,7 @@ from lowalign.algorithms.common import (
 from lowalign.config import reference_mode
 from lowalign.data import epoch_indices
 from lowalign.preference import PreferenceData, builtin_pairs, eval_pairs, load_file_pairs, pairs_to_feedback
-from lowalign.runtime import Progress, atomic_write, atomic_write_text, seed_everything
+from lowalign.runtime import Progress, atomic_write, seed_everything
 
 # ---- data --------------------------------------------------------------------------------------------------
 
@@ -50,7 +50,7 @@ def run_pairs(ctx, tc, role: str = "reference") -> PreferenceData:
         from lowalign.data import DataError
 
         raise DataError("no preference pairs to train on")
-    atomic_write_text(f, json.dumps({"train": data.train, "eval": data.eval}))
+    ctx.run_dir.write_text(f.name, json.dumps({"train": data.train, "eval": data.eval}))
     ctx.console.print(f"preference pairs: {len(data.train)} train, {len(data.eval)} held-out")
     return data
 
@@ -67,7 +67,7 @@ def run_feedback(ctx, tc, role: str = "reference") -> PreferenceData:
     else:
         pairs = run_pairs(ctx, tc, role)
         data = PreferenceData(pairs_to_feedback(pairs.train), pairs_to_feedback(pairs.eval))
-    atomic_write_text(f, json.dumps({"train": data.train, "eval": data.eval}))
+    ctx.run_dir.write_text(f.name, json.dumps({"train": data.train, "eval": data.eval}))
     good = sum(r["label"] for r in data.train)
     ctx.console.print(f"feedback rows: {len(data.train)} train ({good} desirable), {len(data.eval)} held-out")
     return data
@@ -135,7 +135,8 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
             n = len(pairs[s:s + batch_size])
             out.append(torch.stack([lp[:n], lp[n:]], 1).cpu())
     ref_lp = torch.cat(out)
-    atomic_write(cache, lambda p: save_file({"ref_logps": ref_lp.contiguous()}, str(p)))
+    if ctx.run_dir.writer:  # the other ranks computed the same values
+        atomic_write(cache, lambda p: save_file({"ref_logps": ref_lp.contiguous()}, str(p)))
     return ref_lp
 
 
@@ -164,11 +165,15 @@ class PreferenceObjective:
     Attributes:
         loss: ``loss(rows, idx) -> LossOutput`` for one batch (pairs, or feedback rows), called in the policy
             role, training mode; ``idx`` are the rows' indices in the training set (for precomputed values).
+            Under torchrun the rows are this rank's share of the step's batch, and the loss their mean.
         heldout: ``heldout(rows) -> dict`` of held-out metrics (e.g. preference accuracy).
+        whole_batch: ``loss`` receives the step's whole batch and returns the mean over this rank's share
+            itself (KTO: its reference point pairs each row with another row of the whole batch).
     """
 
     loss: Callable
     heldout: Callable
+    whole_batch: bool = False
 
 
 def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], PreferenceObjective], *,
@@ -193,19 +198,22 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
 
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched, evaluate_fn=evaluate_fn)
     bundle.base.train()
+    d = ctx.dist
     with Progress(tc.steps, start, bar_fields, desc=desc, every=tc.log_every) as bar:
         for step in range(start, tc.steps):
             t0 = time.time()
             seed_everything(step_seed(cfg.seed, step))
             idx = pair_batch(data.train, step, tc.batch_size, cfg.seed)
+            idx = idx if obj.whole_batch else d.shard(idx)  # this rank's equal share of the batch
             with bundle.use(POLICY):
                 out = obj.loss([data.train[i] for i in idx], idx)
-            out.loss.backward()
+            (out.loss / d.world).backward()  # a mean over 1/world of the batch; the ranks' gradients add up
+            d.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            m = {"step": step + 1, "loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()},
+            m = {"step": step + 1, **d.mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}),
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time/step_s": round(time.time() - t0, 3)}
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched, evaluate_fn=evaluate_fn)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps, unit: len(data.train)}, evaluate_fn)

@@ -37,11 +37,20 @@ from lowalign.algorithms.common import (
     step_seed,
 )
 from lowalign.algorithms.configs import OptimConfig
+from lowalign.algorithms.grpo import reward_metrics
 from lowalign.config import ConfigError, F
-from lowalign.generation import generate
+from lowalign.distributed import SINGLE, Dist
+from lowalign.generation import generate, row_seed
 from lowalign.logprobs import logprobs_from_hidden
-from lowalign.losses import masked_mean
-from lowalign.losses.ppo import RunningMoments, adaptive_kl_coef, gae, kl_shaped_rewards, ppo_loss, whiten
+from lowalign.losses.ppo import (
+    RunningMoments,
+    adaptive_kl_coef,
+    explained_variance,
+    gae,
+    kl_shaped_rewards,
+    ppo_loss,
+    whiten,
+)
 from lowalign.rewards import RewardSources, row_columns
 from lowalign.runtime import Progress, seed_everything
 
@@ -150,48 +159,55 @@ def policy_and_values(roles: Roles, roll, sl, tc):
     return lp, v
 
 
-def _backward_micro(roles: Roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, weight: float):
-    """Loss and backward of one micro-batch. Shared critic: one forward, one backward. Separate critic: the
-    policy half first (rollout values as constants), then the value half (log-probs as constants): the same
-    gradients as one joint backward, but the two roles' autograd graphs never exist at once."""
-    args = dict(clip=tc.clip, value_clip=tc.value_clip, vf_coef=tc.vf_coef)
+def _backward_micro(roles: Roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, n_tokens):
+    """Loss and backward of one micro-batch, its token sums over ``n_tokens`` (the minibatch's tokens on
+    every rank: micro-batches and ranks add up to the minibatch's token mean). Shared critic: one forward,
+    one backward. Separate critic: the policy half first (rollout values as constants), then the value half
+    (log-probs as constants): the same gradients as one joint backward, but the two roles' autograd graphs
+    never exist at once."""
+    args = dict(clip=tc.clip, value_clip=tc.value_clip, vf_coef=tc.vf_coef, num_tokens=n_tokens)
     fixed = (adv[rows], old_v[rows], ret[rows], cmask[rows])
     if roles.critic == "shared":
         lp, v = _forward(roles.policy, POLICY, roll, rows, tc, logps=True, values=True)
         out = ppo_loss(lp, old_lp[rows], fixed[0], v, *fixed[1:], **args)
-        (out.loss * weight).backward()
+        out.loss.backward()
         return out
     lp, _ = _forward(roles.policy, POLICY, roll, rows, tc, logps=True, values=False)
     pol = ppo_loss(lp, old_lp[rows], fixed[0], old_v[rows], *fixed[1:], **args)  # value term: constant
-    (pol.loss * weight).backward()
+    pol.loss.backward()
     _, v = _forward(roles.value, VALUE, roll, rows, tc, logps=False, values=True)
     out = ppo_loss(lp.detach(), old_lp[rows], fixed[0], v, *fixed[1:], **args)  # policy term: constant
-    (out.loss * weight).backward()
+    out.loss.backward()
     return out
 
 
 def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSources, state: PPOState,
-             params: list) -> dict:
+             params: list, d: Dist = SINGLE) -> dict:
+    """One PPO step; under torchrun (``d``) on this rank's share of the rollout batch, with statistics over
+    the whole batch (reward moments, advantage whitening, KL) and minibatches drawn from the whole batch."""
     tc = cfg.train
     t0 = time.time()
-    seed_everything(step_seed(cfg.seed, step))
+    seed = step_seed(cfg.seed, step)
+    seed_everything(seed)
     bundle = roles.policy
-    rows = data.batch(step, tc.prompts_per_step, cfg.seed)
     G = tc.num_generations
+    batch = data.batch(step, tc.prompts_per_step, cfg.seed)
+    rows, a = d.shard(batch), d.bounds(len(batch))[0] * G  # a: the global index of this rank's first row
     with bundle.use(POLICY):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens, do_sample=True,
-                        temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G)
+                        temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G,
+                        row_seeds=[row_seed(seed, a + i) for i in range(len(rows) * G)])
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     rb = rewards(prompts, roll.texts, row_columns(rows, G))
     ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
     scores = rb.total - tc.missing_eos_penalty * (~ended).float()
     if tc.reward_norm:
-        state.moments.update(scores)
+        state.moments.update(d.gather(scores))
         scores = (scores - state.moments.mean) / (state.moments.std + 1e-8)
 
     cmask = roll.completion_mask.float()
-    B = cmask.shape[0]
+    B, B_all = cmask.shape[0], cmask.shape[0] * d.world
     everything = slice(None)
     with torch.no_grad():
         old_lp, old_v = policy_and_values(roles, roll, everything, tc)
@@ -199,37 +215,51 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
         token_rewards, kl = kl_shaped_rewards(scores.to(cmask.device), old_lp, ref_lp, cmask, state.kl_coef,
                                               tc.kl_estimator)
         adv, ret = gae(token_rewards, old_v, cmask, tc.gamma, tc.lam)
-        if tc.whiten_advantages:
-            adv = whiten(adv, cmask) * cmask
+        if tc.whiten_advantages:  # over every rank's tokens
+            adv = d.on_whole_batch(lambda x, m: whiten(x, m) * m, adv, cmask)
 
-    mb = B // tc.num_mini_batches
+    mb = B_all // tc.num_mini_batches
     micro = tc.micro_batch_size or mb
-    agg, n_updates = {}, tc.ppo_epochs * tc.num_mini_batches
-    for _ in range(tc.ppo_epochs):
-        order = torch.randperm(B)  # seeded by the step seed
-        for s in range(0, B, mb):
+    keys = ("loss", "policy_loss", "value_loss", "policy_clipfrac", "value_clipfrac", "approx_kl", "ratio_mean")
+    agg, n_updates = dict.fromkeys(keys, 0.0), tc.ppo_epochs * tc.num_mini_batches
+    for epoch in range(tc.ppo_epochs):
+        # minibatches of the whole batch: the same permutation on every rank, each takes its own rows of it
+        order = torch.randperm(B_all, generator=torch.Generator().manual_seed(seed + epoch))
+        for s in range(0, B_all, mb):
             idx = order[s:s + mb]
-            for u in range(0, mb, micro):
-                rows_ = idx[u:u + micro].to(cmask.device)
-                out = _backward_micro(roles, roll, rows_, tc, old_lp, adv, old_v, ret, cmask, len(rows_) / mb)
-                for k, val in out.metrics().items():
-                    agg[k] = agg.get(k, 0.0) + val * len(rows_) / mb / n_updates
+            mine = (idx[(idx >= a) & (idx < a + B)] - a).to(cmask.device)
+            n_tokens = d.sum(cmask[mine].sum())  # the minibatch's tokens, over every rank
+            for u in range(0, len(mine), micro):
+                rows_ = mine[u:u + micro]
+                out = _backward_micro(roles, roll, rows_, tc, old_lp, adv, old_v, ret, cmask, n_tokens)
+                w = float(cmask[rows_].sum() / n_tokens.clamp(min=1.0)) / n_updates  # token share of the update
+                for k in keys:  # the losses are token sums over the minibatch's count already
+                    agg[k] += float(getattr(out, k).detach()) * (1.0 if k.endswith("loss") else w)
+            d.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
             opt.step()
             opt.zero_grad(set_to_none=True)
     sched.step()
+    agg = {k: d.sum(v) for k, v in agg.items()}
+    for k in ("loss", "policy_loss", "value_loss"):  # sums of minibatch means: the mean over updates
+        agg[k] /= n_updates
 
-    seq_kl = kl.sum(1).mean().item()
-    m = {"step": step + 1, "reward": rb.total.mean().item(),
-         **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
-         "score": scores.mean().item(), "kl": seq_kl, "kl_coef": state.kl_coef,
-         "non_score_reward": (token_rewards.sum(1).mean().item() - scores.mean().item()),
-         **agg, "value_mean": masked_mean(old_v, cmask).item(), "return_mean": masked_mean(ret, cmask).item(),
-         "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "completion_length": cmask.sum(1).mean().item(),
-         "eos_fraction": ended.float().mean().item(),
+    seq_kl = d.gather(kl.sum(1)).mean().item()
+    n_tok = d.sum(cmask.sum())
+    every = d.gather(scores.float()), d.gather(token_rewards.sum(1))
+    m = {"step": step + 1, **reward_metrics(d, rb, G),
+         "score": every[0].mean().item(), "kl": seq_kl, "kl_coef": state.kl_coef,
+         "non_score_reward": every[1].mean().item() - every[0].mean().item(), **agg,
+         "value_mean": (d.sum((old_v * cmask).sum()) / n_tok).item(),
+         "return_mean": (d.sum((ret * cmask).sum()) / n_tok).item(),
+         "explained_variance": float(explained_variance(*(d.gather(x) for x in (ret, old_v, cmask)))),
+         "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
+         "completion_length": d.gather(cmask.sum(1)).mean().item(),
+         "eos_fraction": d.gather(ended.float()).mean().item(),
          "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
+    m.pop("frac_reward_zero_std", None)
     if tc.adaptive_kl:
-        state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B)
+        state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B_all)
     return m
 
 
@@ -268,7 +298,7 @@ def train(ctx) -> dict:
         for step in range(start, tc.steps):
             if tc.max_time_s and time.time() - t_start > tc.max_time_s:
                 break
-            m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params)
+            m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params, ctx.dist)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             end_step(ctx, tc, step + 1, m, bar, adapters, baseline, opt, sched,
                      extra={"kl_coef": state.kl_coef, "moments": state.moments.state()})
@@ -278,4 +308,4 @@ def train(ctx) -> dict:
     return finish(ctx, adapters, baseline, summary_extra)
 
 
-register("ppo", PPOConfig, train, check=check)
+register("ppo", PPOConfig, train, check=check, shards="prompts_per_step")

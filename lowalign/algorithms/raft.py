@@ -17,7 +17,7 @@ import torch
 from lowalign.algorithms import register
 from lowalign.algorithms.common import POLICY
 from lowalign.algorithms.configs import SamplingConfig
-from lowalign.algorithms.grpo import completion_logprobs, sample_and_score, train_rollouts
+from lowalign.algorithms.grpo import completion_logprobs, reward_metrics, sample_and_score, train_rollouts
 from lowalign.config import ConfigError, F
 from lowalign.losses.filtering import best_of_n_mask, filtered_sft_loss
 
@@ -37,22 +37,22 @@ def filter_step(ctx, step: int, opt, sched, rewards) -> dict:
     tc, bundle = ctx.cfg.train, ctx.bundle
     t0 = time.time()
     rows, roll, rb, t_gen = sample_and_score(ctx, step, rewards)
+    d = ctx.dist
     keep = best_of_n_mask(rb.total, tc.num_generations, tc.keep_per_prompt, tc.min_reward)
     kept = roll.select(keep)
-    K = len(kept.texts)
-    m = {"step": step + 1, "reward": rb.total.mean().item(), "reward_std": rb.total.std().item(),
-         **{f"rewards/{k}": v.mean().item() for k, v in rb.parts.items()},
-         "kept": K, "loss": 0.0, "nll": 0.0, "kl": 0.0, "grad_norm": 0.0}
-    if K:  # nothing kept (every sample under min_reward): no update this step
-        m["reward_kept"] = rb.total[keep].mean().item()
+    K, K_all = len(kept.texts), int(d.sum(len(kept.texts)))  # kept here, kept on every rank
+    m = {"step": step + 1, **reward_metrics(d, rb, tc.num_generations),
+         "kept": K_all, "loss": 0.0, "nll": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    if K_all:  # nothing kept (every sample under min_reward): no update this step
+        m["reward_kept"] = d.sum(rb.total[keep].sum().item()) / K_all
         cmask = kept.completion_mask.float()
         ref = None
-        if tc.kl_coef > 0:
+        if tc.kl_coef > 0 and K:
             with torch.no_grad(), bundle.use("reference"):
                 ref, _ = completion_logprobs(bundle, kept)
         mb = tc.micro_batch_size or K
         chunks = [slice(s, min(K, s + mb)) for s in range(0, K, mb)]
-        n_tokens = cmask.sum().clamp(min=1.0)
+        n_tokens = d.sum(cmask.sum()).clamp(min=1.0)  # the kept tokens of every rank
         params = bundle.adapter_parameters(POLICY)
         agg = {}
         with bundle.use(POLICY):
@@ -65,10 +65,12 @@ def filter_step(ctx, step: int, opt, sched, rewards) -> dict:
                     (out.loss * w).backward()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         agg[k] = agg.get(k, 0.0) + float(v * w) / tc.sft_epochs
+                d.sync_grads(params)
                 gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        m.update(agg, grad_norm=float(gn), completion_length=cmask.sum(1).mean().item())
+        agg = {k: d.sum(agg.get(k, 0.0)) for k in ("loss", "nll", "kl")}  # token-weighted: they add up
+        m.update(agg, grad_norm=float(gn), completion_length=d.sum(cmask.sum().item()) / K_all)
     sched.step()  # one schedule step per training step, kept or not, so resume and the schedule agree
     m.update({"lr": sched.get_last_lr()[0], "time/generate_s": round(t_gen, 3),
               "time/step_s": round(time.time() - t0, 3)})
@@ -88,4 +90,4 @@ def train(ctx) -> dict:
                           fields=("reward", "reward_kept", "kept", "nll", *prior))
 
 
-register("raft", RAFTConfig, train, check=check)
+register("raft", RAFTConfig, train, check=check, shards="prompts_per_step")

@@ -7,13 +7,13 @@ its prompt group's mean first."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 from lowalign.algorithms import register
 from lowalign.algorithms.configs import RolloutConfig
 from lowalign.algorithms.grpo import AdvantageEstimator, train_rollouts
 from lowalign.config import ConfigError, F
-from lowalign.losses import masked_mean
 from lowalign.losses.reinforce import reinforce_pp_advantages
 
 
@@ -26,12 +26,14 @@ class ReinforcePPConfig(RolloutConfig):
 
 
 def kl_shaped_returns(ctx, rows, roll, rb, rewards, old, ref):
-    tc = ctx.cfg.train
+    """Whitened over the step's whole batch: under torchrun, over every rank's tokens."""
+    tc, d = ctx.cfg.train, ctx.dist
     mask = roll.completion_mask.float()
-    adv, kl = reinforce_pp_advantages(rb.total.to(old.device), old, ref, mask, kl_coef=tc.kl_coef,
-                                      kl_estimator=tc.reward_kl_estimator,
-                                      group_size=tc.num_generations if tc.baseline else None)
-    return adv, {"reward_kl": masked_mean(kl, mask).item()}
+    adv, kl = d.on_whole_batch(partial(reinforce_pp_advantages, kl_coef=tc.kl_coef,
+                                       kl_estimator=tc.reward_kl_estimator,
+                                       group_size=tc.num_generations if tc.baseline else None),
+                               rb.total.to(old.device), old, ref, mask)
+    return adv, {"reward_kl": d.sum((kl * mask).sum()).item() / d.sum(mask.sum()).item()}
 
 
 def check(cfg) -> None:
@@ -44,4 +46,4 @@ def train(ctx) -> dict:
                           fields=("reward", "reward_kl", "clip_ratio/region", "completion_length"))
 
 
-register("reinforce_pp", ReinforcePPConfig, train, check=check)
+register("reinforce_pp", ReinforcePPConfig, train, check=check, shards="prompts_per_step")

@@ -39,4 +39,4 @@ def train(ctx) -> dict:
                           fields=("reward", "reward_greedy", "clip_ratio/region", "completion_length"))
 
 
-register("remax", ReMaxConfig, train)
+register("remax", ReMaxConfig, train, shards="prompts_per_step")

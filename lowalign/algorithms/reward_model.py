@@ -21,7 +21,7 @@ from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
 from lowalign.losses import LossOutput, bradley_terry_loss, multi_objective_loss, within_prompt_ranking_loss
 from lowalign.preference import ATTRIBUTES, attributes
-from lowalign.runtime import Progress, atomic_write_text, seed_everything
+from lowalign.runtime import Progress, seed_everything
 
 
 def _scores(bundle, name, pairs):
@@ -104,6 +104,26 @@ def _rating_scores(bundle, name, rows):
     return bundle.score(name, b.input_ids, b.attention_mask, b.target_mask)
 
 
+def groups_per_step(tc, rows: list[dict], groups: list[list[int]]) -> int:
+    """Prompts per step on a rating file: about ``batch_size`` rows, whole prompts."""
+    return max(1, tc.batch_size * len(groups) // len(rows))
+
+
+def check_data(cfg, data) -> None:
+    """Under torchrun, a rating file's prompts per step split evenly over the ranks."""
+    from lowalign.distributed import world_size
+
+    world = world_size()
+    if not cfg.train.attributes or world == 1:
+        return
+    groups = prompt_groups(data.pairs.train)
+    k = groups_per_step(cfg.train, data.pairs.train, groups)
+    if k % world:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} rows per step are {k} whole prompts of the "
+                          f"rating file, which do not split over {world} processes; pick a batch_size whose "
+                          f"prompts do (about {len(data.pairs.train) / len(groups):.1f} rows per prompt)")
+
+
 def check(cfg) -> None:
     tc = cfg.train
     names = tc.attributes or ATTRIBUTES
@@ -140,44 +160,58 @@ def train(ctx) -> dict:
             raise ConfigError("train.objective: 'regression' on pairs needs the built-in task's scored attributes; "
                               "for your own scores use a rating file and train.attributes")
         evaluate_fn = lambda c: pairwise_eval(c, data.eval)
-    params = bundle.adapter_parameters(name) + [p for k, h in bundle.heads.items()
-                                                if k == name or k.startswith(f"{name}__") for p in h.parameters()]
+    # Bradley-Terry sees only score differences: the heads' biases get no gradient but float noise, which Adam
+    # would blow up to lr-sized steps; they stay at 0 (in the regression objective they are fitted)
+    heads = [h for k, h in bundle.heads.items() if k == name or k.startswith(f"{name}__")]
+    for h in heads if tc.objective == "bradley_terry" else []:
+        h.bias.requires_grad_(False)
+    params = bundle.adapter_parameters(name) + [p for h in heads for p in h.parameters() if p.requires_grad]
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [name], opt, sched, evaluate_fn=evaluate_fn)
     bundle.base.train()
     wt = torch.tensor(tc.attribute_weights, device=bundle.device)
     fields = ("loss", "rank_accuracy") if ratings else ("loss", "accuracy")
+    d = ctx.dist
     with Progress(tc.steps, start, fields, desc="reward model", every=tc.log_every) as bar:
         for step in range(start, tc.steps):
             seed_everything(step_seed(cfg.seed, step))
             if ratings:  # whole prompts, so the ranking term sees every completion of each
-                pick = pair_batch(groups, step, max(1, tc.batch_size * len(groups) // len(data.train)), cfg.seed)
+                pick = d.shard(pair_batch(groups, step, groups_per_step(tc, data.train, groups), cfg.seed))
                 pairs = [data.train[i] for g in pick for i in groups[g]]
                 gid = torch.tensor([g for g in pick for _ in groups[g]], device=bundle.device)
             else:
-                pairs = [data.train[i] for i in pair_batch(data.train, step, tc.batch_size, cfg.seed)]
+                pairs = d.shard([data.train[i] for i in pair_batch(data.train, step, tc.batch_size, cfg.seed)])
             n = len(pairs)
             with bundle.use(name):
                 out = _rating_scores(bundle, name, pairs) if ratings else _scores(bundle, name, pairs)
-            if ratings:
+            if ratings:  # each term is a mean over the whole step's rows / ranked pairs, on any number of ranks
                 target = torch.tensor([r["scores"] for r in pairs]).to(out)
                 lo = multi_objective_loss(out, target, wt)
                 rank = within_prompt_ranking_loss(out @ wt, target @ wt, gid)
-                lo = LossOutput(lo.loss + tc.rank_weight * rank.loss, {**lo.metrics, "rank_loss": rank.loss.detach(),
-                                                                       **rank.metrics})
-            elif tc.objective == "bradley_terry":
-                lo = bradley_terry_loss(out[:n, 0], out[n:, 0], margin=tc.margin)
-            else:
-                lo = multi_objective_loss(out, _targets(pairs).to(out), wt)
-                r = out.detach() @ wt
-                lo.metrics["accuracy"] = (r[:n] > r[n:]).float().mean()
+                n_rows, n_rank = d.sum(n), d.sum(float(rank.metrics["rank_pairs"]))
+                loss = lo.loss * n / n_rows + tc.rank_weight * rank.loss * float(rank.metrics["rank_pairs"]) / max(
+                    n_rank, 1.0)
+                hits = rank.metrics["rank_accuracy"].nan_to_num(0.0) * rank.metrics["rank_pairs"]
+                lo = LossOutput(loss, {**d.mean(lo.metrics, weight=n),
+                                       "rank_loss": d.sum(float(rank.loss) * float(rank.metrics["rank_pairs"])) / max(
+                                           n_rank, 1.0),
+                                       "rank_accuracy": d.sum(float(hits)) / n_rank if n_rank else float("nan")})
+            else:  # means over this rank's pairs, an equal share of the step's
+                if tc.objective == "bradley_terry":
+                    lo = bradley_terry_loss(out[:n, 0], out[n:, 0], margin=tc.margin)
+                else:
+                    lo = multi_objective_loss(out, _targets(pairs).to(out), wt)
+                    r = out.detach() @ wt
+                    lo.metrics["accuracy"] = (r[:n] > r[n:]).float().mean()
+                lo = LossOutput(lo.loss / d.world, d.mean({k: float(v) for k, v in lo.metrics.items()}))
             lo.loss.backward()
+            d.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             named = {f"mae/{names[int(k[4:])]}" if k.startswith("mae/") else k: v for k, v in lo.metrics.items()}
-            m = {"step": step + 1, "loss": lo.loss.item(), **{k: float(v) for k, v in named.items()},
+            m = {"step": step + 1, "loss": d.sum(lo.loss.item()), **{k: float(v) for k, v in named.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}
             end_step(ctx, tc, step + 1, m, bar, [name], baseline, opt, sched, evaluate_fn=evaluate_fn)
     summary = finish(ctx, [name], baseline, {"steps": tc.steps, ("ratings" if ratings else "pairs"): len(data.train)},
@@ -186,9 +220,10 @@ def train(ctx) -> dict:
             "weights": tc.attribute_weights if K > 1 else None}
     import json
 
-    atomic_write_text(ctx.run_dir.path / "adapters" / "reward_meta.json", json.dumps(meta, indent=1))
+    ctx.run_dir.write_text("adapters/reward_meta.json", json.dumps(meta, indent=1))
     return summary
 
 
 register("reward_model", RewardModelConfig, train, check=check,
-         data=lambda cfg: "ratings" if cfg.train.attributes else "preferences")
+         data=lambda cfg: "ratings" if cfg.train.attributes else "preferences", check_data=check_data,
+         shards="batch_size")

@@ -10,7 +10,6 @@ from lowalign.algorithms.common import add_policy, end_step, finish, make_optimi
 from lowalign.algorithms.configs import SFTConfig
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
-from lowalign.losses import masked_mean
 from lowalign.runtime import Progress, seed_everything
 
 POLICY = "policy"
@@ -31,26 +30,30 @@ def train(ctx) -> dict:
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
     start, baseline = start_or_resume(ctx, [POLICY], opt, sched)
     bundle.base.train()
+    d = ctx.dist
     with Progress(tc.steps, start, ("loss", "token_acc"), desc="sft", every=tc.log_every) as bar:
         for step in range(start, tc.steps):
             seed_everything(step_seed(cfg.seed, step))
-            rows = ctx.data.batch(step, tc.batch_size, cfg.seed)
+            rows = d.shard(ctx.data.batch(step, tc.batch_size, cfg.seed))  # this rank's share of the batch
             b = encode_completions(bundle.tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows],
                                    bundle.device)
             with bundle.use(POLICY):
                 out = token_logprobs(bundle, b.input_ids, b.attention_mask, b.target_mask)
             P = b.prompt_ids.shape[1]
             lp, m = out.logps[:, P:], b.completion_mask.float()
-            loss = -masked_mean(lp, m)
+            n_tokens = d.sum(m.sum()).clamp(min=1.0)  # the token mean is over every rank's answer tokens
+            loss = -(lp * m).sum() / n_tokens
             loss.backward()
+            d.sync_grads(params)
             gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            metrics = {"step": step + 1, "loss": loss.item(), "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
-                       "token_acc": masked_mean((lp.detach() > -0.6931).float(), m).item()}  # p > 1/2
+            hits = ((lp.detach() > -0.6931).float() * m).sum() / n_tokens  # p > 1/2
+            metrics = {"step": step + 1, "loss": d.sum(loss.item()), "grad_norm": float(gn),
+                       "lr": sched.get_last_lr()[0], "token_acc": d.sum(hits.item())}
             end_step(ctx, tc, step + 1, metrics, bar, [POLICY], baseline, opt, sched)
     return finish(ctx, [POLICY], baseline, {"steps": tc.steps})
 
 
-register("sft", SFTConfig, train, check_data=check_data)
+register("sft", SFTConfig, train, check_data=check_data, shards="batch_size")

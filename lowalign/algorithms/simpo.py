@@ -34,4 +34,4 @@ def train(ctx) -> dict:
     return train_preference(ctx, "simpo", lambda data: objective(ctx, data))
 
 
-register("simpo", SimPOConfig, train, data="preferences")
+register("simpo", SimPOConfig, train, data="preferences", shards="batch_size")

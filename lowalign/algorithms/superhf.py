@@ -17,4 +17,4 @@ class SuperHFConfig(RAFTConfig):
     kl_coef: float = F(0.1, "Weight of the KL prior to the reference on the kept tokens (SuperHF's beta).", gt=0)
 
 
-register("superhf", SuperHFConfig, train, check=check)
+register("superhf", SuperHFConfig, train, check=check, shards="prompts_per_step")

@@ -67,4 +67,4 @@ def train(ctx) -> dict:
                             bar_fields=("loss", "rewards/accuracy", "kl/rejected"))
 
 
-register("tdpo", TDPOConfig, train, data="preferences")
+register("tdpo", TDPOConfig, train, data="preferences", shards="batch_size")

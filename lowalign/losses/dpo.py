@@ -102,7 +102,7 @@ def within_prompt_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, grou
 
     Shapes: scores, targets (B,) (the weighted reward and the weighted true score); groups (B,) ids.
     Worked example: s [2, 0, 1], t [1, 0, 0], one group -> pairs (0, 1), (0, 2):
-    loss = (log(1 + e^-2) + log(1 + e^-1)) / 2 = 0.2200, rank_accuracy 1.
+    loss = (log(1 + e^-2) + log(1 + e^-1)) / 2 = 0.2200, rank_accuracy 1, rank_pairs 2 (the count).
     """
     same = groups[:, None] == groups[None, :]
     better = (targets[:, None] > targets[None, :]) & same  # (B, B): i ranked above j
@@ -110,8 +110,8 @@ def within_prompt_ranking_loss(scores: torch.Tensor, targets: torch.Tensor, grou
     n = better.sum()
     if n == 0:
         z = scores.sum() * 0.0
-        return LossOutput(z, {"rank_accuracy": torch.tensor(float("nan"))})
+        return LossOutput(z, {"rank_accuracy": torch.tensor(float("nan")), "rank_pairs": n})
     loss = -(F.logsigmoid(d) * better).sum() / n
     with torch.no_grad():
-        metrics = {"rank_accuracy": ((d > 0) & better).sum() / n}
+        metrics = {"rank_accuracy": ((d > 0) & better).sum() / n, "rank_pairs": n}
     return LossOutput(loss, metrics)

@@ -120,7 +120,7 @@ class PPOLossOutput:
 
 def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
              old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *, clip: float = 0.2,
-             value_clip: float = 0.2, vf_coef: float = 0.1) -> PPOLossOutput:
+             value_clip: float = 0.2, vf_coef: float = 0.1, num_tokens: float | None = None) -> PPOLossOutput:
     """Clipped surrogate policy loss plus clipped value loss (PPO; TRL's PPO trainer).
 
         rho          = exp(logp - old_logp)
@@ -130,6 +130,9 @@ def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
         loss         = policy_loss + vf_coef * value_loss
         approx_kl    = 0.5 masked_mean((logp - old_logp)^2)
         explained_variance = 1 - Var[R - v_old] / Var[R]       (masked, of the rollout's values)
+
+    With ``num_tokens`` the two losses are sums over the valid tokens divided by it (the minibatch's token
+    count, so micro-batches and ranks add up to the minibatch's token mean) instead of masked means.
 
     Args:
         logps, old_logps, advantages, values, old_values, returns, mask: (B, T). ``values`` carries the
@@ -143,19 +146,29 @@ def ppo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Ten
     ratio = torch.exp(diff)
     pg1 = -advantages * ratio
     pg2 = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    policy_loss = masked_mean(torch.max(pg1, pg2), m)
+    def mean(x):
+        return masked_mean(x, m) if num_tokens is None else (x * m).sum() / max(float(num_tokens), 1.0)
+
+    policy_loss = mean(torch.max(pg1, pg2))
     v_clipped = torch.clamp(values, old_values - value_clip, old_values + value_clip)
     vf1, vf2 = (values - returns) ** 2, (v_clipped - returns) ** 2
-    value_loss = 0.5 * masked_mean(torch.max(vf1, vf2), m)
+    value_loss = 0.5 * mean(torch.max(vf1, vf2))
     with torch.no_grad():
-        var_r = _masked_var(returns, m) if m.sum() > 1 else torch.tensor(0.0)
-        ev = 1 - _masked_var(returns - old_values, m) / var_r if var_r > 0 else torch.tensor(float("nan"))
+        ev = explained_variance(returns, old_values, m)
         out = dict(policy_clipfrac=masked_mean((pg2 > pg1).float(), m),
                    value_clipfrac=masked_mean((vf2 > vf1).float(), m),
                    approx_kl=0.5 * masked_mean(diff ** 2, m), ratio_mean=masked_mean(ratio, m),
                    explained_variance=ev)
     return PPOLossOutput(loss=policy_loss + vf_coef * value_loss, policy_loss=policy_loss.detach(),
                          value_loss=value_loss.detach(), **out)
+
+
+def explained_variance(returns: torch.Tensor, old_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - v_old] / Var[R] over the valid tokens: how much of the returns the critic's rollout values
+    explain (1: all; 0: no better than their mean; NaN when the returns do not vary)."""
+    m = mask.float()
+    var_r = _masked_var(returns, m) if m.sum() > 1 else torch.tensor(0.0)
+    return 1 - _masked_var(returns - old_values, m) / var_r if var_r > 0 else torch.tensor(float("nan"))
 
 
 def adaptive_kl_coef(coef: float, kl: float, target: float, horizon: float, n_steps: int) -> float:

@@ -25,22 +25,38 @@ def summary(run_dir) -> dict:
     return json.loads((Path(run_dir) / "summary.json").read_text())
 
 
-def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: float = 300) -> None:
-    """Start ``lowalign run ARGS output_dir=RUN_DIR``, SIGKILL it once checkpoint ``at_least`` (e.g.
-    ``step_000004``) is the latest, and check it had not yet written checkpoint ``last``."""
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+
+
+def torchrun(nproc: int, *args, timeout=600):
+    """``torchrun --nproc_per_node NPROC -m lowalign ARGS`` (one thread per process)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([*TORCHRUN, str(nproc), "-m", "lowalign", *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, env=env, cwd=REPO)
+    if p.returncode != 0:
+        raise AssertionError(f"torchrun {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: float = 300, nproc: int = 0) -> None:
+    """Start ``lowalign run ARGS output_dir=RUN_DIR`` (under torchrun with ``nproc`` processes when > 0),
+    SIGKILL its whole process group once checkpoint ``at_least`` (e.g. ``step_000004``) is the latest, and
+    check it had not yet written checkpoint ``last``."""
     import signal
     import time
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "lowalign", "run", *map(str, args), f"output_dir={run_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if nproc else {})}
+    launch = [*TORCHRUN, str(nproc)] if nproc else [sys.executable]
+    proc = subprocess.Popen([*launch, "-m", "lowalign", "run", *map(str, args), f"output_dir={run_dir}"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # its own process group: the kill takes every rank
     latest = Path(run_dir) / "checkpoints" / "latest"
     deadline = time.time() + timeout
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= at_least):
         if proc.poll() is not None:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert latest.read_text() < last, "the run finished before it could be killed"
     assert not (Path(run_dir) / "summary.json").exists()

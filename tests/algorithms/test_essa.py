@@ -1,6 +1,5 @@
 """ESSA end to end: a small run, exact resume, PEFT export, and 2 processes == 1 process."""
 
-import json
 import os
 import subprocess
 import sys
@@ -60,8 +59,8 @@ def test_two_processes_equal_one(tmp_path):
     s1, s2 = summary(one), summary(two)
     assert s2["world_size"] == 2 and s1["world_size"] == 1
     assert s1["theta"] == s2["theta"]  # bit-identical singular values
-    r0 = json.loads((two / ".rank1" / "summary.json").read_text())
-    assert r0["theta"] == s2["theta"]  # every rank ends with the same parameters
+    assert s2["ranks_identical"] is True  # every rank ends with the same parameters (checksums gathered)
+    assert not (two / ".rank1").exists()  # rank 0 alone writes the run directory
     a, b = _adapter(one), _adapter(two)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["fitness/mean"] for r in metrics(one)] == [r["fitness/mean"] for r in metrics(two)]

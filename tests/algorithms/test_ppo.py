@@ -160,7 +160,7 @@ def test_split_backward_equals_joint_backward():
     params = b.adapter_parameters("policy") + b.adapter_parameters(VALUE) + list(b.heads.parameters())
     rows = torch.arange(2)
     roles = Roles.shared(b, "separate")
-    out = _backward_micro(roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, 1.0)
+    out = _backward_micro(roles, roll, rows, tc, old_lp, adv, old_v, ret, cmask, cmask.sum())  # the token mean
     split = [p.grad.clone() for p in params]
     for p in params:
         p.grad = None

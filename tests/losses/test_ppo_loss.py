@@ -164,6 +164,27 @@ def test_ppo_loss_matches_trl_values_and_gradients():
     assert (lp.grad[mask == 0] == 0).all()
 
 
+def test_ppo_loss_token_sums_over_num_tokens_add_up_to_the_minibatch_mean():
+    """Micro-batches (or ranks) with ``num_tokens`` = the minibatch's token count: their losses and gradients
+    sum to those of one masked mean over the minibatch."""
+    torch.manual_seed(0)
+    B, T = 6, 5
+    lp = torch.randn(B, T, requires_grad=True)
+    v = torch.randn(B, T, requires_grad=True)
+    old_lp, adv, old_v, ret = (torch.randn(B, T) for _ in range(4))
+    mask = (torch.rand(B, T) > 0.3).float()
+    whole = ppo_loss(lp, old_lp, adv, v, old_v, ret, mask)
+    g_whole = torch.autograd.grad(whole.loss, (lp, v))
+    n = mask.sum()
+    parts = [ppo_loss(lp[s], old_lp[s], adv[s], v[s], old_v[s], ret[s], mask[s], num_tokens=n)
+             for s in (slice(0, 1), slice(1, 4), slice(4, 6))]
+    total = sum(p.loss for p in parts)
+    assert total.item() == pytest.approx(whole.loss.item(), rel=1e-6)
+    assert sum(p.policy_loss for p in parts).item() == pytest.approx(whole.policy_loss.item(), rel=1e-6)
+    for a, b in zip(torch.autograd.grad(total, (lp, v)), g_whole):
+        assert torch.allclose(a, b, atol=1e-7)
+
+
 def test_explained_variance():
     mask = torch.ones(1, 4)
     ret = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
