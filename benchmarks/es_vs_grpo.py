@@ -1,10 +1,15 @@
-"""ESSA vs GRPO on the tiny arithmetic task under the same wall-clock budget (CPU or GPU).
+"""ESSA vs GRPO on the tiny arithmetic task under the same wall-clock budget (CPU or GPU), and ESSA's
+population throughput, batched (members x prompts in one generation call) vs one member per call.
 
-    .venv/bin/python benchmarks/es_vs_grpo.py [--budget 300] [--quantization nf4] [--eval-every-s 60]
+    .venv/bin/python benchmarks/es_vs_grpo.py [--budget 300] [--quantization nf4] [--populations 8 32 128]
+    .venv/bin/python benchmarks/es_vs_grpo.py --throughput-only      # just the throughput table
 
-Runs `lowalign run` for each (same base, same quantization, same held-out set) with a training time
-limit, evaluating greedy held-out accuracy along the way, and prints accuracy against training wall
-time plus peak memory. Evaluation time is inside the budget for both.
+Throughput: the es_tiny recipe's model and minibatch (64 prompts, greedy, 6 tokens), a population of
+perturbed singular values, fitness of every member timed after one warm-up, with `train.eval_batch_rows`
+= 64 (one member per call: the sequential path) and the recipe's default (members batched). Then
+`lowalign run` for each method (same base, same quantization, same held-out set) with a training time
+limit, evaluating greedy held-out accuracy along the way; accuracy against training wall time plus peak
+memory. Evaluation time is inside the budget for both.
 """
 
 from __future__ import annotations
@@ -30,11 +35,61 @@ def run(recipe: str, out: Path, budget: float, quant: str, extra: list[str]) -> 
     return summ, rows
 
 
+def throughput(populations: list[int], quant: str, prompts: int = 64, reps: int = 2) -> None:
+    """Members and completions per second, batched vs one member per call, in this process."""
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    from lowalign.algorithms.configs import ESSAConfig
+    from lowalign.algorithms.essa import SingularValueLoRA, member_fitness
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig, RewardSpec
+    from lowalign.es import ESState, population
+    from lowalign.rewards import RewardSources
+    from lowalign.tasks.arithmetic import ArithmeticTask
+
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", quantization=quant))
+    b.add_adapter("policy", LoraConfig(r=16, alpha=32))
+    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0)
+    theta = sv.initial_theta()
+    rows = ArithmeticTask().train_rows(prompts, seed=1)
+    rewards = RewardSources([RewardSpec(fn="lowalign.tasks.arithmetic:correctness_reward")])
+    tc = ESSAConfig()
+    state = ESState(theta, torch.zeros_like(theta), torch.zeros_like(theta))
+    print(f"ESSA population throughput: builtin:tiny ({quant}), {prompts} prompts per member, greedy "
+          f"{tc.max_new_tokens} tokens, batched = eval_batch_rows {tc.eval_batch_rows}; best of {reps}\n")
+    print("| population | path | members/s | completions/s | batched / sequential |")
+    print("|---|---|---|---|---|")
+    for pop in populations:
+        thetas = torch.stack([th for _, th in population(state, pop, 0.5, 0, 0)])
+        rate = {}
+        for name, rows_per_call in (("sequential", prompts), ("batched", tc.eval_batch_rows)):
+            c = replace(tc, eval_batch_rows=rows_per_call)
+            member_fitness(b, rewards, sv, thetas[:2], rows, c, seed=0)  # warm-up
+            best = float("inf")
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                member_fitness(b, rewards, sv, thetas, rows, c, seed=0)
+                best = min(best, time.perf_counter() - t0)
+            rate[name] = pop / best
+            ratio = f"{rate['batched'] / rate['sequential']:.1f}x" if name == "batched" else ""
+            print(f"| {pop} | {name} | {rate[name]:.2f} | {rate[name] * prompts:.0f} | {ratio} |", flush=True)
+    print()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds for each method")
     ap.add_argument("--quantization", default="nf4")
+    ap.add_argument("--populations", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--throughput-only", action="store_true")
     args = ap.parse_args()
+    throughput(args.populations, args.quantization)
+    if args.throughput_only:
+        return
     tmp = Path(tempfile.mkdtemp(prefix="es_vs_grpo_"))
     res = {}
     # GRPO: ~0.4-0.6 s/step on 2 CPU cores -> eval every 50 steps; ES: ~3.5 s/generation -> every 10

@@ -251,6 +251,38 @@ class ModelBundle:
                 out.append((mod_name, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
         return out
 
+    @contextlib.contextmanager
+    def row_scales(self, name: str, scales: dict[str, torch.Tensor]):
+        """Give every batch row its own scaling of adapter ``name``'s rank directions: inside, the LoRA module
+        ``m`` (a name from :meth:`lora_factors`) computes for row ``b`` of its input
+
+            scale * B diag(scales[m][b]) A x            scales[m]: (rows, r)
+
+        (a forward hook on ``lora_A`` multiplies its (rows, ..., r) output). One batch then holds many
+        variants of the adapter that differ only there, e.g. ESSA's population members, whose updates
+        ``U diag(s) V^T`` share ``U`` and ``V``. Modules not named keep their weights as they are."""
+        handles = []
+
+        def hook(s, mod_name):
+            def scale_rows(_mod, _inp, out):
+                if out.shape[0] != s.shape[0]:
+                    raise ValueError(f"row_scales: {s.shape[0]} rows of scales for {mod_name}, but the batch has "
+                                     f"{out.shape[0]} rows")
+                return out * s.to(out.device, out.dtype).view(s.shape[0], *([1] * (out.ndim - 2)), s.shape[1])
+            return scale_rows
+
+        try:
+            for mod_name, m in self.base.named_modules():
+                if mod_name in scales and hasattr(m, "lora_A") and name in getattr(m, "lora_A", {}):
+                    handles.append(m.lora_A[name].register_forward_hook(hook(scales[mod_name], mod_name)))
+            missing = set(scales) - {n for n, m in self.base.named_modules() if hasattr(m, "lora_A")}
+            if missing:
+                raise KeyError(f"row_scales: no LoRA module {sorted(missing)[:3]} of adapter '{name}'")
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+
     def _activate(self, name: str) -> None:
         self.peft.base_model.set_adapter(name)
         # peft's set_adapter also freezes every inactive adapter, which silently drops gradients of a graph

@@ -146,6 +146,9 @@ class ESSAConfig:
     learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.", gt=0)
     weight_decay: float = F(0.0, "Decoupled weight decay toward s = 0.", ge=0)
     prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).", ge=1)
+    eval_batch_rows: int = F(2048, "Rows (members x prompts) per generation call: members are evaluated together, "
+                                   "each row with its own singular values (at most prompts_per_generation: "
+                                   "one member per call).", ge=1)
     do_sample: bool = F(False, "Sampled (true) or greedy (false) decoding for fitness.")
     temperature: float = F(1.0, "Sampling temperature when do_sample.", gt=0)
     max_new_tokens: int = F(6, "Completion budget.", ge=1)

@@ -20,7 +20,7 @@ from lowalign.algorithms import register
 from lowalign.algorithms.common import end_step, finish, reward_sources, start_or_resume
 from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
-from lowalign.generation import generate
+from lowalign.generation import generate, row_seed
 from lowalign.rewards import row_columns
 from lowalign.runtime import Progress, peak_memory_bytes, seed_everything
 
@@ -58,44 +58,73 @@ class SingularValueLoRA:
     @torch.no_grad()
     def apply(self, theta: torch.Tensor) -> None:
         """Write ``B = U diag(s) / scale`` for every module, with the selected entries of s from theta."""
-        off = 0
-        for (_, _, B, scale), U, s0, sel, n in zip(self.mods, self.U, self.s0, self.sel, self.sizes):
-            s = s0.clone()
-            s[sel] = theta[off:off + n]
+        for (_, _, B, scale), U, s in zip(self.mods, self.U, self._values(theta[None])):
+            B.copy_((U * (s[0].to(U.device) / scale)).to(B))
+
+    @torch.no_grad()
+    def apply_unit(self) -> None:
+        """``B = U / scale`` (s = 1): the singular values then come from :meth:`member_scales`, per row."""
+        for (_, _, B, scale), U in zip(self.mods, self.U):
+            B.copy_((U / scale).to(B))
+
+    def member_scales(self, thetas: torch.Tensor, repeat: int) -> dict[str, torch.Tensor]:
+        """Per-row singular values for ``ModelBundle.row_scales`` (with :meth:`apply_unit`): member ``k`` of
+        ``thetas`` (M, n) on rows ``[k repeat, (k + 1) repeat)``; (M repeat, r) per module."""
+        return {name: s.repeat_interleave(repeat, 0) for (name, *_), s in zip(self.mods, self._values(thetas))}
+
+    def _values(self, thetas: torch.Tensor) -> list[torch.Tensor]:
+        """The full singular values (M, r) of every module: the frozen ones, the selected from ``thetas``."""
+        out, off = [], 0
+        for s0, sel, n in zip(self.s0, self.sel, self.sizes):
+            s = s0.float().expand(thetas.shape[0], -1).clone()
+            s[:, sel] = thetas[:, off:off + n].float()
             off += n
-            B.copy_((U * (s.to(U.device) / scale)).to(B))
+            out.append(s)
+        return out
 
 
 @torch.no_grad()
-def completions_of(bundle, rows, tc, seed: int) -> list[str]:
-    torch.manual_seed(seed)  # the same sampling seed for every member of a generation
-    with bundle.use(POLICY):
-        roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
-                        do_sample=tc.do_sample, temperature=tc.temperature)
-    return roll.texts
+def member_completions(bundle, sv: SingularValueLoRA, thetas: torch.Tensor, rows, tc, seed: int) -> list[list[str]]:
+    """Every member's completions of ``rows``: members stacked into generation calls of up to
+    ``tc.eval_batch_rows`` rows (members x prompts), each row decoding with its member's singular values
+    (one backbone, per-row scales between the LoRA matmuls). Sampling gives prompt ``i`` the same random
+    stream for every member (common random numbers), whatever the batching. Leaves B at ``U / scale``."""
+    P, M = len(rows), thetas.shape[0]
+    per = max(1, tc.eval_batch_rows // P)
+    prompts = [r["prompt"] for r in rows]
+    sv.apply_unit()
+    texts = []
+    for c in range(0, M, per):
+        k = min(per, M - c)
+        seeds = [row_seed(seed, i) for _ in range(k) for i in range(P)] if tc.do_sample else None
+        with bundle.use(POLICY), bundle.row_scales(POLICY, sv.member_scales(thetas[c:c + k], P)):
+            roll = generate(bundle, prompts * k, max_new_tokens=tc.max_new_tokens, do_sample=tc.do_sample,
+                            temperature=tc.temperature, row_seeds=seeds)
+        texts += [roll.texts[j * P:(j + 1) * P] for j in range(k)]
+    return texts
 
 
-def fitness_of(bundle, rewards, rows, tc, seed: int) -> float:
-    texts = completions_of(bundle, rows, tc, seed)
-    return float(rewards([r["prompt"] for r in rows], texts, row_columns(rows)).total.mean())
+def member_fitness(bundle, rewards, sv, thetas: torch.Tensor, rows, tc, seed: int) -> torch.Tensor:
+    """Mean reward of each member's completions of ``rows``: (M,) float64 (one reward call for all)."""
+    texts = member_completions(bundle, sv, thetas, rows, tc, seed)
+    M = len(texts)
+    cols = {k: v * M for k, v in row_columns(rows).items()}
+    total = rewards([r["prompt"] for r in rows] * M, [t for ts in texts for t in ts], cols).total
+    return total.double().view(M, len(rows)).mean(1)
 
 
 def calibrate_sigma(bundle, sv, theta, rows, tc, seed: int, console) -> float:
     """Smallest sigma = tc.sigma * 2^k whose perturbations change >= calibrate_target of the completions
-    (mean over two antithetic pairs). Deterministic: depends only on seed, data and weights."""
+    (mean over two antithetic pairs, evaluated with the centre in one batch). Deterministic: depends only on
+    seed, data and weights."""
     from lowalign.es import noise
 
-    sv.apply(theta)
-    center = completions_of(bundle, rows, tc, seed)
     sigma = tc.sigma
+    eps = torch.stack([noise(theta.numel(), seed * 13 + k) for k in range(2)])
     for _ in range(16):
-        changed = 0.0
-        for k in range(2):
-            eps = noise(theta.numel(), seed * 13 + k)
-            for sign in (1.0, -1.0):
-                sv.apply(theta + sign * sigma * eps)
-                texts = completions_of(bundle, rows, tc, seed)
-                changed += sum(a != b for a, b in zip(texts, center)) / len(rows) / 4
+        members = torch.stack([theta, *(theta + sign * sigma * e for e in eps for sign in (1.0, -1.0))])
+        center, *perturbed = member_completions(bundle, sv, members, rows, tc, seed)
+        changed = sum(sum(a != b for a, b in zip(t, center)) for t in perturbed) / len(rows) / len(perturbed)
         if changed >= tc.calibrate_target:
             break
         sigma *= 2
@@ -132,8 +161,14 @@ def train(ctx) -> dict:
     rewards = reward_sources(ctx)
     sv.apply(state.theta)
 
-    # a plain inference pass over one minibatch: the memory yardstick for the run
-    fitness_of(bundle, rewards, ctx.data.batch(0, tc.prompts_per_generation, cfg.seed), tc, cfg.seed)
+    # plain inference (the adapter as weights, no per-row scales) of the largest batch the run generates:
+    # the memory yardstick for the run
+    rows0 = ctx.data.batch(0, tc.prompts_per_generation, cfg.seed)
+    per = max(1, min(tc.eval_batch_rows // len(rows0), -(-tc.population_size // world)))
+    with torch.no_grad(), bundle.use(POLICY):
+        plain = generate(bundle, [r["prompt"] for r in rows0] * per, max_new_tokens=tc.max_new_tokens,
+                         do_sample=False)
+    rewards([r["prompt"] for r in rows0] * per, plain.texts, {k: v * per for k, v in row_columns(rows0).items()})
     inference_peak = peak_memory_bytes(bundle.device)
 
     start, baseline = start_or_resume(ctx, [POLICY], None, None)
@@ -141,7 +176,7 @@ def train(ctx) -> dict:
         state = ESState.from_state_dict(ctx.resumed_state["extra"]["es"])
     sv.apply(state.theta)
     t_start = time.time()
-    with Progress(tc.generations, start, ("fitness/mean", "fitness/max", "update_norm", "evals_per_s"),
+    with Progress(tc.generations, start, ("fitness/mean", "fitness/max", "sigma", "members_per_s"),
                   desc="essa", every=tc.log_every) as bar, torch.no_grad():
         for gen in range(start, tc.generations):
             if tc.max_time_s and time.time() - t_start > tc.max_time_s:
@@ -151,11 +186,10 @@ def train(ctx) -> dict:
             rows = ctx.data.batch(gen, tc.prompts_per_generation, cfg.seed)
             fit = torch.zeros(tc.population_size, dtype=torch.float64)
             method = "cma" if tc.optimizer == "cma" else "es"
-            for i, theta_i in population(state, tc.population_size, sigma, cfg.seed, gen, method):
-                if i % world != rank:
-                    continue
-                sv.apply(theta_i)
-                fit[i] = fitness_of(bundle, rewards, rows, tc, seed=cfg.seed * 31 + gen)
+            mine = [(i, th) for i, th in population(state, tc.population_size, sigma, cfg.seed, gen, method)
+                    if i % world == rank]  # this rank's members, evaluated in batches of members x prompts
+            fit[[i for i, _ in mine]] = member_fitness(bundle, rewards, sv, torch.stack([th for _, th in mine]),
+                                                       rows, tc, seed=cfg.seed * 31 + gen)
             fit = ctx.dist.sum(fit).float()  # only fitness scalars cross ranks
             if tc.optimizer == "cma":
                 norm = cma_update(state, fit, seed=cfg.seed, generation=gen)
@@ -168,6 +202,7 @@ def train(ctx) -> dict:
                  "fitness/min": fit.min().item(), "fitness/std": fit.std().item(), "update_norm": norm,
                  "theta_norm": float(state.theta.norm()), "sigma": state.sigma if tc.optimizer == "cma" else sigma,
                  "evals_per_s": round(tc.population_size * tc.prompts_per_generation / dt, 1),
+                 "members_per_s": round(tc.population_size / dt, 2),
                  "time/generation_s": round(dt, 3), "elapsed_s": round(time.time() - t_start, 2)}
             end_step(ctx, tc, gen + 1, m, bar, [POLICY], baseline, extra={"es": state.state_dict()},
                      total=tc.generations)

@@ -64,3 +64,42 @@ def test_two_processes_equal_one(tmp_path):
     a, b = _adapter(one), _adapter(two)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["fitness/mean"] for r in metrics(one)] == [r["fitness/mean"] for r in metrics(two)]
+
+
+def test_batched_members_decode_what_each_member_decodes_alone():
+    """The population in one generation call (per-row singular values) gives every member the completions
+    and fitness it gets alone, and the completions of its adapter written out as plain weights."""
+    from dataclasses import replace
+
+    from lowalign.algorithms.configs import ESSAConfig
+    from lowalign.algorithms.essa import SingularValueLoRA, member_completions, member_fitness
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig, RewardSpec
+    from lowalign.es import noise
+    from lowalign.generation import generate
+    from lowalign.rewards import RewardSources
+    from lowalign.tasks.arithmetic import ArithmeticTask
+
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny"))
+    b.add_adapter("policy", LoraConfig(r=8, alpha=16))
+    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0)
+    theta = sv.initial_theta()
+    members = torch.stack([theta + sign * 0.6 * noise(theta.numel(), k) for k in range(3) for sign in (1, -1)])
+    rows = ArithmeticTask().train_rows(8, seed=5)
+    tc = ESSAConfig(max_new_tokens=6)
+    together = member_completions(b, sv, members, rows, replace(tc, eval_batch_rows=6 * 8), seed=1)
+    alone = member_completions(b, sv, members, rows, replace(tc, eval_batch_rows=8), seed=1)
+    assert together == alone
+    assert len({tuple(t) for t in together}) > 2  # the members do decode differently
+    for k in range(6):  # the same adapter as ordinary LoRA weights, no per-row scales
+        sv.apply(members[k])
+        with b.use("policy"):
+            assert generate(b, [r["prompt"] for r in rows], max_new_tokens=6, do_sample=False).texts == together[k]
+    rewards = RewardSources([RewardSpec(fn="lowalign.tasks.arithmetic:correctness_reward")])
+    f1 = member_fitness(b, rewards, sv, members, rows, replace(tc, eval_batch_rows=48), seed=1)
+    f2 = member_fitness(b, rewards, sv, members, rows, replace(tc, eval_batch_rows=16), seed=1)  # 2 per call
+    assert torch.equal(f1, f2) and f1.shape == (6,)
+    sampled = replace(tc, do_sample=True, temperature=1.0)
+    assert member_completions(b, sv, members, rows, replace(sampled, eval_batch_rows=48), seed=3) == \
+        member_completions(b, sv, members, rows, replace(sampled, eval_batch_rows=8), seed=3)
