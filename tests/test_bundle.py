@@ -187,3 +187,34 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert grads[0].keys() == grads[1].keys()
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
+def test_row_scales_give_each_row_its_own_rank_scaling():
+    """Row b of the batch computes scale * B diag(s_b) A x: with s_b = 1 for every rank direction the
+    output is the plain adapter's, with s_b = 0 the base's; other rows are untouched; a wrong row count and
+    an unknown module are named."""
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4))
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, 0.2)
+    ids = torch.tensor([[5, 6, 7, 8]] * 3)
+    mask = torch.ones_like(ids)
+    r = 4
+    names = [n for n, *_ in b.lora_factors("policy")]
+    with torch.no_grad():
+        with b.use("policy"):
+            plain = b.hidden_states(ids, mask)
+            s = torch.tensor([[1.0] * r, [0.0] * r, [1.0] * r])
+            with b.row_scales("policy", {n: s for n in names}):
+                scaled = b.hidden_states(ids, mask)
+            after = b.hidden_states(ids, mask)  # the hooks are gone
+            with pytest.raises(ValueError, match="2 rows of scales"), b.row_scales("policy", {n: s[:2] for n in names}):
+                b.hidden_states(ids, mask)
+            with pytest.raises(KeyError, match="no LoRA module"), b.row_scales("policy", {"nope": s}):
+                pass
+        with b.use("reference"):
+            base = b.hidden_states(ids, mask)
+    assert torch.allclose(scaled[0], plain[0], atol=1e-6) and torch.allclose(scaled[2], plain[2], atol=1e-6)
+    assert torch.allclose(scaled[1], base[1], atol=1e-6) and not torch.allclose(plain[1], base[1], atol=1e-3)
+    assert torch.equal(after, plain)

@@ -72,6 +72,8 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
                if r.get("path")]  # built by another recipe
     if (raw.get("data") or {}).get("path"):
         missing.append(("data.path", r"data\.path"))  # the user's own file
+    if (raw.get("lora") or {}).get("init_from"):
+        missing.append(("lora.init_from", r"lora\.init_from"))  # an adapter another recipe trains
     overrides = []
     for key, pattern in missing:  # each absence is reported by name, then a stand-in lets validation go on
         with pytest.raises(C.ConfigError, match=pattern + ": file or directory not found"):
@@ -83,6 +85,10 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
             stand_in.mkdir()
             names = list(rewards[int(key.split(".")[1])]["attribute_weights"])
             (stand_in / "reward_meta.json").write_text(json.dumps({"attributes": names}))
+        if key == "lora.init_from":  # a PEFT adapter directory of the recipe's rank
+            stand_in.unlink()
+            stand_in.mkdir()
+            (stand_in / "adapter_config.json").write_text(json.dumps({"r": raw["lora"]["r"], "peft_type": "LORA"}))
         overrides.append(f"{key}={stand_in}")
     load_config(recipe, overrides)
     head = recipe.read_text().splitlines()[:4]
