@@ -11,7 +11,7 @@ import torch
 
 from lowalign import config as C
 from lowalign.algorithms import algorithms, data_kind, train_configs
-from lowalign.distributed import SINGLE, Dist
+from lowalign.distributed import SINGLE, Dist, world_size
 from lowalign.runtime import (
     Checkpointer,
     RunDir,
@@ -156,8 +156,6 @@ def init_distributed():
     """torchrun sets WORLD_SIZE/RANK: join the process group (gloo on CPU, NCCL on GPUs)."""
     import os
 
-    from lowalign.distributed import SINGLE, Dist, world_size
-
     world = world_size()
     if world <= 1:
         return SINGLE
@@ -190,7 +188,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
 
     t0 = time.time()
     cfg, name = resolve_config(config, overrides)  # validate before joining any process group
-    check_world(cfg, _launched_world())
+    check_world(cfg, world_size())  # before joining: every process fails alike
     dist = init_distributed()
     console = Console(stderr=True, quiet=quiet or not dist.main)
     if cfg.resume and not cfg.output_dir:
@@ -258,12 +256,6 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     lock.release()
     print_summary(console, summary)
     return summary
-
-
-def _launched_world() -> int:
-    from lowalign.distributed import world_size
-
-    return world_size()
 
 
 def _broadcast_text(text: str) -> str:

@@ -96,3 +96,20 @@ def test_a_killed_two_process_run_resumes_with_two_or_with_one(tmp_path):
     assert summary(full)["final"] == summary(killed)["final"]
     assert_same_weights(full, solo)  # one process from a 2-rank checkpoint: the same run to fp32 order
     assert_same_metrics(full, solo)
+
+
+def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tmp_path, monkeypatch):
+    from lowalign import api
+    from lowalign.config import ConfigError
+
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node 3 would: nothing joins a group here
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"train.prompts_per_step: 8 does not split over 3 processes"):
+        api.run("recipes/grpo_tiny.yaml", ["train.prompts_per_step=8", f"output_dir={out}"], quiet=True)
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size: 24 does not divide the batch of 32 "
+                                          r"\(prompts_per_step x num_generations / 3 processes\)"):
+        api.run("recipes/grpo_tiny.yaml", ["train.prompts_per_step=12", "train.micro_batch_size=24",
+                                           f"output_dir={out}"], quiet=True)
+    with pytest.raises(ConfigError, match=r"train.batch_size: 8 does not split over 3 processes"):
+        api.run("recipes/dpo_tiny.yaml", ["train.batch_size=8", f"output_dir={out}"], quiet=True)
+    assert not out.exists()
