@@ -1,53 +1,29 @@
 """lowalign.distributed's collectives on 2 gloo processes, against the one-process answer, and the row-seeded
 sampler that makes a rollout independent of how its rows are split."""
 
+import json
 import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lowalign.distributed import SINGLE, Dist
 from lowalign.generation import RowSeededSampler, row_seed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        d = Dist(rank, world)
-        res = {"bounds": d.bounds(6), "shard": d.shard(list("abcdef")), "sum": d.sum(rank + 1.5),
-               "tsum": d.sum(torch.tensor([1.0, rank])).tolist()}
-        # metrics: rank 1 lacks "only0"; weights 1 and 3
-        res["mean"] = d.mean({"x": float(rank), "only0": 5.0} if rank == 0 else {"x": 2.0}, weight=1 + 2 * rank)
-        # ragged second dimension: rank 0 has width 2, rank 1 width 3
-        t = torch.arange(2 * (2 + rank), dtype=torch.float32).view(2, 2 + rank) + 10 * rank
-        res["gather"] = d.gather(t).tolist()
-        res["whole"] = [x.tolist() for x in d.on_whole_batch(lambda a: (a - a.mean(), a.sum(1)), t)]
-        p = torch.nn.Parameter(torch.zeros(3))
-        q = torch.nn.Parameter(torch.zeros(2))  # no gradient on rank 0
-        r = torch.nn.Parameter(torch.zeros(2))  # no gradient anywhere: stays None (the optimizer skips it)
-        p.grad = torch.full((3,), float(rank + 1))
-        if rank:
-            q.grad = torch.ones(2)
-        d.sync_grads([p, q, r])
-        res["grads"] = (p.grad.tolist(), q.grad.tolist(), r.grad)
-        out[rank] = res
-    finally:
-        torch.distributed.destroy_process_group()
-
-
-def test_collectives_on_two_gloo_processes():
-    out = mp.Manager().dict()
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    r0, r1 = out[0], out[1]
+def test_collectives_on_two_gloo_processes(tmp_path):
+    """tests/dist_worker.py on 2 torchrun processes; each writes what its collectives returned."""
+    script = Path(__file__).with_name("dist_worker.py")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0["bounds"], r1["bounds"] = tuple(r0["bounds"]), tuple(r1["bounds"])
+    r0["grads"], r1["grads"] = tuple(r0["grads"]), tuple(r1["grads"])
     assert r0["bounds"] == (0, 3) and r1["bounds"] == (3, 6)
     assert r0["shard"] == list("abc") and r1["shard"] == list("def")
     assert r0["sum"] == r1["sum"] == 4.0 and r0["tsum"] == r1["tsum"] == [2.0, 1.0]
