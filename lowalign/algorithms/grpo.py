@@ -93,9 +93,8 @@ def sample_and_score(ctx, step: int, rewards: RewardSources):
     t0 = time.time()
     seed_everything(step_seed(cfg.seed, step))
     G = tc.num_generations
-    batch = ctx.data.batch(step, tc.prompts_per_step, cfg.seed)
-    rows, first = ctx.dist.shard(batch), ctx.dist.bounds(len(batch))[0] * G
-    seeds = [row_seed(step_seed(cfg.seed, step), first + i) for i in range(len(rows) * G)]
+    rows, seeds = shard_prompts(ctx.dist, ctx.data.batch(step, tc.prompts_per_step, cfg.seed), G,
+                                step_seed(cfg.seed, step))
     with bundle.use(POLICY):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
                         do_sample=True, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
@@ -103,6 +102,14 @@ def sample_and_score(ctx, step: int, rewards: RewardSources):
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     return rows, roll, rewards(prompts, roll.texts, row_columns(rows, G)), t_gen
+
+
+def shard_prompts(dist, batch: list[dict], num_generations: int, seed: int) -> tuple[list[dict], list[int]]:
+    """This rank's share of a step's prompts, and the sampling seed of each of its ``num_generations``
+    completions per prompt: a function of ``seed`` and the completion's index in the whole batch, so a
+    rollout samples the same on any number of ranks (``generate(row_seeds=...)``)."""
+    rows, first = dist.shard(batch), dist.bounds(len(batch))[0] * num_generations
+    return rows, [row_seed(seed, first + i) for i in range(len(rows) * num_generations)]
 
 
 def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: AdvantageEstimator = GROUP) -> dict:

@@ -37,10 +37,10 @@ from lowalign.algorithms.common import (
     step_seed,
 )
 from lowalign.algorithms.configs import OptimConfig
-from lowalign.algorithms.grpo import reward_metrics
+from lowalign.algorithms.grpo import reward_metrics, shard_prompts
 from lowalign.config import ConfigError, F
 from lowalign.distributed import SINGLE, Dist
-from lowalign.generation import generate, row_seed
+from lowalign.generation import generate
 from lowalign.logprobs import logprobs_from_hidden
 from lowalign.losses.ppo import (
     RunningMoments,
@@ -191,12 +191,12 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
     seed_everything(seed)
     bundle = roles.policy
     G = tc.num_generations
-    batch = data.batch(step, tc.prompts_per_step, cfg.seed)
-    rows, a = d.shard(batch), d.bounds(len(batch))[0] * G  # a: the global index of this rank's first row
+    rows, seeds = shard_prompts(d, data.batch(step, tc.prompts_per_step, cfg.seed), G, seed)
+    a = d.bounds(tc.prompts_per_step)[0] * G  # the index of this rank's first row in the whole batch
     with bundle.use(POLICY):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens, do_sample=True,
                         temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G,
-                        row_seeds=[row_seed(seed, a + i) for i in range(len(rows) * G)])
+                        row_seeds=seeds)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
     rb = rewards(prompts, roll.texts, row_columns(rows, G))
@@ -247,7 +247,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
     seq_kl = d.gather(kl.sum(1)).mean().item()
     n_tok = d.sum(cmask.sum())
     every = d.gather(scores.float()), d.gather(token_rewards.sum(1))
-    m = {"step": step + 1, **reward_metrics(d, rb, G),
+    m = {"step": step + 1, **reward_metrics(d, rb, 1),  # PPO has no groups
          "score": every[0].mean().item(), "kl": seq_kl, "kl_coef": state.kl_coef,
          "non_score_reward": every[1].mean().item() - every[0].mean().item(), **agg,
          "value_mean": (d.sum((old_v * cmask).sum()) / n_tok).item(),
@@ -257,7 +257,6 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
          "completion_length": d.gather(cmask.sum(1)).mean().item(),
          "eos_fraction": d.gather(ended.float()).mean().item(),
          "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
-    m.pop("frac_reward_zero_std", None)
     if tc.adaptive_kl:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B_all)
     return m

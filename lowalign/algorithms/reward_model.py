@@ -188,14 +188,13 @@ def train(ctx) -> dict:
                 target = torch.tensor([r["scores"] for r in pairs]).to(out)
                 lo = multi_objective_loss(out, target, wt)
                 rank = within_prompt_ranking_loss(out @ wt, target @ wt, gid)
-                n_rows, n_rank = d.sum(n), d.sum(float(rank.metrics["rank_pairs"]))
-                loss = lo.loss * n / n_rows + tc.rank_weight * rank.loss * float(rank.metrics["rank_pairs"]) / max(
-                    n_rank, 1.0)
-                hits = rank.metrics["rank_accuracy"].nan_to_num(0.0) * rank.metrics["rank_pairs"]
-                lo = LossOutput(loss, {**d.mean(lo.metrics, weight=n),
-                                       "rank_loss": d.sum(float(rank.loss) * float(rank.metrics["rank_pairs"])) / max(
-                                           n_rank, 1.0),
-                                       "rank_accuracy": d.sum(float(hits)) / n_rank if n_rank else float("nan")})
+                pairs_here, acc = float(rank.metrics["rank_pairs"]), rank.metrics["rank_accuracy"].nan_to_num(0.0)
+                counts = torch.tensor([n, pairs_here, float(rank.loss) * pairs_here, float(acc) * pairs_here],
+                                      dtype=torch.float64)
+                n_rows, n_rank, rank_loss_sum, hits = d.sum(counts).tolist()  # one all-reduce
+                loss = lo.loss * n / n_rows + tc.rank_weight * rank.loss * pairs_here / max(n_rank, 1.0)
+                lo = LossOutput(loss, {**d.mean(lo.metrics, weight=n), "rank_loss": rank_loss_sum / max(n_rank, 1.0),
+                                       "rank_accuracy": hits / n_rank if n_rank else float("nan")})
             else:  # means over this rank's pairs, an equal share of the step's
                 if tc.objective == "bradley_terry":
                     lo = bradley_terry_loss(out[:n, 0], out[n:, 0], margin=tc.margin)
