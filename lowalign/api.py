@@ -13,6 +13,7 @@ from lowalign import config as C
 from lowalign.algorithms import algorithms, data_kind, train_configs
 from lowalign.distributed import SINGLE, Dist, world_size
 from lowalign.runtime import (
+    PHASES,
     Checkpointer,
     RunDir,
     RunLock,
@@ -224,7 +225,11 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
 
     for note in prepare_prompts(data, tok, cfg.data):  # chat templates and prompt lengths: before any weights
         console.print(f"[yellow]data:[/] {note}")
-    bundle = ModelBundle.load(cfg.model, tokenizer=tok)
+    from lowalign.bundle import resolve_device
+
+    PHASES.start(resolve_device(cfg.model.device), cfg.profile_memory)
+    with PHASES.phase("load"):
+        bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     fresh = not out.exists()  # the run directory is created only once everything before it worked
     run_dir = RunDir(out, writer=dist.main)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")
@@ -240,6 +245,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
             summary["world_size"] = dist.world
             summary["ranks_identical"] = _ranks_identical(bundle, dist)
     except BaseException:
+        PHASES.stop()
         lock.release()
         if fresh and dist.main and not run_dir.metrics_path.exists():  # a failed start leaves nothing behind
             import shutil
@@ -248,6 +254,9 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         raise
     summary["wall_time_s"] = round(time.time() - t0, 2)
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
+    if PHASES.enabled:
+        summary["memory_by_phase"] = PHASES.summary()
+        PHASES.stop()
     if bundle.device.type == "cuda":  # torch's own figures, next to the bundle's memory report
         summary["peak_memory_reserved_bytes"] = int(torch.cuda.max_memory_reserved(bundle.device))
         summary["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(bundle.device))
@@ -301,4 +310,9 @@ def print_summary(console, summary: dict) -> None:
     t.add_row("wall time (s)", "", f"{summary['wall_time_s']:.1f}")
     t.add_row("peak memory (MiB)", "", f"{summary['peak_memory_bytes'] / 2**20:.0f}")
     console.print(t)
+    phases = summary.get("memory_by_phase")
+    if phases:
+        console.print("peak memory by phase (MiB): " + ", ".join(
+            f"{k} {v:.0f}" for k, v in sorted(phases["peak_mib"].items(), key=lambda kv: -kv[1]))
+            + f"; after load {phases['after_load_mib']:.0f}")
     console.print(f"summary: {summary['output_dir']}/summary.json")

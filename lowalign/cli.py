@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("run", help="run a recipe (or resume a run directory)")
     r.add_argument("recipe")
     r.add_argument("overrides", nargs="*", help="key.sub=value")
+    r.add_argument("--profile-memory", action="store_true",
+                   help="log each phase's peak memory (memory/<phase>_mib; summary.json memory_by_phase)")
     v = sub.add_parser("validate", help="check a recipe without loading any model")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from lowalign.api import run
 
-        run(recipe_path(args.recipe), args.overrides)
+        run(recipe_path(args.recipe), args.overrides + (["profile_memory=true"] if args.profile_memory else []))
         return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

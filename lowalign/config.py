@@ -134,6 +134,9 @@ class RunConfig:
     output_dir: str | None = F(None, "Run directory (default runs/<recipe>-<timestamp>).")
     resume: bool = F(False, "Continue from the latest checkpoint in output_dir.")
     threads: int = F(0, "torch CPU threads (0: leave torch's default).", ge=0)
+    profile_memory: bool = F(False, "Log each phase's peak memory (load, rollout, scoring, forward_backward, "
+                                    "optimizer, ...) as memory/<phase>_mib per step and in summary.json "
+                                    "(`lowalign run --profile-memory`).")
     model: ModelConfig = F(factory=ModelConfig, help="Base model and its loading options.")
     lora: LoraConfig = F(factory=LoraConfig, help="The policy adapter.")
     data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")

@@ -5,6 +5,7 @@ Passed into algorithms; nothing here knows which algorithm runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -366,11 +367,101 @@ class Checkpointer:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU)."""
+    """Peak GPU memory allocated (CUDA) or peak resident set size of this process (CPU). With
+    ``--profile-memory`` the peak counters are reset per phase: :data:`PHASES` keeps the run's maximum."""
     if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)
+        peak = int(torch.cuda.max_memory_allocated(device))
+    else:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = int(rss if sys.platform == "darwin" else rss * 1024)
+    return max(peak, PHASES.overall)
+
+
+def _proc_status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+class MemoryPhases:
+    """Peak memory of each phase of a run (``lowalign run --profile-memory``): load, evaluation, rollout,
+    scoring (rewards and no-grad log-probs), reference (DPO's precompute), forward_backward, optimizer.
+
+    ``phase(name)`` resets the device's peak counter on entry and reads it on exit: CUDA
+    ``max_memory_allocated``, or on Linux CPUs the process's peak RSS (``VmHWM``, reset by writing 5 to
+    ``/proc/self/clear_refs``). Absolute bytes, not above a baseline. Off (every call a no-op) unless
+    :meth:`start` enabled it; one process-wide instance, :data:`PHASES`, so code far from the run context
+    (a PPO step, a reference precompute) can mark its phases."""
+
+    def __init__(self):
+        self.enabled, self.device, self.overall = False, torch.device("cpu"), 0
+        self.peaks: dict[str, int] = {}
+        self.step: dict[str, int] = {}
+        self.after_load = 0
+
+    def start(self, device, enabled: bool) -> None:
+        device = torch.device(device)
+        if enabled and device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+            raise RuntimeError("--profile-memory on CPU needs Linux (/proc/self/clear_refs resets the peak RSS)")
+        self.__init__()
+        self.enabled, self.device = enabled, device
+
+    def stop(self) -> None:
+        self.enabled = False
+
+    def _now(self) -> int:
+        return int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else _proc_status("VmRSS")
+
+    def _peak(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _proc_status("VmHWM")
+
+    def _reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+
+    def phase(self, name: str):
+        return self._phase(name) if self.enabled else _NULL
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        self.overall = max(self.overall, self._peak())  # whatever ran between phases
+        self._reset()
+        try:
+            yield
+        finally:
+            peak = self._peak()
+            self.overall = max(self.overall, peak)
+            self.peaks[name] = max(self.peaks.get(name, 0), peak)
+            self.step[name] = max(self.step.get(name, 0), peak)
+            if name == "load":
+                self.after_load = self._now()
+
+    def step_metrics(self) -> dict:
+        """``memory/<phase>_mib`` of the phases since the last call (one training step's)."""
+        out = {f"memory/{k}_mib": round(v / 2**20, 1) for k, v in self.step.items()}
+        self.step = {}
+        return out
+
+    def summary(self) -> dict:
+        """Each phase's peak over the run and the largest, for ``summary.json``; empty when off."""
+        if not self.peaks:
+            return {}
+        top = max(self.peaks, key=self.peaks.get)
+        return {"peak_mib": {k: round(v / 2**20, 1) for k, v in self.peaks.items()},
+                "after_load_mib": round(self.after_load / 2**20, 1), "largest_phase": top,
+                "device": str(self.device), "measure": "cuda max_memory_allocated" if self.device.type == "cuda"
+                else "peak RSS (VmHWM) of the process"}
+
+
+_NULL = contextlib.nullcontext()
+PHASES = MemoryPhases()
 
 
 class Progress:

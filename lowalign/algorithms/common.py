@@ -8,6 +8,7 @@ import torch
 
 from lowalign.config import reference_mode
 from lowalign.evaluation import heldout_eval
+from lowalign.runtime import PHASES
 
 POLICY = "policy"
 
@@ -83,7 +84,9 @@ def start_or_resume(ctx, adapters, optimizer, scheduler, evaluate_fn=None) -> tu
             return state["step"], state["baseline"]
         ctx.console.print("[yellow]resume: no checkpoint yet, starting from step 0[/]")
     ctx.run_dir.truncate_metrics(0)
-    baseline = (evaluate_fn or evaluate)(ctx)
+    with PHASES.phase("evaluation"):
+        baseline = (evaluate_fn or evaluate)(ctx)
+    PHASES.step_metrics()  # load and baseline evaluation go to summary.json, not to step 1's row
     ctx.run_dir.write_json("baseline.json", baseline)
     shown = {k: round(v, 4) for k, v in baseline.items() if isinstance(v, float)}
     ctx.console.print(f"baseline (held-out): {shown}")
@@ -97,7 +100,8 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def finish(ctx, adapters: list[str], baseline: dict, extra: dict | None = None, evaluate_fn=None) -> dict:
-    final = (evaluate_fn or evaluate)(ctx)
+    with PHASES.phase("evaluation"):
+        final = (evaluate_fn or evaluate)(ctx)
     for name in adapters if ctx.run_dir.writer else []:
         ctx.bundle.save_adapter(name, ctx.run_dir.path / "adapters" / name)
     if len(ctx.bundle.heads) and ctx.run_dir.writer:
@@ -113,7 +117,9 @@ def end_step(ctx, tc, done: int, m: dict, bar, adapters: list[str], baseline: di
     (``eval.every``), the metrics row, the progress bar and, when due, the checkpoint."""
     every = ctx.cfg.eval.every
     if every and done % every == 0 and done < (total or tc.steps):
-        m.update(eval_metrics(ctx, evaluate_fn))
+        with PHASES.phase("evaluation"):
+            m.update(eval_metrics(ctx, evaluate_fn))
+    m.update(PHASES.step_metrics())
     ctx.run_dir.log(m)
     bar.update(done, m)
     maybe_checkpoint(ctx, tc, done, adapters, baseline, optimizer, scheduler, extra)

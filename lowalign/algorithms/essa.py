@@ -22,7 +22,7 @@ from lowalign.algorithms.configs import ESSAConfig
 from lowalign.es import ESState, cma_update, es_update, population
 from lowalign.generation import generate, row_seed
 from lowalign.rewards import row_columns
-from lowalign.runtime import Progress, peak_memory_bytes, seed_everything
+from lowalign.runtime import PHASES, Progress, peak_memory_bytes, seed_everything
 
 POLICY = "policy"
 
@@ -188,8 +188,9 @@ def train(ctx) -> dict:
             method = "cma" if tc.optimizer == "cma" else "es"
             mine = [(i, th) for i, th in population(state, tc.population_size, sigma, cfg.seed, gen, method)
                     if i % world == rank]  # this rank's members, evaluated in batches of members x prompts
-            fit[[i for i, _ in mine]] = member_fitness(bundle, rewards, sv, torch.stack([th for _, th in mine]),
-                                                       rows, tc, seed=cfg.seed * 31 + gen)
+            with PHASES.phase("population"):
+                fit[[i for i, _ in mine]] = member_fitness(bundle, rewards, sv, torch.stack([th for _, th in mine]),
+                                                           rows, tc, seed=cfg.seed * 31 + gen)
             fit = ctx.dist.sum(fit).float()  # only fitness scalars cross ranks
             if tc.optimizer == "cma":
                 norm = cma_update(state, fit, seed=cfg.seed, generation=gen)

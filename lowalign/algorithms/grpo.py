@@ -39,7 +39,7 @@ from lowalign.generation import generate, row_seed
 from lowalign.logprobs import token_logprobs
 from lowalign.losses import grpo_advantages, grpo_loss
 from lowalign.rewards import RewardSources, row_columns
-from lowalign.runtime import Progress, seed_everything
+from lowalign.runtime import PHASES, Progress, seed_everything
 
 POLICY = "policy"
 
@@ -95,13 +95,15 @@ def sample_and_score(ctx, step: int, rewards: RewardSources):
     G = tc.num_generations
     rows, seeds = shard_prompts(ctx.dist, ctx.data.batch(step, tc.prompts_per_step, cfg.seed), G,
                                 step_seed(cfg.seed, step))
-    with bundle.use(POLICY):
+    with bundle.use(POLICY), PHASES.phase("rollout"):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens,
                         do_sample=True, temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k,
                         num_generations=G, row_seeds=seeds)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    return rows, roll, rewards(prompts, roll.texts, row_columns(rows, G)), t_gen
+    with PHASES.phase("scoring"):
+        rb = rewards(prompts, roll.texts, row_columns(rows, G))
+    return rows, roll, rb, t_gen
 
 
 def shard_prompts(dist, batch: list[dict], num_generations: int, seed: int) -> tuple[list[dict], list[int]]:
@@ -121,7 +123,7 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     B = cmask.shape[0]
 
     old = ref = None
-    with torch.no_grad():
+    with torch.no_grad(), PHASES.phase("scoring"):
         if tc.num_iterations > 1 or estimator.needs_old:
             with bundle.use(POLICY):
                 old, _ = completion_logprobs(bundle, roll, tc.temperature)
@@ -141,22 +143,24 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     with bundle.use(POLICY):
         for _ in range(tc.num_iterations):
             for sl in chunks:
-                lp, ent = completion_logprobs(bundle, roll, tc.temperature, with_entropy=True, rows=sl)
-                out = grpo_loss(lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
-                                ref_logps=None if ref is None else ref[sl], beta=tc.beta,
-                                epsilon_low=tc.epsilon_low, epsilon_high=tc.epsilon_high,
-                                loss_type=tc.loss_type, max_completion_length=tc.max_new_tokens,
-                                kl_estimator=tc.kl_estimator, entropy=ent, num_items=n_items)
-                # dapo normalizes by the step's token count already; the others average micro-batches
-                scale = 1.0 if tc.loss_type == "dapo" else (sl.stop - sl.start) / B_all
-                (out.loss * scale).backward()
+                with PHASES.phase("forward_backward"):
+                    lp, ent = completion_logprobs(bundle, roll, tc.temperature, with_entropy=True, rows=sl)
+                    out = grpo_loss(lp, lp.detach() if old is None else old[sl], adv[sl], cmask[sl],
+                                    ref_logps=None if ref is None else ref[sl], beta=tc.beta,
+                                    epsilon_low=tc.epsilon_low, epsilon_high=tc.epsilon_high,
+                                    loss_type=tc.loss_type, max_completion_length=tc.max_new_tokens,
+                                    kl_estimator=tc.kl_estimator, entropy=ent, num_items=n_items)
+                    # dapo normalizes by the step's token count already; the others average micro-batches
+                    scale = 1.0 if tc.loss_type == "dapo" else (sl.stop - sl.start) / B_all
+                    (out.loss * scale).backward()
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     agg[k] = agg.get(k, 0.0) + float(v) * (sl.stop - sl.start) / B / tc.num_iterations
-            d.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            with PHASES.phase("optimizer"):
+                d.sync_grads(params)
+                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
 
     t_step = time.time() - t0
     m = {"step": step + 1, **reward_metrics(d, rb, G), **d.mean({**agg, **est_metrics}),

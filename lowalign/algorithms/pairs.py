@@ -26,7 +26,7 @@ from lowalign.algorithms.common import (
 from lowalign.config import reference_mode
 from lowalign.data import epoch_indices
 from lowalign.preference import PreferenceData, builtin_pairs, eval_pairs, load_file_pairs, pairs_to_feedback
-from lowalign.runtime import Progress, atomic_write, seed_everything
+from lowalign.runtime import PHASES, Progress, atomic_write, seed_everything
 
 # ---- data --------------------------------------------------------------------------------------------------
 
@@ -129,7 +129,7 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tens
     if cache.exists():
         return load_file(str(cache))["ref_logps"]
     out = []
-    with ctx.bundle.use("reference"), ctx.bundle.eval_mode():
+    with ctx.bundle.use("reference"), ctx.bundle.eval_mode(), PHASES.phase("reference"):
         for s in range(0, len(pairs), batch_size):
             lp, _ = sequence_logps(ctx.bundle, pairs[s:s + batch_size])
             n = len(pairs[s:s + batch_size])
@@ -186,7 +186,11 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     data = load(ctx, tc, role=POLICY)  # the fresh adapter is the starting policy
-    obj = objective(data)
+    t_obj = time.time()
+    obj = objective(data)  # DPO-style objectives precompute the reference log-probs here
+    setup_s = round(time.time() - t_obj, 3)
+    if setup_s >= 1:
+        ctx.console.print(f"objective setup (reference log-probs, when precomputed): {setup_s:.1f}s")
     params = bundle.adapter_parameters(POLICY)
     opt, sched = make_optimizer(params, tc.optim, tc.steps)
 
@@ -205,18 +209,20 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
             seed_everything(step_seed(cfg.seed, step))
             idx = pair_batch(data.train, step, tc.batch_size, cfg.seed)
             idx = idx if obj.whole_batch else d.shard(idx)  # this rank's equal share of the batch
-            with bundle.use(POLICY):
+            with bundle.use(POLICY), PHASES.phase("forward_backward"):
                 out = obj.loss([data.train[i] for i in idx], idx)
-            (out.loss / d.world).backward()  # a mean over 1/world of the batch; the ranks' gradients add up
-            d.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+                (out.loss / d.world).backward()  # a mean over 1/world of the batch; ranks' gradients add up
+            with PHASES.phase("optimizer"):
+                d.sync_grads(params)
+                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
             m = {"step": step + 1, **d.mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}),
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time/step_s": round(time.time() - t0, 3)}
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched, evaluate_fn=evaluate_fn)
-    return finish(ctx, [POLICY], baseline, {"steps": tc.steps, unit: len(data.train)}, evaluate_fn)
+    return finish(ctx, [POLICY], baseline, {"steps": tc.steps, unit: len(data.train),
+                                            "time/objective_setup_s": setup_s}, evaluate_fn)
 
 
 # ---- held-out preference accuracy --------------------------------------------------------------------------

@@ -52,7 +52,7 @@ from lowalign.losses.ppo import (
     whiten,
 )
 from lowalign.rewards import RewardSources, row_columns
-from lowalign.runtime import Progress, seed_everything
+from lowalign.runtime import PHASES, Progress, seed_everything
 
 VALUE = "value"
 
@@ -193,13 +193,14 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
     G = tc.num_generations
     rows, seeds = shard_prompts(d, data.batch(step, tc.prompts_per_step, cfg.seed), G, seed)
     a = d.bounds(tc.prompts_per_step)[0] * G  # the index of this rank's first row in the whole batch
-    with bundle.use(POLICY):
+    with bundle.use(POLICY), PHASES.phase("rollout"):
         roll = generate(bundle, [r["prompt"] for r in rows], max_new_tokens=tc.max_new_tokens, do_sample=True,
                         temperature=tc.temperature, top_p=tc.top_p, top_k=tc.top_k, num_generations=G,
                         row_seeds=seeds)
     t_gen = time.time() - t0
     prompts = [r["prompt"] for r in rows for _ in range(G)]
-    rb = rewards(prompts, roll.texts, row_columns(rows, G))
+    with PHASES.phase("scoring"):
+        rb = rewards(prompts, roll.texts, row_columns(rows, G))
     ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
     scores = rb.total - tc.missing_eos_penalty * (~ended).float()
     if tc.reward_norm:
@@ -209,7 +210,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
     cmask = roll.completion_mask.float()
     B, B_all = cmask.shape[0], cmask.shape[0] * d.world
     everything = slice(None)
-    with torch.no_grad():
+    with torch.no_grad(), PHASES.phase("scoring"):
         old_lp, old_v = policy_and_values(roles, roll, everything, tc)
         ref_lp, _ = _forward(roles.reference, "reference", roll, everything, tc, logps=True, values=False)
         token_rewards, kl = kl_shaped_rewards(scores.to(cmask.device), old_lp, ref_lp, cmask, state.kl_coef,
@@ -231,14 +232,16 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
             n_tokens = d.sum(cmask[mine].sum())  # the minibatch's tokens, over every rank
             for u in range(0, len(mine), micro):
                 rows_ = mine[u:u + micro]
-                out = _backward_micro(roles, roll, rows_, tc, old_lp, adv, old_v, ret, cmask, n_tokens)
+                with PHASES.phase("forward_backward"):
+                    out = _backward_micro(roles, roll, rows_, tc, old_lp, adv, old_v, ret, cmask, n_tokens)
                 w = float(cmask[rows_].sum() / n_tokens.clamp(min=1.0)) / n_updates  # token share of the update
                 for k in keys:  # the losses are token sums over the minibatch's count already
                     agg[k] += float(getattr(out, k).detach()) * (1.0 if k.endswith("loss") else w)
-            d.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            with PHASES.phase("optimizer"):
+                d.sync_grads(params)
+                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     sched.step()
     agg = {k: d.sum(v) for k, v in agg.items()}
     for k in ("loss", "policy_loss", "value_loss"):  # sums of minibatch means: the mean over updates

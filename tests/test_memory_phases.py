@@ -1,0 +1,49 @@
+"""`--profile-memory`: each phase's own peak (the counter resets per phase), per step and in summary.json."""
+
+import torch
+
+from lowalign.runtime import PHASES, MemoryPhases, peak_memory_bytes
+from tests.algorithms.helpers import cli, metrics, summary
+
+
+def test_each_phase_has_its_own_peak():
+    mp = MemoryPhases()
+    mp.start("cpu", True)
+    with mp.phase("big"):
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        del x
+    with mp.phase("small"):
+        y = torch.ones(8 * 2**20 // 4)
+        del y
+    s = mp.summary()["peak_mib"]
+    assert s["big"] - s["small"] > 40, s  # the big tensor's pages count in its phase only
+    step = mp.step_metrics()
+    assert step == {"memory/big_mib": s["big"], "memory/small_mib": s["small"]}
+    assert mp.step_metrics() == {}  # per step: emptied once read
+    assert mp.overall >= s["big"] * 2**20 - 2**20
+
+def test_off_is_a_no_op():
+    mp = MemoryPhases()
+    with mp.phase("x"):
+        pass
+    assert mp.summary() == {} and mp.step_metrics() == {}
+
+def test_grpo_and_dpo_runs_report_phases(tmp_path):
+    g, d = tmp_path / "g", tmp_path / "d"
+    cli("run", "recipes/grpo_tiny.yaml", "--profile-memory", "train.steps=2", "eval.num_examples=20",
+        f"output_dir={g}")
+    cli("run", "recipes/dpo_tiny.yaml", "--profile-memory", "train.steps=2", "data.num_pairs=64",
+        "train.eval_pairs=16", "train.batch_size=8", "eval.num_examples=20", f"output_dir={d}")
+    for run, phases in ((g, {"load", "evaluation", "rollout", "scoring", "forward_backward", "optimizer"}),
+                        (d, {"load", "evaluation", "reference", "forward_backward", "optimizer"})):
+        s = summary(run)
+        mp = s["memory_by_phase"]
+        assert phases <= set(mp["peak_mib"]), mp
+        assert mp["peak_mib"][mp["largest_phase"]] == max(mp["peak_mib"].values())
+        # the run's peak is the largest phase's (within the bytes that ran between phases)
+        assert s["peak_memory_bytes"] >= max(mp["peak_mib"].values()) * 2**20 - 2**20
+        assert 0 < mp["after_load_mib"] <= mp["peak_mib"]["load"]
+        rows = metrics(run)
+        assert all(r.get("memory/forward_backward_mib", 0) > 0 for r in rows)
+    assert "time/objective_setup_s" in summary(d)
+    assert PHASES.enabled is False and peak_memory_bytes(torch.device("cpu")) > 0
