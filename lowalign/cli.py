@@ -57,6 +57,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     b.add_argument("--temperature", type=float, default=None, help="default: the recipe's train.temperature")
     b.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's")
+    pl = sub.add_parser("plan", help="estimate a recipe's peak memory from config.json (no weights loaded) and "
+                                     "whether it fits a GPU")
+    pl.add_argument("recipe")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value")
+    pl.add_argument("--gpu-memory", default=None, help="the card's memory, e.g. 8GB or 24GiB: prints a verdict and "
+                                                       "changes that make the recipe fit")
+    pl.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan for this device (default cuda)")
+    pl.add_argument("--completion-tokens", type=int, default=None,
+                    help="completion length for preference data when it cannot be measured")
+    pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
     sub.add_parser("ls", help="list the built-in recipes")
     c = sub.add_parser("cp", help="copy a built-in recipe to edit it")
     c.add_argument("name")
@@ -95,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                     else " (config.json not in the local cache: the model checks run when it loads)")
             print(f"ok: {args.recipe} ({cfg.algorithm}, model {cfg.model.name_or_path}{note})")
             return 0
+        if args.cmd == "plan":
+            return _plan(args)
         if args.cmd == "bon":
             from lowalign.bon import best_of_n
 
@@ -123,6 +135,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.strerror} writing {e.filename or 'the run directory'} ({e})", file=sys.stderr)
             return 2
         raise
+
+
+def _plan(args) -> int:
+    import json
+
+    from lowalign.api import resolve_config
+    from lowalign.planner import parse_size, plan, render, suggestions
+
+    budget = parse_size(args.gpu_memory) if args.gpu_memory else None  # a bad size fails before anything else
+    cfg, _ = resolve_config(recipe_path(args.recipe), args.overrides)
+    p = plan(cfg, device=args.device, completion=args.completion_tokens)
+    fixes = suggestions(cfg, budget, args.device, args.completion_tokens) if budget and p.on_card > budget else None
+    if args.json:
+        print(json.dumps({"peak_bytes": p.peak, "on_card_bytes": p.on_card, "device": p.device,
+                          "static": {n: b for n, b, _ in p.static}, "phases": {n: b for n, b, _ in p.phases},
+                          "largest_phase": p.peak_phase[0], "fits": None if budget is None else p.on_card <= budget,
+                          "fixes": fixes, "notes": p.notes}, indent=1))
+    else:
+        print(render(p, budget, fixes))
+    return 0 if budget is None or p.on_card <= budget else 1
 
 
 if __name__ == "__main__":

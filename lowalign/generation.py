@@ -95,11 +95,14 @@ class RowSeededSampler:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         t = input_ids.shape[1] - self.prompt_len
-        probs = torch.softmax(self.warp(input_ids, scores).float(), -1)
-        cdf = probs.cumsum(-1)
+        w = self.warp(input_ids, scores).float()
+        # unnormalized cdf = cumsum(exp(w - max)): one [rows, vocab] buffer, exp and cumsum in place
+        cdf = torch.sub(w, w.amax(-1, keepdim=True)).exp_()
+        torch.cumsum(cdf, -1, out=cdf)
         u = self.u[:, t].to(cdf.device, torch.float32)[:, None] * cdf[:, -1:]
         tok = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
-        return torch.full_like(scores, float("-inf")).scatter_(1, tok, 0.0)
+        del cdf, w
+        return scores.fill_(float("-inf")).scatter_(1, tok, 0.0)  # HF hands the processor its own fp32 copy
 
 
 @torch.no_grad()

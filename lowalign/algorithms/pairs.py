@@ -110,11 +110,13 @@ def sequence_logps(bundle, pairs: list[dict]):
 
 
 @torch.no_grad()
-def reference_logps(ctx, pairs: list[dict], batch_size: int = 128) -> torch.Tensor:
+def reference_logps(ctx, pairs: list[dict], batch_size: int | None = None) -> torch.Tensor:
     """Reference log-probs of every pair, (n, 2) [chosen, rejected], cached as safetensors in the run
     directory (or ``train.reference_cache_dir``), keyed by the pairs' text and the *content* of the model,
     tokenizer and starting adapter (``lowalign.models.fingerprint``): a model re-saved at the same path with
-    other weights gets its reference recomputed."""
+    other weights gets its reference recomputed. Computed ``batch_size`` pairs at a time (default: the
+    training batch, which fits by construction: a bigger no-grad batch could be what runs out of memory)."""
+    batch_size = batch_size or getattr(ctx.cfg.train, "batch_size", 0) or 32
     from safetensors.torch import load_file, save_file
 
     from lowalign.models import fingerprint

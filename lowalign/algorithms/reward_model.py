@@ -21,7 +21,7 @@ from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
 from lowalign.losses import LossOutput, bradley_terry_loss, multi_objective_loss, within_prompt_ranking_loss
 from lowalign.preference import ATTRIBUTES, attributes
-from lowalign.runtime import Progress, seed_everything
+from lowalign.runtime import PHASES, Progress, seed_everything
 
 
 def _scores(bundle, name, pairs):
@@ -182,7 +182,7 @@ def train(ctx) -> dict:
             else:
                 pairs = d.shard([data.train[i] for i in pair_batch(data.train, step, tc.batch_size, cfg.seed)])
             n = len(pairs)
-            with bundle.use(name):
+            with bundle.use(name), PHASES.phase("forward_backward"):
                 out = _rating_scores(bundle, name, pairs) if ratings else _scores(bundle, name, pairs)
             if ratings:  # each term is a mean over the whole step's rows / ranked pairs, on any number of ranks
                 target = torch.tensor([r["scores"] for r in pairs]).to(out)
@@ -203,12 +203,14 @@ def train(ctx) -> dict:
                     r = out.detach() @ wt
                     lo.metrics["accuracy"] = (r[:n] > r[n:]).float().mean()
                 lo = LossOutput(lo.loss / d.world, d.mean({k: float(v) for k, v in lo.metrics.items()}))
-            lo.loss.backward()
-            d.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            with PHASES.phase("forward_backward"):
+                lo.loss.backward()
+            with PHASES.phase("optimizer"):
+                d.sync_grads(params)
+                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
             named = {f"mae/{names[int(k[4:])]}" if k.startswith("mae/") else k: v for k, v in lo.metrics.items()}
             m = {"step": step + 1, "loss": d.sum(lo.loss.item()), **{k: float(v) for k, v in named.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}

@@ -1,0 +1,406 @@
+"""`lowalign plan`: will a recipe fit? Its peak memory estimated from ``config.json`` alone (no weights).
+
+The model's shapes come from a skeleton on the meta device (``lowalign.models.skeleton``: exact parameter
+counts per module, any architecture transformers knows); the workload from the recipe's ``train:`` fields
+(rollout batch, micro-batch, pairs, population) and the data's prompt lengths where they can be read without
+the model (a local file or the built-in task, through the run's own tokenizer), else ``data.max_prompt_tokens``.
+
+Peak = what stays for the whole run (base weights by quantization, adapters and heads, their gradients and
+AdamW state, on CPU the Python/torch runtime) + the largest phase (rollout: KV cache and sampling logits;
+scoring: no-grad forwards; training: activations with or without gradient checkpointing plus one fused
+log-prob chunk; reference precompute; evaluation). On a GPU the estimate is of
+``torch.cuda.max_memory_allocated``; the verdict adds the CUDA context and allocator slack that a card also
+has to hold. Constants are per-token activation sizes of a decoder layer and the sampler's copies of the
+``[rows, vocab]`` scores; ``benchmarks/plan_accuracy.py`` compares estimates with measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from lowalign.config import ConfigError
+
+MiB, GiB = 2**20, 2**30
+# RSS of Python + torch + transformers + peft + lowalign (~460 MiB after the imports) plus the workspaces and
+# allocator pools the first forward/backward leaves resident; fitted with benchmarks/plan_accuracy.py on a
+# 2-core x86 CPU (torch 2.13, glibc): the one CPU constant that is measured rather than derived
+CPU_RUNTIME = 570 * MiB
+CUDA_CONTEXT = 600 * MiB  # CUDA context + cuBLAS workspaces: outside max_memory_allocated, inside the card
+ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved-but-unallocated share
+LOGPROB_CHUNK_ELEMENTS = 1 << 23  # kernels/logprobs/reference.py: logits elements per chunk ...
+LOGPROB_MIN_CHUNK = 128  # ... never fewer tokens than this
+SAMPLER_COPIES = 5  # [rows, vocab] fp32 buffers per decoding step (scores, warped, softmax, cdf, mask)
+GREEDY_COPIES = 2
+
+
+@dataclass
+class ModelShape:
+    """Sizes of a causal LM read from its config (parameter counts are exact, from the meta skeleton)."""
+
+    name: str
+    layers: int
+    hidden: int
+    intermediate: int
+    kv_dim: int  # key/value heads x head dim
+    vocab: int
+    linear_params: int  # block linears (what quantization shrinks)
+    embed_params: int
+    head_params: int  # 0 when tied to the embedding
+    other_params: int  # norms, biases
+    lora_params: int  # one adapter of the recipe's rank on its target modules
+    source: str = "config.json"
+
+
+@dataclass
+class Plan:
+    shape: ModelShape
+    device: str
+    static: list[tuple[str, int, str]] = field(default_factory=list)  # (term, bytes, how)
+    phases: list[tuple[str, int, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def peak_phase(self) -> tuple[str, int, str]:
+        return max(self.phases, key=lambda t: t[1]) if self.phases else ("none", 0, "")
+
+    @property
+    def peak(self) -> int:
+        """The estimate of the measured peak: RSS on CPU, ``max_memory_allocated`` on CUDA."""
+        return sum(b for _, b, _ in self.static) + self.peak_phase[1]
+
+    @property
+    def on_card(self) -> int:
+        """What a GPU must hold: the peak plus allocator slack and the CUDA context."""
+        return int(self.peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if self.device == "cuda" else self.peak
+
+
+# ---- model shape -------------------------------------------------------------------------------------------
+
+
+def model_shape(cfg) -> ModelShape:
+    """The recipe's model: its config.json (local directory, builtin, the hub cache, or fetched from the hub:
+    one small file) or, offline, lowalign's catalog of common models."""
+    from lowalign.models import read_config
+
+    m = cfg.model
+    key = (m.name_or_path, str(cfg.lora.target_modules), cfg.lora.r)
+    if key in _SHAPES:  # `suggestions` plans many variants of one recipe
+        return _SHAPES[key]
+    config, source = read_config(m.name_or_path, m.trust_remote_code), "config.json"
+    if config is None:
+        config, source = _remote_or_catalog(m.name_or_path)
+    _SHAPES[key] = _shape_from_config(config, cfg, source)
+    return _SHAPES[key]
+
+
+_SHAPES: dict[tuple, ModelShape] = {}
+
+
+def _remote_or_catalog(name: str):
+    import json
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    try:
+        import os
+        import socket
+
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            raise OSError("HF_HUB_OFFLINE")
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()  # offline: no retry loop
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(name, "config.json")
+        return AutoConfig.from_pretrained(Path(path).parent), "config.json (hub)"
+    except Exception:
+        pass
+    catalog = json.loads((Path(__file__).parent / "assets" / "model_configs.json").read_text())
+    catalog.pop("_about", None)
+    if name not in catalog:
+        raise ConfigError(f"model.name_or_path: no config.json for '{name}' here (not a local directory, not in "
+                          f"the hub cache, hub unreachable) and not in lowalign's catalog ({', '.join(catalog)}); "
+                          "point model.name_or_path at a directory holding its config.json")
+    c = dict(catalog[name])
+    return AutoConfig.for_model(c.pop("model_type"), **c), "lowalign's catalog (config.json unreachable)"
+
+
+def _shape_from_config(config, cfg, source: str) -> ModelShape:
+    import torch
+
+    from lowalign.models import resolve_target_modules, skeleton
+
+    model = skeleton(config, cfg.model.trust_remote_code)
+    targets = resolve_target_modules(model, cfg.lora.target_modules)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is emb.weight
+    linear = lora = 0
+    for name, mod in model.named_modules():
+        if mod is head or not isinstance(mod, torch.nn.Linear):
+            continue
+        linear += mod.weight.numel()
+        if name.rsplit(".", 1)[-1] in targets:
+            lora += cfg.lora.r * (mod.in_features + mod.out_features)
+    total = sum(p.numel() for p in model.parameters())
+    head_n = 0 if tied or head is None else head.weight.numel()
+    tc = config.get_text_config()
+    hidden = tc.hidden_size
+    heads = getattr(tc, "num_attention_heads", 1)
+    head_dim = getattr(tc, "head_dim", None) or hidden // heads
+    kv = (getattr(tc, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(tc, "intermediate_size", None) or 4 * hidden
+    layers = getattr(tc, "num_hidden_layers", None) or getattr(tc, "n_layer", 1)
+    return ModelShape(cfg.model.name_or_path, layers, hidden, inter, kv, emb.num_embeddings, linear,
+                      emb.weight.numel(), head_n, total - linear - emb.weight.numel() - head_n, lora, source)
+
+
+# ---- workload ----------------------------------------------------------------------------------------------
+
+
+def prompt_tokens(cfg) -> tuple[int, str]:
+    """The longest prompt in tokens: measured on the data when that needs no download (built-in task, local
+    files: the run's tokenizer, first 2000 rows), else the bound ``data.max_prompt_tokens``."""
+    from lowalign.models import _local_dir
+
+    d = cfg.data
+    local_model = _local_dir(cfg.model.name_or_path)
+    readable = d.path is not None or d.source.startswith("builtin:")
+    if local_model is None or not readable or d.chat_template:
+        return d.max_prompt_tokens, "data.max_prompt_tokens (bound)"
+    try:
+        from lowalign.api import load_data
+        from lowalign.bundle import load_tokenizer
+
+        tok = load_tokenizer(str(local_model), cfg.model.trust_remote_code)
+        data = load_data(cfg, tok)
+        if data.pairs is not None:
+            rows = [r["prompt"] for r in data.pairs.train[:2000]]
+        elif data.task is not None:
+            rows = [r["prompt"] for r in data.task.train_rows(2000, seed=0)]
+        else:
+            rows = [r["prompt"] for r in data.train_rows[:2000]]
+        n = max(len(tok(r, add_special_tokens=False).input_ids) for r in rows) + 1
+        return min(n, d.max_prompt_tokens), "measured on the data"
+    except Exception as e:  # a plan falls back to the bound; the run itself reports the data's error
+        return d.max_prompt_tokens, f"data.max_prompt_tokens (bound; data not read: {type(e).__name__})"
+
+
+def completion_tokens(cfg, given: int | None) -> tuple[int, str]:
+    tc = cfg.train
+    if given:
+        return given, "--completion-tokens"
+    if hasattr(tc, "max_new_tokens"):
+        return tc.max_new_tokens, "train.max_new_tokens"
+    if cfg.data.path is not None:
+        try:
+            return _longest_completion(cfg), "measured on the data"
+        except Exception:  # unreadable here: the assumption below
+            pass
+    return 256, "assumed 256 (pass --completion-tokens)"
+
+
+def _longest_completion(cfg) -> int:
+    from lowalign.api import load_data
+    from lowalign.bundle import load_tokenizer
+    from lowalign.models import _local_dir
+
+    tok = load_tokenizer(str(_local_dir(cfg.model.name_or_path)), cfg.model.trust_remote_code)
+    data = load_data(cfg, tok)
+    rows = data.pairs.train[:2000]
+    keys = [k for k in ("chosen", "rejected", "completion", "answer") if k in rows[0]]
+    return max(len(tok(str(r[k]), add_special_tokens=False).input_ids) for r in rows for k in keys) + 1
+
+
+# ---- the estimate ------------------------------------------------------------------------------------------
+
+
+def _bytes(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+
+def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int = 1) -> Plan:
+    """The peak-memory estimate of the validated run config ``cfg`` on ``device`` (``cuda`` or ``cpu``)."""
+    from lowalign.algorithms import data_kind
+
+    s = model_shape(cfg)
+    dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    dt = _bytes(dtype)
+    P, p_how = prompt_tokens(cfg)
+    C, c_how = completion_tokens(cfg, completion)
+    tc, q = cfg.train, cfg.model.quantization
+    out = Plan(s, device, notes=[f"model: {s.name} ({s.source}); {s.layers} layers, hidden {s.hidden}, "
+                                 f"vocab {s.vocab}; compute dtype {dtype}",
+                                 f"prompt tokens {P} ({p_how}); completion tokens {C} ({c_how})"])
+    per_linear = {"none": dt, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / max(1, s.hidden)}[q]
+    weights = int(s.linear_params * per_linear) + (s.embed_params + s.head_params + s.other_params) * dt
+    out.static.append(("base weights", weights, f"{s.linear_params / 1e6:.1f}M block-linear params x "
+                       f"{per_linear:.3g} B ({q}) + {(s.embed_params + s.head_params + s.other_params) / 1e6:.1f}M "
+                       f"embedding/head/norm params x {dt} B"))
+
+    kind = data_kind(cfg)
+    names = set(vars(tc)) if tc is not None else set()
+    essa = "population_size" in names
+    n_train = 0 if essa else (2 if "critic" in names and getattr(tc, "critic", "") == "separate" else 1)
+    frozen = sum(1 for r in cfg.rewards if r.adapter) + (1 if cfg.lora.init_from or cfg.reference_soup else 0)
+    head = (s.hidden + 1) * 4 * (("critic" in names) + (cfg.algorithm == "reward_model"))
+    lora = s.lora_params * 4
+    n_adapters = max(1, n_train) + frozen + (1 if essa else 0)  # ESSA also keeps the SVD factors
+    out.static.append(("adapters and heads", lora * n_adapters + head,
+                       f"{s.lora_params / 1e6:.2f}M LoRA params (r={cfg.lora.r}) x 4 B x {n_adapters}"))
+    if n_train:
+        out.static.append(("gradients + AdamW state", (lora * n_train + head) * 3,
+                           "3 x the trainable fp32 params (gradient, exp_avg, exp_avg_sq)"))
+    if device == "cpu":
+        out.static.append(("runtime", CPU_RUNTIME, "Python + torch + transformers + peft resident set (CPU)"))
+
+    def forward_nograd(rows: int, T: int) -> int:  # one layer's temporaries at a time + the output states
+        return rows * T * (s.hidden * 3 + 2 * s.intermediate + 2 * s.kv_dim) * dt + rows * T * s.hidden * dt
+
+    def logprob_chunk(backward: bool) -> int:
+        chunk = max(LOGPROB_MIN_CHUNK, LOGPROB_CHUNK_ELEMENTS // s.vocab)
+        return chunk * s.vocab * 4 * (3 if backward else 2)
+
+    def train_pass(rows: int, T: int, vocab_chunk: bool = True) -> int:
+        per_layer = rows * T * (10 * s.hidden + 4 * s.intermediate + 4 * s.kv_dim) * dt  # saved for backward
+        ckpt = rows * T * s.hidden * dt * s.layers + per_layer
+        acts = ckpt if cfg.model.gradient_checkpointing else per_layer * s.layers
+        return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(True) if vocab_chunk else 0)
+
+    def decode(rows: int, T_total: int, sampled: bool) -> int:
+        kv = 2 * s.layers * s.kv_dim * rows * T_total * dt
+        scores = rows * s.vocab * 4 * (SAMPLER_COPIES if sampled else GREEDY_COPIES) + rows * s.vocab * dt
+        prefill = rows * P * (s.hidden * 5 + 4 * s.intermediate) * dt  # one layer's temporaries, whole prompts
+        return kv + scores + prefill
+
+    ev = cfg.eval
+    if ev.num_examples and kind == "prompts":
+        rows = min(ev.num_examples, ev.batch_size)
+        out.phases.append(("evaluation", decode(rows, P + ev.max_new_tokens, False),
+                           f"greedy decoding of {rows} prompts x {P}+{ev.max_new_tokens} tokens"))
+    if essa:
+        rows = min(tc.population_size * tc.prompts_per_generation // world, tc.eval_batch_rows)
+        out.phases.append(("population", decode(rows, P + C, tc.do_sample),
+                           f"{rows} rows (members x prompts) decoded together, KV cache + [rows, vocab] scores"))
+    elif "num_generations" in names and "prompts_per_step" in names:
+        B = tc.prompts_per_step * tc.num_generations // world
+        T = P + C
+        out.phases.append(("rollout", decode(B, T, True), f"{B} completions x {T} tokens: KV cache + "
+                           f"{SAMPLER_COPIES} [rows, vocab] fp32 sampler buffers"))
+        passes = (1 if getattr(tc, "beta", 0) else 0) + (getattr(tc, "num_iterations", 1) > 1) + ("critic" in names) * 2
+        if passes:
+            out.phases.append(("scoring", forward_nograd(B, T) + logprob_chunk(False),
+                               f"no-grad forwards of all {B} rows ({passes} pass(es): reference/old/value/reward)"))
+        mb = getattr(tc, "micro_batch_size", 0) or B
+        if "critic" in names and not getattr(tc, "micro_batch_size", 0):
+            mb = B * world // tc.num_mini_batches // world or 1
+        out.phases.append(("forward_backward", train_pass(mb, T) * (2 if n_train == 2 else 1),
+                           f"micro-batch of {mb} x {T} tokens, gradient checkpointing "
+                           f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
+    else:
+        bs = getattr(tc, "batch_size", 1) // world
+        rows = 2 * bs if kind in ("preferences",) else bs
+        T = P + C
+        reward_model = cfg.algorithm == "reward_model"
+        vocab = not reward_model or getattr(tc, "likelihood_feature", False)  # a score head reads no logits
+        out.phases.append(("forward_backward", train_pass(rows, T, vocab_chunk=vocab),
+                           f"{rows} sequences x {T} tokens, gradient checkpointing "
+                           f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
+        if getattr(tc, "precompute_ref", False):
+            out.phases.append(("reference", forward_nograd(rows, T) + logprob_chunk(False),
+                               f"reference log-probs precomputed once, {rows} sequences per batch"))
+        elif "beta" in names and kind in ("preferences", "feedback") and cfg.algorithm not in ("orpo", "simpo"):
+            out.phases[-1] = (out.phases[-1][0], out.phases[-1][1] + forward_nograd(rows, T) // 4,
+                              out.phases[-1][2] + " + the reference pass")
+    return out
+
+
+# ---- fitting a budget --------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'8GB', '7.5 GiB', '24g', '12000MB' -> bytes (GB and GiB both mean 2^30: cards are sold in GiB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+    if not m:
+        raise ConfigError(f"--gpu-memory: '{text}' is not a size like 8GB or 24GiB")
+    return int(float(m.group(1)) * {"": GiB, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}[m.group(2)])
+
+
+def suggestions(cfg, budget: int, device: str, completion: int | None) -> list[tuple[str, int]]:
+    """Single changes (as ``key=value`` overrides) that bring the estimate under ``budget``, smallest change
+    first; if none does alone, the first combination that does."""
+    from lowalign.api import config_from_dict
+    from lowalign.config import to_dict
+
+    tc, names = cfg.train, set(vars(cfg.train))
+    cands = []
+    if "micro_batch_size" in names:
+        B = tc.prompts_per_step * tc.num_generations if "num_generations" in names else tc.batch_size
+        mb = tc.micro_batch_size or B
+        cands += [f"train.micro_batch_size={m}" for m in (mb // 2, mb // 4, 2, 1) if 0 < m < mb and B % m == 0]
+    if not cfg.model.gradient_checkpointing:
+        cands.append("model.gradient_checkpointing=true")
+    if cfg.model.quantization == "none" and device == "cuda":
+        cands += ["model.quantization=int8", "model.quantization=nf4"]
+    elif cfg.model.quantization == "int8":
+        cands.append("model.quantization=nf4")
+    if "num_generations" in names and tc.num_generations > 2:
+        cands += [f"train.num_generations={g}" for g in (tc.num_generations // 2, 2) if g >= 2]
+    if "max_new_tokens" in names and tc.max_new_tokens > 64:
+        cands.append(f"train.max_new_tokens={tc.max_new_tokens // 2}")
+    if "batch_size" in names and tc.batch_size > 1 and "micro_batch_size" not in names:
+        cands += [f"train.batch_size={tc.batch_size // 2}", "train.batch_size=1"]
+    if "eval_batch_rows" in names:
+        cands.append(f"train.eval_batch_rows={max(1, tc.eval_batch_rows // 4)}")
+    base = to_dict(cfg)
+
+    def estimate(overrides):
+        try:
+            c = config_from_dict(base, overrides)
+        except ConfigError:
+            return None
+        return plan(c, device=device, completion=completion).on_card
+
+    fits = [(o, e) for o in cands if (e := estimate([o])) is not None and e <= budget]
+    if fits:
+        return fits[:4]
+    combo = []
+    for o in cands:
+        key = o.split("=")[0]
+        combo = [c for c in combo if c.split("=")[0] != key] + [o]
+        e = estimate(combo)
+        if e is not None and e <= budget:
+            return [(" ".join(combo), e)]
+    return []
+
+
+def render(p: Plan, budget: int | None, fixes: list[tuple[str, int]] | None) -> str:
+    lines = [*p.notes, ""]
+    what = "torch.cuda.max_memory_allocated" if p.device == "cuda" else "peak RSS"
+    lines.append(f"estimated peak memory on {p.device} ({what}):")
+    for name, b, how in p.static:
+        lines.append(f"  {name:<26}{b / MiB:>10.0f} MiB   {how}")
+    top = p.peak_phase
+    lines.append("  largest phase (only one phase's transients are alive at a time):")
+    for name, b, how in sorted(p.phases, key=lambda t: -t[1]):
+        mark = " <- peak" if name == top[0] else ""
+        lines.append(f"    {name:<24}{b / MiB:>10.0f} MiB   {how}{mark}")
+    lines.append(f"  {'total':<26}{p.peak / MiB:>10.0f} MiB")
+    terms = [*p.static, top]
+    big = max(terms, key=lambda t: t[1])
+    lines.append(f"largest term: {big[0]} ({big[1] / MiB:.0f} MiB)")
+    if p.device == "cuda":
+        lines.append(f"on the card: {p.on_card / GiB:.2f} GiB (+{ALLOCATOR_SLACK:.0%} allocator slack, "
+                     f"+{CUDA_CONTEXT / MiB:.0f} MiB CUDA context)")
+    if budget is not None:
+        ok = p.on_card <= budget
+        lines.append(f"verdict: {'fits' if ok else 'does NOT fit'} in {budget / GiB:.1f} GiB "
+                     f"({p.on_card / GiB:.2f} GiB needed)")
+        if not ok:
+            if fixes:
+                lines.append("changes that make it fit (estimate on the card):")
+                lines += [f"  {o}   -> {e / GiB:.2f} GiB" for o, e in fixes]
+            else:
+                lines.append("no single change or combination tried here makes it fit: a smaller model, or fewer "
+                             "tokens per step")
+    return "\n".join(lines)

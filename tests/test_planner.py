@@ -1,0 +1,72 @@
+"""`lowalign plan`: a breakdown and a verdict from config.json alone, fixes that really fit, and estimates
+within 25% of measured peaks (CPU RSS here; the same comparison runs on a GPU in benchmarks/plan_accuracy.py)."""
+
+import json
+
+import pytest
+
+from benchmarks import plan_accuracy
+from lowalign.api import load_config
+from lowalign.config import ConfigError
+from lowalign.planner import GiB, MiB, parse_size, plan
+from tests.algorithms.helpers import REPO, cli
+
+
+def test_plan_prints_breakdown_and_verdict_without_weights():
+    p = cli("plan", "recipes/grpo_qwen_gsm8k.yaml", "--gpu-memory", "8GB", env={"HF_HUB_OFFLINE": "1"})
+    out = p.stdout
+    for term in ("base weights", "adapters and heads", "gradients + AdamW state", "forward_backward", "rollout",
+                 "largest term", "verdict: fits in 8.0 GiB"):
+        assert term in out, out
+    assert "Qwen/Qwen2.5-0.5B-Instruct" in out and "nf4" in out
+
+
+def test_too_small_a_card_gets_changes_that_fit():
+    p = cli("plan", "recipes/grpo_qwen_gsm8k.yaml", "--gpu-memory", "2GB", "--json", check=False,
+            env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 1, p.stderr
+    r = json.loads(p.stdout)
+    assert r["fits"] is False and r["on_card_bytes"] > 2 * GiB and r["fixes"]
+    cfg0 = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml")
+    for overrides, est in r["fixes"]:  # each suggestion, planned again, fits
+        cfg = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml", overrides.split())
+        assert plan(cfg).on_card == est <= 2 * GiB
+    assert plan(cfg0).on_card == r["on_card_bytes"]
+
+
+def test_terms_follow_the_config():
+    base = ["model.name_or_path=builtin:tiny", "data.max_prompt_tokens=64"]
+    q = str(REPO / "recipes/grpo_qwen_gsm8k.yaml")
+    nf4, bf16 = (plan(load_config(q, ["model.quantization=" + x])) for x in ("nf4", "none"))
+    w = {p: dict((n, b) for n, b, _ in p.static)["base weights"] for p in (nf4, bf16)}
+    assert 0.4 < w[nf4] / w[bf16] < 0.7  # block linears at ~0.52 B instead of 2; embeddings stay bf16
+    ck, no = (plan(load_config(q, base + [f"model.gradient_checkpointing={x}"]), device="cpu")
+              for x in ("true", "false"))
+    fb = {p: dict((n, b) for n, b, _ in p.phases)["forward_backward"] for p in (ck, no)}
+    assert fb[ck] < fb[no]
+    small = plan(load_config(q, base + ["train.micro_batch_size=4"]), device="cpu")
+    assert dict((n, b) for n, b, _ in small.phases)["forward_backward"] < fb[ck]
+
+
+def test_bad_sizes_and_unknown_models_are_named():
+    assert parse_size("8GB") == 8 * GiB and parse_size("512MiB") == 512 * MiB and parse_size("24g") == 24 * GiB
+    with pytest.raises(ConfigError, match="--gpu-memory"):
+        parse_size("eight")
+    p = cli("plan", "recipes/grpo_tiny.yaml", "model.name_or_path=nobody/unknown-model", check=False,
+            env={"HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 2 and "nobody/unknown-model" in p.stderr and "catalog" in p.stderr
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    w = tmp_path_factory.mktemp("plan")
+    plan_accuracy.prepare(w)
+    return w
+
+
+@pytest.mark.parametrize("setup", ["grpo-tiny", "dpo-tiny", "rm-tiny", "essa-tiny", "grpo-152k", "dpo-152k",
+                                   "rm-152k", "essa-152k"])
+def test_estimate_within_25_percent_of_measured_peak(work, setup):
+    est = plan_accuracy.estimate(setup, work, "cpu").peak
+    measured = plan_accuracy.measure(setup, work)
+    assert abs(est / measured - 1) <= 0.25, (setup, est / MiB, measured / MiB)
