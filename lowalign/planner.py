@@ -364,12 +364,16 @@ def suggestions(cfg, budget: int, device: str, completion: int | None) -> list[t
     fits = [(o, e) for o in cands if (e := estimate([o])) is not None and e <= budget]
     if fits:
         return fits[:4]
-    combo = []
-    for o in cands:
-        key = o.split("=")[0]
-        combo = [c for c in combo if c.split("=")[0] != key] + [o]
-        e = estimate(combo)
-        if e is not None and e <= budget:
+    combo: list[str] = []  # greedy: add the change that lowers the estimate most, until it fits
+    for _ in range(4):
+        tried = [(e, o) for o in cands if o.split("=")[0] not in {c.split("=")[0] for c in combo}
+                 and (e := estimate(combo + [o])) is not None]
+        if not tried:
+            break
+        fitting = [t for t in tried if t[0] <= budget]
+        e, o = max(fitting) if fitting else min(tried)  # the mildest change that fits, else the strongest
+        combo.append(o)
+        if e <= budget:
             return [(" ".join(combo), e)]
     return []
 

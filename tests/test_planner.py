@@ -37,15 +37,17 @@ def test_too_small_a_card_gets_changes_that_fit():
 def test_terms_follow_the_config():
     base = ["model.name_or_path=builtin:tiny", "data.max_prompt_tokens=64"]
     q = str(REPO / "recipes/grpo_qwen_gsm8k.yaml")
+    def term(p, name):
+        return dict((n, b) for n, b, _ in p.static + p.phases)[name]
+
     nf4, bf16 = (plan(load_config(q, ["model.quantization=" + x])) for x in ("nf4", "none"))
-    w = {p: dict((n, b) for n, b, _ in p.static)["base weights"] for p in (nf4, bf16)}
-    assert 0.4 < w[nf4] / w[bf16] < 0.7  # block linears at ~0.52 B instead of 2; embeddings stay bf16
+    # block linears at ~0.52 B instead of 2; embeddings stay bf16
+    assert 0.4 < term(nf4, "base weights") / term(bf16, "base weights") < 0.7
     ck, no = (plan(load_config(q, base + [f"model.gradient_checkpointing={x}"]), device="cpu")
               for x in ("true", "false"))
-    fb = {p: dict((n, b) for n, b, _ in p.phases)["forward_backward"] for p in (ck, no)}
-    assert fb[ck] < fb[no]
+    assert term(ck, "forward_backward") < term(no, "forward_backward")
     small = plan(load_config(q, base + ["train.micro_batch_size=4"]), device="cpu")
-    assert dict((n, b) for n, b, _ in small.phases)["forward_backward"] < fb[ck]
+    assert term(small, "forward_backward") < term(ck, "forward_backward")
 
 
 def test_bad_sizes_and_unknown_models_are_named():
