@@ -1,15 +1,19 @@
 """`lowalign plan`: a breakdown and a verdict from config.json alone, fixes that really fit, and estimates
 within 25% of measured peaks (CPU RSS here; the same comparison runs on a GPU in benchmarks/plan_accuracy.py)."""
 
+import importlib.util
 import json
 
 import pytest
 
-from benchmarks import plan_accuracy
 from lowalign.api import load_config
 from lowalign.config import ConfigError
 from lowalign.planner import GiB, MiB, parse_size, plan
 from tests.algorithms.helpers import REPO, cli
+
+_spec = importlib.util.spec_from_file_location("plan_accuracy", REPO / "benchmarks" / "plan_accuracy.py")
+plan_accuracy = importlib.util.module_from_spec(_spec)  # the benchmark's own setups (benchmarks/ is no package)
+_spec.loader.exec_module(plan_accuracy)
 
 
 def test_plan_prints_breakdown_and_verdict_without_weights():
