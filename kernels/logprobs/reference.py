@@ -22,15 +22,6 @@ Backward, with upstream gradients ``g_lp, g_ent, g_kl`` (N,):
 Tokens are processed in chunks: forward keeps only ``lse`` (plus the outputs); backward recomputes each
 chunk's logits. Weight-side gradients are only computed (and their ``V x d`` buffers only allocated)
 when the corresponding input requires grad.
-
-When only ``H`` needs a gradient (a frozen head: the usual LoRA setup), the forward also stores the
-derivative of each token's log-prob with respect to its hidden state,
-
-    D      = dlogp/dH = (dX of g = 1, no entropy) W + s (dX B) A       # (N, d), from the chunk in hand
-
-so the backward is ``dH = g D`` when no entropy gradient arrives: two ``N x d x V`` matmuls per training
-pass instead of three (the backward recompute of the logits is skipped), for ``N x d`` more memory.
-An entropy gradient falls back to the recompute above.
 """
 
 from __future__ import annotations
@@ -120,28 +111,17 @@ class ChunkedLogProbs(torch.autograd.Function):
         lse = torch.empty(N, device=dev, dtype=torch.float32)
         logps = torch.empty_like(lse)
         ent = torch.zeros_like(lse)
-        # only H needs a gradient: store D = dlogp/dH now, while the chunk's logits are in hand
-        need = ctx.needs_input_grad
-        direct = need[0] and not any(need[1:5])
-        dlogp_dh = torch.empty_like(hidden) if direct else None
         with torch.no_grad():
             for s in range(0, N, chunk_size):
                 e = min(N, s + chunk_size)
-                z, u = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
+                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
                 m = torch.logsumexp(z, dim=-1)  # (c,)
                 lse[s:e] = m
                 logps[s:e] = z.gather(-1, targets[s:e, None].long()).squeeze(-1) - m
                 if with_entropy:  # ent = lse - sum_j p_j z_j: two extra passes over the chunk, only on request
                     ent[s:e] = m - (torch.softmax(z, dim=-1) * z).sum(-1)
-                if direct:  # dz = 1[j = y] - p_j for g = 1, then dX and dH as in the backward
-                    dcap = None if not softcap else 1.0 - (z * (temperature / softcap)) ** 2
-                    dz = z.sub_(m[:, None]).exp_().neg_()  # in place: z is not needed any more
-                    dz.scatter_add_(-1, targets[s:e, None].long(), torch.ones_like(m)[:, None])
-                    dlogp_dh[s:e] = _head_input_grad(dz, u, weight, lora_a, lora_b, lora_scale, temperature, dcap,
-                                                     hidden.dtype)
         kl = (kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None
               else torch.zeros_like(logps))
-        ctx.dlogp_dh = dlogp_dh
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent)
         ctx.cfg = (lora_scale, temperature, kl_estimator, chunk_size, softcap)
         ctx.with_entropy = with_entropy
@@ -156,10 +136,6 @@ class ChunkedLogProbs(torch.autograd.Function):
         if g_kl is not None and ref_logps is not None:
             g = g + g_kl.float() * _dkl_dlogp(logps, ref_logps.float(), estimator)
         g_ent = None if g_ent is None or not ctx.with_entropy or not torch.any(g_ent != 0) else g_ent.float()
-        if ctx.dlogp_dh is not None and g_ent is None:  # dH = g D: no recompute
-            dh = (ctx.dlogp_dh.float() * g[:, None]).to(hidden.dtype)
-            ctx.dlogp_dh = None
-            return (dh, None, None, None, None, None, None, None, None, None, None, None, None)
 
         grads = HeadGrads(hidden, weight, bias, lora_a, lora_b, scale, ctx.needs_input_grad[:5])
         for s in range(0, N, chunk):
@@ -177,19 +153,6 @@ class ChunkedLogProbs(torch.autograd.Function):
             dz.scatter_add_(-1, targets[s:e, None].long(), g[s:e, None])  # + g at the target
             grads.add(dz, s, e, u, temperature, dcap)
         return (*grads.result(), None, None, None, None, None, None, None, None)
-
-
-def _head_input_grad(dz, u, weight, lora_a, lora_b, scale, temperature, dcap, dtype):
-    """dH of one chunk from dz (c, V) fp32 (modified in place): dX = dz / T (* dcap), dH = dX W + s (dX B) A."""
-    if temperature != 1.0:
-        dz /= temperature
-    if dcap is not None:
-        dz *= dcap
-    dzc = dz.to(weight.dtype)
-    dh = dzc @ weight
-    if lora_a is not None:
-        dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
-    return dh.to(dtype)
 
 
 class HeadGrads:
@@ -214,14 +177,16 @@ class HeadGrads:
     def add(self, dz, s, e, u, temperature, dcap):
         """Rows ``s:e``: dz (c, V) fp32 (modified in place), u = H A^T of the chunk (or None)."""
         h, weight, lora_a, lora_b, scale = self.hidden[s:e], self.weight, self.lora_a, self.lora_b, self.scale
-        if self.dH is not None:  # scales dz in place to dX
-            self.dH[s:e] = _head_input_grad(dz, u, weight, lora_a, lora_b, scale, temperature, dcap,
-                                            self.hidden.dtype)
-        else:
-            if temperature != 1.0:
-                dz /= temperature
-            if dcap is not None:
-                dz *= dcap
+        if temperature != 1.0:
+            dz /= temperature
+        if dcap is not None:
+            dz *= dcap
+        dzc = dz.to(weight.dtype)
+        if self.dH is not None:
+            dh = dzc @ weight
+            if lora_a is not None:
+                dh = dh + scale * ((dzc @ lora_b.to(dzc.dtype)) @ lora_a.to(dzc.dtype))
+            self.dH[s:e] = dh.to(self.hidden.dtype)
         if self.dW is not None:
             self.dW.addmm_(dz.T, h.float())  # accumulate in place: no V x d temporary per chunk
         if self.db is not None:
