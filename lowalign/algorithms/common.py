@@ -41,6 +41,20 @@ def make_optimizer(params, oc, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def optimizer_step(dist, params, opt, sched, max_grad_norm: float) -> torch.Tensor:
+    """The end of every update: gradients summed over torchrun ranks, clipped (0: no clipping), the optimizer
+    and (when given) the schedule stepped, gradients cleared; the ``optimizer`` phase of ``--profile-memory``.
+    Returns the gradient norm before clipping."""
+    with PHASES.phase("optimizer"):
+        dist.sync_grads(params)
+        gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
+        opt.step()
+        if sched is not None:
+            sched.step()
+        opt.zero_grad(set_to_none=True)
+    return gn
+
+
 def reward_sources(ctx):
     """The run's weighted reward sources; each learned reward (``rewards: [{adapter, path}]``) becomes one
     more frozen adapter + head on the same base first."""

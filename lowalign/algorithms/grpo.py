@@ -28,6 +28,7 @@ from lowalign.algorithms.common import (
     end_step,
     finish,
     make_optimizer,
+    optimizer_step,
     reward_sources,
     start_or_resume,
     step_seed,
@@ -155,12 +156,7 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
                     (out.loss * scale).backward()
                 for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                     agg[k] = agg.get(k, 0.0) + float(v) * (sl.stop - sl.start) / B / tc.num_iterations
-            with PHASES.phase("optimizer"):
-                d.sync_grads(params)
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(d, params, opt, sched, tc.optim.max_grad_norm)
 
     t_step = time.time() - t0
     m = {"step": step + 1, **reward_metrics(d, rb, G), **d.mean({**agg, **est_metrics}),

@@ -20,6 +20,7 @@ from lowalign.algorithms.common import (
     evaluate,
     finish,
     make_optimizer,
+    optimizer_step,
     start_or_resume,
     step_seed,
 )
@@ -214,12 +215,7 @@ def train_preference(ctx, desc: str, objective: Callable[[PreferenceData], Prefe
             with bundle.use(POLICY), PHASES.phase("forward_backward"):
                 out = obj.loss([data.train[i] for i in idx], idx)
                 (out.loss / d.world).backward()  # a mean over 1/world of the batch; ranks' gradients add up
-            with PHASES.phase("optimizer"):
-                d.sync_grads(params)
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(d, params, opt, sched, tc.optim.max_grad_norm)
             m = {"step": step + 1, **d.mean({"loss": out.loss.item(), **{k: float(v) for k, v in out.metrics.items()}}),
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0], "time/step_s": round(time.time() - t0, 3)}
             end_step(ctx, tc, step + 1, m, bar, [POLICY], baseline, opt, sched, evaluate_fn=evaluate_fn)

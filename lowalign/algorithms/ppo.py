@@ -32,6 +32,7 @@ from lowalign.algorithms.common import (
     end_step,
     finish,
     make_optimizer,
+    optimizer_step,
     reward_sources,
     start_or_resume,
     step_seed,
@@ -237,11 +238,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
                 w = float(cmask[rows_].sum() / n_tokens.clamp(min=1.0)) / n_updates  # token share of the update
                 for k in keys:  # the losses are token sums over the minibatch's count already
                     agg[k] += float(getattr(out, k).detach()) * (1.0 if k.endswith("loss") else w)
-            with PHASES.phase("optimizer"):
-                d.sync_grads(params)
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(d, params, opt, None, tc.optim.max_grad_norm)
     sched.step()
     agg = {k: d.sum(v) for k, v in agg.items()}
     for k in ("loss", "policy_loss", "value_loss"):  # sums of minibatch means: the mean over updates

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import POLICY
+from lowalign.algorithms.common import POLICY, optimizer_step
 from lowalign.algorithms.configs import SamplingConfig
 from lowalign.algorithms.grpo import completion_logprobs, reward_metrics, sample_and_score, train_rollouts
 from lowalign.config import ConfigError, F
@@ -65,10 +65,7 @@ def filter_step(ctx, step: int, opt, sched, rewards) -> dict:
                     (out.loss * w).backward()
                     for k, v in {"loss": out.loss.detach(), **out.metrics}.items():
                         agg[k] = agg.get(k, 0.0) + float(v * w) / tc.sft_epochs
-                d.sync_grads(params)
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                gn = optimizer_step(d, params, opt, None, tc.optim.max_grad_norm)
         agg = {k: d.sum(agg.get(k, 0.0)) for k in ("loss", "nll", "kl")}  # token-weighted: they add up
         m.update(agg, grad_norm=float(gn), completion_length=d.sum(cmask.sum().item()) / K_all)
     sched.step()  # one schedule step per training step, kept or not, so resume and the schedule agree

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from lowalign.algorithms import register
-from lowalign.algorithms.common import end_step, finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import end_step, finish, make_optimizer, optimizer_step, start_or_resume, step_seed
 from lowalign.algorithms.configs import RewardModelConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
@@ -205,12 +205,7 @@ def train(ctx) -> dict:
                 lo = LossOutput(lo.loss / d.world, d.mean({k: float(v) for k, v in lo.metrics.items()}))
             with PHASES.phase("forward_backward"):
                 lo.loss.backward()
-            with PHASES.phase("optimizer"):
-                d.sync_grads(params)
-                gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(d, params, opt, sched, tc.optim.max_grad_norm)
             named = {f"mae/{names[int(k[4:])]}" if k.startswith("mae/") else k: v for k, v in lo.metrics.items()}
             m = {"step": step + 1, "loss": d.sum(lo.loss.item()), **{k: float(v) for k, v in named.items()},
                  "grad_norm": float(gn), "lr": sched.get_last_lr()[0]}

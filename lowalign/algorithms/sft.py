@@ -3,10 +3,16 @@
 
 from __future__ import annotations
 
-import torch
-
 from lowalign.algorithms import register
-from lowalign.algorithms.common import add_policy, end_step, finish, make_optimizer, start_or_resume, step_seed
+from lowalign.algorithms.common import (
+    add_policy,
+    end_step,
+    finish,
+    make_optimizer,
+    optimizer_step,
+    start_or_resume,
+    step_seed,
+)
 from lowalign.algorithms.configs import SFTConfig
 from lowalign.generation import encode_completions
 from lowalign.logprobs import token_logprobs
@@ -44,11 +50,7 @@ def train(ctx) -> dict:
             n_tokens = d.sum(m.sum()).clamp(min=1.0)  # the token mean is over every rank's answer tokens
             loss = -(lp * m).sum() / n_tokens
             loss.backward()
-            d.sync_grads(params)
-            gn = torch.nn.utils.clip_grad_norm_(params, tc.optim.max_grad_norm or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+            gn = optimizer_step(d, params, opt, sched, tc.optim.max_grad_norm)
             hits = ((lp.detach() > -0.6931).float() * m).sum() / n_tokens  # p > 1/2
             metrics = {"step": step + 1, "loss": d.sum(loss.item()), "grad_norm": float(gn),
                        "lr": sched.get_last_lr()[0], "token_acc": d.sum(hits.item())}
