@@ -85,11 +85,9 @@ def prepare(work: Path, args) -> None:
 
 
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    from lowalign.runtime import proc_status
+
+    return proc_status(key)
 
 
 def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool = True) -> dict:

@@ -377,7 +377,8 @@ def peak_memory_bytes(device: torch.device) -> int:
     return max(peak, PHASES.overall)
 
 
-def _proc_status(key: str) -> int:
+def proc_status(key: str) -> int:
+    """A field of /proc/self/status in bytes (VmRSS: resident now, VmHWM: peak since the last reset)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
@@ -412,12 +413,12 @@ class MemoryPhases:
         self.enabled = False
 
     def _now(self) -> int:
-        return int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else _proc_status("VmRSS")
+        return int(torch.cuda.memory_allocated(self.device)) if self.device.type == "cuda" else proc_status("VmRSS")
 
     def _peak(self) -> int:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _proc_status("VmHWM")
+        return proc_status("VmHWM")
 
     def _reset(self) -> None:
         if self.device.type == "cuda":
