@@ -293,7 +293,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
                                f"no-grad forwards of all {B} rows ({passes} pass(es): reference/old/value/reward)"))
         mb = getattr(tc, "micro_batch_size", 0) or B
         if "critic" in names and not getattr(tc, "micro_batch_size", 0):
-            mb = B * world // tc.num_mini_batches // world or 1
+            mb = max(1, B // tc.num_mini_batches)  # this rank's rows of one PPO minibatch
         out.phases.append(("forward_backward", train_pass(mb, T) * (2 if n_train == 2 else 1),
                            f"micro-batch of {mb} x {T} tokens, gradient checkpointing "
                            f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
