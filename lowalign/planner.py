@@ -158,32 +158,55 @@ def _shape_from_config(config, cfg, source: str) -> ModelShape:
 # ---- workload ----------------------------------------------------------------------------------------------
 
 
-def prompt_tokens(cfg) -> tuple[int, str]:
-    """The longest prompt in tokens: measured on the data when that needs no download (built-in task, local
-    files: the run's tokenizer, first 2000 rows), else the bound ``data.max_prompt_tokens``."""
+def data_lengths(cfg) -> tuple[int, int | None] | str:
+    """(longest prompt, longest preference completion or None) in tokens, measured on the data when that needs
+    no download (built-in task, local files: the run's tokenizer, first 2000 rows); else why not. Read once
+    per model and data config: ``suggestions`` plans many variants of one recipe."""
     from lowalign.models import _local_dir
 
     d = cfg.data
+    key = (cfg.model.name_or_path, repr(d), cfg.algorithm)
+    if key in _LENGTHS:
+        return _LENGTHS[key]
     local_model = _local_dir(cfg.model.name_or_path)
     readable = d.path is not None or d.source.startswith("builtin:")
     if local_model is None or not readable or d.chat_template:
-        return d.max_prompt_tokens, "data.max_prompt_tokens (bound)"
+        _LENGTHS[key] = "bound"
+        return _LENGTHS[key]
     try:
         from lowalign.api import load_data
         from lowalign.bundle import load_tokenizer
 
         tok = load_tokenizer(str(local_model), cfg.model.trust_remote_code)
         data = load_data(cfg, tok)
+
+        def longest(texts):
+            return max(len(tok(str(t), add_special_tokens=False).input_ids) for t in texts) + 1
+
+        completion = None
         if data.pairs is not None:
-            rows = [r["prompt"] for r in data.pairs.train[:2000]]
+            rows = data.pairs.train[:2000]
+            keys = [k for k in ("chosen", "rejected", "completion", "answer") if k in rows[0]]
+            completion = longest(r[k] for r in rows for k in keys)
         elif data.task is not None:
-            rows = [r["prompt"] for r in data.task.train_rows(2000, seed=0)]
+            rows = data.task.train_rows(2000, seed=0)
         else:
-            rows = [r["prompt"] for r in data.train_rows[:2000]]
-        n = max(len(tok(r, add_special_tokens=False).input_ids) for r in rows) + 1
-        return min(n, d.max_prompt_tokens), "measured on the data"
+            rows = data.train_rows[:2000]
+        _LENGTHS[key] = (longest(r["prompt"] for r in rows), completion)
     except Exception as e:  # a plan falls back to the bound; the run itself reports the data's error
-        return d.max_prompt_tokens, f"data.max_prompt_tokens (bound; data not read: {type(e).__name__})"
+        _LENGTHS[key] = f"bound; data not read: {type(e).__name__}"
+    return _LENGTHS[key]
+
+
+_LENGTHS: dict[tuple, tuple[int, int | None] | str] = {}
+
+
+def prompt_tokens(cfg) -> tuple[int, str]:
+    """The longest prompt in tokens (:func:`data_lengths`), else the bound ``data.max_prompt_tokens``."""
+    m = data_lengths(cfg)
+    if isinstance(m, str):
+        return cfg.data.max_prompt_tokens, f"data.max_prompt_tokens ({m})"
+    return min(m[0], cfg.data.max_prompt_tokens), "measured on the data"
 
 
 def completion_tokens(cfg, given: int | None) -> tuple[int, str]:
@@ -192,24 +215,10 @@ def completion_tokens(cfg, given: int | None) -> tuple[int, str]:
         return given, "--completion-tokens"
     if hasattr(tc, "max_new_tokens"):
         return tc.max_new_tokens, "train.max_new_tokens"
-    if cfg.data.path is not None:
-        try:
-            return _longest_completion(cfg), "measured on the data"
-        except Exception:  # unreadable here: the assumption below
-            pass
+    m = data_lengths(cfg) if cfg.data.path is not None else "no data file"
+    if not isinstance(m, str) and m[1] is not None:
+        return m[1], "measured on the data"
     return 256, "assumed 256 (pass --completion-tokens)"
-
-
-def _longest_completion(cfg) -> int:
-    from lowalign.api import load_data
-    from lowalign.bundle import load_tokenizer
-    from lowalign.models import _local_dir
-
-    tok = load_tokenizer(str(_local_dir(cfg.model.name_or_path)), cfg.model.trust_remote_code)
-    data = load_data(cfg, tok)
-    rows = data.pairs.train[:2000]
-    keys = [k for k in ("chosen", "rejected", "completion", "answer") if k in rows[0]]
-    return max(len(tok(str(r[k]), add_special_tokens=False).input_ids) for r in rows for k in keys) + 1
 
 
 # ---- the estimate ------------------------------------------------------------------------------------------
