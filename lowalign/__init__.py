@@ -13,4 +13,21 @@ def run(config, overrides=None, **kw):
     return _run(config, overrides, **kw)
 
 
-__all__ = ["run", "__version__"]
+def complete(model, prompts, **kw):
+    """Completions of ``prompts`` from ``model``, optionally with a run's trained adapter
+    (``adapter=RUN_DIR``); see :func:`lowalign.api.complete`."""
+    from lowalign.api import complete as _complete
+
+    return _complete(model, prompts, **kw)
+
+
+def write_report(run_dirs, out=None, **kw):
+    """PNG plots and ``report.md`` of one run directory or several overlaid; returns the report's path
+    (see :func:`lowalign.report.write_report`)."""
+    from lowalign.report import write_report as _write
+
+    return _write([run_dirs] if isinstance(run_dirs, (str, bytes)) or hasattr(run_dirs, "is_dir")
+                        else run_dirs, out, **kw)
+
+
+__all__ = ["run", "complete", "write_report", "__version__"]

@@ -43,6 +43,7 @@ def check_config(cfg: C.RunConfig) -> None:
     targets: ``auto`` is resolved here, in place). Runs before any model loads or any directory is created."""
     from lowalign.models import check_model
     from lowalign.rewards import import_reward
+    from lowalign.trackers import check_backends
 
     for i, r in enumerate(cfg.rewards):
         if r.fn is not None:
@@ -59,6 +60,7 @@ def check_config(cfg: C.RunConfig) -> None:
         algo.check(cfg)
     _check_soup(cfg.reference_soup)
     _check_reward_attributes(cfg.rewards)
+    check_backends(cfg.logging)
     check_model(cfg)
 
 
@@ -239,6 +241,10 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         if dist.main:
             lock.acquire(console)
         run_dir.write_config(C.to_dict(cfg))
+        if dist.main:
+            from lowalign.trackers import open_trackers
+
+            run_dir.trackers = open_trackers(cfg.logging, out, C.to_dict(cfg))
         ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console, dist=dist)
         summary = algo.train(ctx)
         if dist.world > 1:
@@ -246,6 +252,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
             summary["ranks_identical"] = _ranks_identical(bundle, dist)
     except BaseException:
         PHASES.stop()
+        for t in run_dir.trackers:
+            t.close()
         lock.release()
         if fresh and dist.main and not run_dir.metrics_path.exists():  # a failed start leaves nothing behind
             import shutil
@@ -262,9 +270,61 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         summary["cuda_allocated_bytes"] = int(torch.cuda.memory_allocated(bundle.device))
     summary["output_dir"] = str(out)
     run_dir.write_json("summary.json", summary)
+    for t in run_dir.trackers:
+        t.finish(summary)
     lock.release()
     print_summary(console, summary)
+    if cfg.logging.report and dist.main:
+        _write_report(console, out)
     return summary
+
+
+def _write_report(console, out: Path) -> None:
+    """``<run>/report``: the run is saved already, so a report that cannot be drawn is a warning, not a
+    failed run (``lowalign report`` draws it again)."""
+    from lowalign.report import write_report
+
+    try:
+        path = write_report([out])
+    except Exception as e:  # noqa: BLE001 (the run's results are on disk; say what failed and go on)
+        console.print(f"[yellow]report: could not write it ({type(e).__name__}: {e}); the run's results are "
+                      f"saved: `lowalign report {out}` retries[/]")
+        return
+    console.print(f"report: {path}")
+
+
+def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: int = 1, temperature: float = 1.0,
+             max_new_tokens: int = 16, seed: int = 0, quantization: str = "none",
+             device: str = "auto") -> list[list[str]]:
+    """``n`` completions of each prompt from ``model`` (a hub id, local directory or builtin), with a trained
+    policy adapter when ``adapter`` names one (a run directory, or a saved PEFT adapter folder); greedy at
+    ``temperature=0``. Loads the model on each call: for looking at a few completions in a notebook."""
+    import json
+
+    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
+    from lowalign.generation import generate
+
+    mc = C.build(C.ModelConfig, {"name_or_path": model, "quantization": quantization, "device": device}, "model")
+    adir = None
+    if adapter is not None:
+        adir = next((d for d in (Path(adapter) / "adapters" / "policy", Path(adapter))
+                     if (d / "adapter_config.json").exists()), None)
+        if adir is None:
+            raise C.ConfigError(f"adapter: no saved adapter (adapter_config.json) in {adapter} or its adapters/policy")
+    if n < 1 or temperature < 0:
+        raise C.ConfigError("n must be >= 1 and temperature >= 0")
+    bundle = ModelBundle.load(mc, tokenizer=load_tokenizer(resolve_path(model), False))
+    role = "reference"
+    if adir is not None:
+        ac = json.loads((adir / "adapter_config.json").read_text())
+        lora = C.LoraConfig(r=ac["r"], alpha=ac["lora_alpha"], target_modules=sorted(ac["target_modules"]))
+        bundle.add_adapter("policy", lora, init_from=str(adir))
+        role = "policy"
+    seed_everything(seed)
+    with bundle.use(role), bundle.eval_mode():
+        texts = generate(bundle, list(prompts), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                         temperature=temperature or 1.0, num_generations=n).texts
+    return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def _broadcast_text(text: str) -> str:
@@ -315,4 +375,4 @@ def print_summary(console, summary: dict) -> None:
         console.print("peak memory by phase (MiB): " + ", ".join(
             f"{k} {v:.0f}" for k, v in sorted(phases["peak_mib"].items(), key=lambda kv: -kv[1]))
             + f"; after load {phases['after_load_mib']:.0f}")
-    console.print(f"summary: {summary['output_dir']}/summary.json")
+    console.print(f"run directory: {summary['output_dir']} (summary.json, metrics.jsonl, adapters/)")

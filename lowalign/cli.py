@@ -1,4 +1,4 @@
-"""`lowalign run | validate | bon | ls | cp`: the command-line recipe runner."""
+"""`lowalign run | validate | plan | bon | report | ls | cp`: the command-line recipe runner."""
 
 from __future__ import annotations
 
@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--completion-tokens", type=int, default=None,
                     help="completion length for preference data when it cannot be measured")
     pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    rp = sub.add_parser("report", help="PNG plots and report.md of one run directory, or several overlaid")
+    rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rp.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/report for one run, "
+                                                "runs/compare-<time> for several)")
+    rp.add_argument("--samples", type=int, default=5, help="sample completions shown per run")
     sub.add_parser("ls", help="list the built-in recipes")
     c = sub.add_parser("cp", help="copy a built-in recipe to edit it")
     c.add_argument("name")
@@ -107,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "plan":
             return _plan(args)
+        if args.cmd == "report":
+            from lowalign.report import write_report
+
+            print(f"report: {write_report(args.run_dirs, args.out, args.samples)}")
+            return 0
         if args.cmd == "bon":
             from lowalign.bon import best_of_n
 
@@ -125,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         import errno
 
         from lowalign.data import DataError
+        from lowalign.report import ReportError
         from lowalign.rewards import RewardError
         from lowalign.runtime import CheckpointError, RunLockedError
 
-        if isinstance(e, (DataError, RewardError, CheckpointError, RunLockedError)):
+        if isinstance(e, (DataError, RewardError, CheckpointError, RunLockedError, ReportError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):

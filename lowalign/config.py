@@ -126,6 +126,22 @@ class RewardSpec:
               "default: the weights it was trained with). Each attribute is logged as rewards/<name>/<attribute>.")
 
 
+LOGGING_BACKENDS = ("jsonl", "tensorboard", "wandb")
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[str] = F(factory=lambda: ["jsonl"], help=(
+        "Where step metrics go: jsonl (<run>/metrics.jsonl; always written, resume and reports read it), "
+        "tensorboard (event files in <run>/tensorboard; needs the tensorboard package) and wandb (Weights & "
+        "Biases, in <run>/wandb; needs the wandb package; offline unless wandb_mode: online)."))
+    wandb_project: str = F("lowalign", "Weights & Biases project name.")
+    wandb_mode: Literal["offline", "online"] = F(
+        "offline", "offline: wandb writes <run>/wandb only (`wandb sync` uploads it later); online: streams.")
+    report: bool = F(True, "When the run ends, write <run>/report/report.md and its PNG plots (what `lowalign "
+                           "report RUN_DIR` writes).")
+
+
 @dataclass
 class RunConfig:
     algorithm: str = F("grpo", "Which algorithm runs this recipe (see `lowalign ls`).")
@@ -142,6 +158,7 @@ class RunConfig:
     data: DataConfig = F(factory=DataConfig, help="Training/evaluation data.")
     eval: EvalConfig = F(factory=EvalConfig, help="Held-out evaluation.")
     rewards: list[RewardSpec] = F(factory=list, help="Reward sources combined by weighted sum.")
+    logging: LoggingConfig = F(factory=LoggingConfig, help="Metric backends and the end-of-run report.")
     reference: Literal["auto", "base", "init", "soup"] = F(
         "auto", "The KL/DPO reference: base (the base model, adapters off), init (a frozen copy of the "
         "starting adapter lora.init_from, on the same base) or soup (the element-wise average of the adapters "
@@ -382,6 +399,11 @@ def _check_semantics(cfg: RunConfig) -> None:
         if r.attribute_weights is not None and r.adapter is None:
             raise ConfigError(f"rewards[{i}].attribute_weights: weighs the outputs of a learned multi-attribute "
                               "reward adapter; this source is a function")
+    for i, b in enumerate(cfg.logging.backends):
+        if b not in LOGGING_BACKENDS:
+            raise ConfigError(f"logging.backends[{i}]: unknown backend '{b}'.{_suggest(b, LOGGING_BACKENDS)}")
+    if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
+        raise ConfigError(f"logging.backends: {cfg.logging.backends} names a backend twice")
     if cfg.reference == "init" and not cfg.lora.init_from:
         raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from")
     if (cfg.reference == "soup") != bool(cfg.reference_soup):

@@ -41,11 +41,11 @@ def heldout_eval(bundle, rows: list[dict], *, checker=None, rewards=None, batch_
     if rewards is not None and rows:
         rb = rewards([r["prompt"] for r in rows], texts, row_columns(rows))
         totals = rb.total
-        out["reward"] = rb.total.mean().item()
-        out.update({f"reward/{k}": v.mean().item() for k, v in rb.parts.items()})
+        out["reward"] = round(rb.total.mean().item(), 6)  # a mean of float32 rewards: 6 decimals are all it has
+        out.update({f"reward/{k}": round(v.mean().item(), 6) for k, v in rb.parts.items()})
         if sampled:
             rs = rewards([r["prompt"] for r in rows for _ in range(sampled)], sampled_texts, row_columns(rows, sampled))
-            out["reward_sampled"] = rs.total.mean().item()
+            out["reward_sampled"] = round(rs.total.mean().item(), 6)
     samples = []
     for i, (r, t) in enumerate(zip(rows[:n_samples], texts)):
         s = {"prompt": r["prompt"], "completion": t}

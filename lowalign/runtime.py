@@ -56,11 +56,13 @@ def _jsonable(v):
 class RunDir:
     """``output_dir`` with config.yaml, metrics.jsonl, summary.json, adapters/, checkpoints/.
 
-    ``writer=False`` (the ranks after 0 of a multi-process run) reads the same directory and writes nothing."""
+    ``writer=False`` (the ranks after 0 of a multi-process run) reads the same directory and writes nothing.
+    ``trackers`` (TensorBoard, wandb: :mod:`lowalign.trackers`) receive every row logged and every rewind."""
 
     def __init__(self, path: str | Path, writer: bool = True):
         self.path = Path(path)
         self.writer = writer
+        self.trackers: list = []
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.path / "metrics.jsonl"
@@ -81,9 +83,16 @@ class RunDir:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+        if self.trackers and "step" in row:
+            from lowalign.trackers import scalars
+
+            for t in self.trackers:
+                t.log(int(row["step"]), scalars(row))
 
     def truncate_metrics(self, max_step: int) -> None:
         """Drop rows past ``max_step`` (rows a killed run wrote after its last checkpoint)."""
+        for t in self.trackers if self.writer else []:
+            t.rewind(max_step)
         if not self.writer or not self.metrics_path.exists():
             return
         keep = [ln for ln in self.metrics_path.read_text().splitlines()
@@ -483,7 +492,7 @@ class Progress:
         self.console = Console(stderr=True, quiet=os.environ.get("RANK", "0") != "0")  # torchrun: rank 0 shows it
         self.fields, self.total, self.every, self.t0 = fields, total, every, time.time()
         self.tty = self.console.is_terminal and not self.console.quiet
-        self.done = start
+        self.done = self.start = start
         self._bar = RichProgress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"),
                                  TimeRemainingColumn(), console=self.console, disable=not self.tty)
@@ -497,9 +506,13 @@ class Progress:
         self._bar.__exit__(*exc)
 
     def update(self, step: int, metrics: dict) -> None:
-        info = "  ".join(f"{k.split('/')[-1]} {_jsonable(metrics[k]):.3g}" for k in self.fields if k in metrics)
+        info = "  ".join(f"{k.removeprefix('rewards/')} {_jsonable(metrics[k]):.3g}" for k in self.fields
+                         if k in metrics)
         self._bar.update(self._task, completed=step, info=info)
-        self.done = step
         if not self.tty and (step % self.every == 0 or step == self.total):
             el = time.time() - self.t0
-            self.console.print(f"step {step}/{self.total}  {info}  [{el:.0f}s]", highlight=False)
+            rate = el / max(1, step - self.start)
+            eta = f", eta {rate * (self.total - step):.0f}s" if step < self.total else ""
+            self.console.print(f"step {step}/{self.total}  {info}  [{el:.0f}s, {rate:.2f} s/step{eta}]",
+                               highlight=False, soft_wrap=True)  # one line per report in a log file
+        self.done = step

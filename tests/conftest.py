@@ -5,6 +5,10 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The CLI runs and notebook kernels the tests start: one intra-op thread each. Two test workers on two cores with
+# two OpenMP threads per run spin-wait on each other (a notebook measured 5x slower than alone). This process
+# imported torch above its own thread count, set below.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 if not torch.cuda.is_available():  # Triton kernels run under the interpreter on CPU-only machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
