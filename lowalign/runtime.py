@@ -508,10 +508,10 @@ class Progress:
     def update(self, step: int, metrics: dict) -> None:
         info = "  ".join(f"{k.removeprefix('rewards/')} {_jsonable(metrics[k]):.3g}" for k in self.fields
                          if k in metrics)
-        self._bar.update(self._task, completed=step, info=info)
+        rate = (time.time() - self.t0) / max(1, step - self.start)
+        self._bar.update(self._task, completed=step, info=f"{info}  {rate:.2f} s/step")
         if not self.tty and (step % self.every == 0 or step == self.total):
             el = time.time() - self.t0
-            rate = el / max(1, step - self.start)
             eta = f", eta {rate * (self.total - step):.0f}s" if step < self.total else ""
             self.console.print(f"step {step}/{self.total}  {info}  [{el:.0f}s, {rate:.2f} s/step{eta}]",
                                highlight=False, soft_wrap=True)  # one line per report in a log file
