@@ -47,3 +47,18 @@ def test_grpo_and_dpo_runs_report_phases(tmp_path):
         assert all(r.get("memory/forward_backward_mib", 0) > 0 for r in rows)
     assert "time/objective_setup_s" in summary(d)
     assert PHASES.enabled is False and peak_memory_bytes(torch.device("cpu")) > 0
+
+
+def test_cpu_peak_is_the_runs_own_not_its_large_parents():
+    """A run started by a large process (a test worker, a notebook kernel) reports its own peak: Linux carries
+    ru_maxrss over from the parent at fork, VmHWM starts again at exec."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    big = np.ones(256 * 2**20, dtype=np.float64)  # 2 GiB resident in this process
+    code = "import torch; from lowalign.runtime import peak_memory_bytes; print(peak_memory_bytes(torch.device('cpu')))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert int(p.stdout) < 1.5 * 2**30, int(p.stdout) / 2**20
+    del big
