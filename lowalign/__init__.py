@@ -1,5 +1,7 @@
 """lowalign: align language models on one consumer GPU (and, slowly, on a laptop CPU)."""
 
+import os
+
 __version__ = "0.1.0"
 
 
@@ -26,8 +28,7 @@ def write_report(run_dirs, out=None, **kw):
     (see :func:`lowalign.report.write_report`)."""
     from lowalign.report import write_report as _write
 
-    return _write([run_dirs] if isinstance(run_dirs, (str, bytes)) or hasattr(run_dirs, "is_dir")
-                        else run_dirs, out, **kw)
+    return _write([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs, out, **kw)
 
 
 __all__ = ["run", "complete", "write_report", "__version__"]

@@ -240,11 +240,12 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     try:
         if dist.main:
             lock.acquire(console)
-        run_dir.write_config(C.to_dict(cfg))
+        resolved = C.to_dict(cfg)
+        run_dir.write_config(resolved)
         if dist.main:
             from lowalign.trackers import open_trackers
 
-            run_dir.trackers = open_trackers(cfg.logging, out, C.to_dict(cfg))
+            run_dir.trackers = open_trackers(cfg.logging, out, resolved)
         ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console, dist=dist)
         summary = algo.train(ctx)
         if dist.world > 1:
@@ -299,9 +300,7 @@ def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: i
     """``n`` completions of each prompt from ``model`` (a hub id, local directory or builtin), with a trained
     policy adapter when ``adapter`` names one (a run directory, or a saved PEFT adapter folder); greedy at
     ``temperature=0``. Loads the model on each call: for looking at a few completions in a notebook."""
-    import json
-
-    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
+    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path, saved_lora_config
     from lowalign.generation import generate
 
     mc = C.build(C.ModelConfig, {"name_or_path": model, "quantization": quantization, "device": device}, "model")
@@ -316,9 +315,7 @@ def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: i
     bundle = ModelBundle.load(mc, tokenizer=load_tokenizer(resolve_path(model), False))
     role = "reference"
     if adir is not None:
-        ac = json.loads((adir / "adapter_config.json").read_text())
-        lora = C.LoraConfig(r=ac["r"], alpha=ac["lora_alpha"], target_modules=sorted(ac["target_modules"]))
-        bundle.add_adapter("policy", lora, init_from=str(adir))
+        bundle.add_adapter("policy", saved_lora_config(adir), init_from=str(adir))
         role = "policy"
     seed_everything(seed)
     with bundle.use(role), bundle.eval_mode():

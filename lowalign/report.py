@@ -2,9 +2,10 @@
 
 Reads only what a run directory holds (``config.yaml``, ``metrics.jsonl``, ``baseline.json``,
 ``summary.json``), so it works on a finished run, on one still running (no ``summary.json`` yet: plots of
-the steps so far) and on a copied directory. Several run directories overlay on the same axes, one colour
-per run. Plots are drawn with matplotlib's object API (no pyplot, no global backend), so a notebook's own
-plotting is left alone.
+the steps so far) and on a copied directory. It reads the files itself rather than through
+``lowalign.runtime.RunDir``, which would import torch and double the time of ``lowalign report`` (measured
+2.6 s vs 5 s). Several run directories overlay on the same axes, one colour per run. Plots are drawn with
+matplotlib's object API (no pyplot, no global backend), so a notebook's own plotting is left alone.
 
 ``report.md`` prints every number it takes from ``summary.json`` exactly as ``summary.json`` holds it.
 """
@@ -16,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import yaml
@@ -48,7 +50,9 @@ class Run:
     def last_step(self) -> int:
         return int(self.rows[-1]["step"]) if self.rows else 0
 
+    @cached_property
     def keys(self) -> set[str]:
+        """Every metric with a number in some row (the rows are read once and not changed)."""
         return {k for r in self.rows for k, v in r.items() if _is_num(v)}
 
 
@@ -123,11 +127,11 @@ PREFERENCE_REWARDS = {"chosen", "rejected", "margin", "accuracy", "desirable", "
 
 
 def _present(*names):
-    return lambda run: [k for k in names if k in run.keys()]
+    return lambda run: [k for k in names if k in run.keys]
 
 
 def _training_rewards(run: Run) -> list[str]:
-    ks = run.keys()
+    ks = run.keys
     if "reward" not in ks:
         return []
     return ["reward"] + sorted(k for k in ks if k.startswith("rewards/") and k.split("/")[1] not in PREFERENCE_REWARDS)
@@ -139,7 +143,7 @@ def _pref_margins(run: Run) -> list[str]:
 
 
 def _pref_accuracy(run: Run) -> list[str]:
-    ks = run.keys()
+    ks = run.keys
     return [k for k in ("rewards/accuracy",) if k in ks] + (["accuracy"] if "scores/chosen" in ks else [])
 
 
