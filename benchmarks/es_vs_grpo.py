@@ -2,14 +2,15 @@
 population throughput, batched (members x prompts in one generation call) vs one member per call.
 
     .venv/bin/python benchmarks/es_vs_grpo.py [--budget 300] [--quantization nf4] [--populations 8 32 128]
-    .venv/bin/python benchmarks/es_vs_grpo.py --throughput-only      # just the throughput table
+    .venv/bin/python benchmarks/es_vs_grpo.py --throughput-only [--prompts 64 8]   # just the throughput table
 
-Throughput: the es_tiny recipe's model and minibatch (64 prompts, greedy, 6 tokens), a population of
-perturbed singular values, fitness of every member timed after one warm-up, with `train.eval_batch_rows`
-= 64 (one member per call: the sequential path) and the recipe's default (members batched). Then
-`lowalign run` for each method (same base, same quantization, same held-out set) with a training time
-limit, evaluating greedy held-out accuracy along the way; accuracy against training wall time plus peak
-memory. Evaluation time is inside the budget for both.
+Throughput: the es_tiny recipe's model, adapter and decoding (greedy, 6 tokens), a population of perturbed
+singular values, fitness of every member timed after one warm-up, with one member per generation call (the
+sequential path: `train.eval_batch_rows` = prompts per member) and with the recipe's rows per call (members
+batched, each row with its own singular values), for the recipe's 64 prompts per member and a small
+minibatch of 8. Then `lowalign run` for each method (same base, same quantization, same held-out set) with a
+training time limit, evaluating greedy held-out accuracy along the way; accuracy against training wall time
+plus peak memory. Evaluation time is inside the budget for both.
 """
 
 from __future__ import annotations
@@ -35,48 +36,56 @@ def run(recipe: str, out: Path, budget: float, quant: str, extra: list[str]) -> 
     return summ, rows
 
 
-def throughput(populations: list[int], quant: str, prompts: int = 64, reps: int = 2) -> None:
-    """Members and completions per second, batched vs one member per call, in this process."""
+def throughput(populations: list[int], quant: str, prompt_counts: list[int], reps: int = 2) -> None:
+    """Members and completions per second, batched vs one member per call, in this process, with the
+    es_tiny recipe's model, adapter (rank, subspace) and decoding."""
     import time
     from dataclasses import replace
 
     import torch
 
-    from lowalign.algorithms.configs import ESSAConfig
     from lowalign.algorithms.essa import SingularValueLoRA, member_fitness
+    from lowalign.api import load_config
     from lowalign.bundle import ModelBundle
-    from lowalign.config import LoraConfig, ModelConfig, RewardSpec
     from lowalign.es import ESState, population
     from lowalign.rewards import RewardSources
     from lowalign.tasks.arithmetic import ArithmeticTask
 
+    cfg = load_config(REPO / "recipes/es_tiny.yaml", [f"model.quantization={quant}"])
+    tc = cfg.train
     torch.manual_seed(0)
-    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", quantization=quant))
-    b.add_adapter("policy", LoraConfig(r=16, alpha=32))
-    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0)
+    b = ModelBundle.load(cfg.model)
+    b.add_adapter("policy", cfg.lora)
+    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0, subspace=tc.subspace)
     theta = sv.initial_theta()
-    rows = ArithmeticTask().train_rows(prompts, seed=1)
-    rewards = RewardSources([RewardSpec(fn="lowalign.tasks.arithmetic:correctness_reward")])
-    tc = ESSAConfig()
+    rewards = RewardSources(cfg.rewards)
     state = ESState(theta, torch.zeros_like(theta), torch.zeros_like(theta))
-    print(f"ESSA population throughput: builtin:tiny ({quant}), {prompts} prompts per member, greedy "
-          f"{tc.max_new_tokens} tokens, batched = eval_batch_rows {tc.eval_batch_rows}; best of {reps}\n")
-    print("| population | path | members/s | completions/s | batched / sequential |")
-    print("|---|---|---|---|---|")
-    for pop in populations:
-        thetas = torch.stack([th for _, th in population(state, pop, 0.5, 0, 0)])
-        rate = {}
-        for name, rows_per_call in (("sequential", prompts), ("batched", tc.eval_batch_rows)):
-            c = replace(tc, eval_batch_rows=rows_per_call)
-            member_fitness(b, rewards, sv, thetas[:2], rows, c, seed=0)  # warm-up
-            best = float("inf")
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                member_fitness(b, rewards, sv, thetas, rows, c, seed=0)
-                best = min(best, time.perf_counter() - t0)
-            rate[name] = pop / best
-            ratio = f"{rate['batched'] / rate['sequential']:.1f}x" if name == "batched" else ""
-            print(f"| {pop} | {name} | {rate[name]:.2f} | {rate[name] * prompts:.0f} | {ratio} |", flush=True)
+    batched_rows = tc.rows_per_call(b.device.type)
+    print(f"ESSA population throughput: {cfg.model.name_or_path} ({quant}), LoRA r{cfg.lora.r} ({tc.subspace} "
+          f"subspace), greedy {tc.max_new_tokens} tokens; sequential = one member per generation call, batched = "
+          f"{batched_rows} rows (members x prompts) per call; fitness of every member, best of {reps} after a "
+          f"warm-up; {torch.get_num_threads()} threads\n")
+    print("| prompts per member | population | path | rows per call | members/s | completions/s | "
+          "batched / sequential |")
+    print("|---|---|---|---|---|---|---|")
+    for prompts in prompt_counts:
+        rows = ArithmeticTask().train_rows(prompts, seed=1)
+        for pop in populations:
+            thetas = torch.stack([th for _, th in population(state, pop, 0.05, 0, 0)])
+            rate = {}
+            for name, rows_per_call in (("sequential", prompts), ("batched", batched_rows)):
+                c = replace(tc, eval_batch_rows=rows_per_call)
+                member_fitness(b, rewards, sv, thetas[:2], rows, c, seed=0)  # warm-up
+                best = float("inf")
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    member_fitness(b, rewards, sv, thetas, rows, c, seed=0)
+                    best = min(best, time.perf_counter() - t0)
+                rate[name] = pop / best
+                ratio = f"{rate['batched'] / rate['sequential']:.1f}x" if name == "batched" else ""
+                per_call = min(pop * prompts, max(prompts, rows_per_call // prompts * prompts))
+                print(f"| {prompts} | {pop} | {name} | {per_call} | {rate[name]:.2f} | {rate[name] * prompts:.0f} | "
+                      f"{ratio} |", flush=True)
     print()
 
 
@@ -85,19 +94,21 @@ def main():
     ap.add_argument("--budget", type=float, default=300.0, help="training seconds for each method")
     ap.add_argument("--quantization", default="nf4")
     ap.add_argument("--populations", type=int, nargs="+", default=[8, 32, 128])
+    ap.add_argument("--prompts", type=int, nargs="+", default=[64, 8],
+                    help="prompts per member for the throughput table (the recipe's 64, and a small minibatch)")
     ap.add_argument("--throughput-only", action="store_true")
     args = ap.parse_args()
-    throughput(args.populations, args.quantization)
+    throughput(args.populations, args.quantization, args.prompts)
     if args.throughput_only:
         return
     tmp = Path(tempfile.mkdtemp(prefix="es_vs_grpo_"))
     res = {}
-    # GRPO: ~0.4-0.6 s/step on 2 CPU cores -> eval every 50 steps; ES: ~3.5 s/generation -> every 10
+    # GRPO: ~0.4-0.6 s/step on 2 CPU cores -> eval every 50 steps; ES: ~1 s/generation -> every 50
     res["GRPO"] = run("grpo_tiny.yaml", tmp / "grpo", args.budget, args.quantization,
                       ["train.steps=100000", "eval.every=50", "train.optim.schedule=constant",
                        "train.checkpoint_every=0"])
     res["ESSA"] = run("es_tiny.yaml", tmp / "essa", args.budget, args.quantization,
-                      ["train.generations=100000", "eval.every=10", "train.checkpoint_every=0"])
+                      ["train.generations=100000", "eval.every=50", "train.checkpoint_every=0"])
     print(f"budget {args.budget:.0f} s of training per method, base quantization {args.quantization}\n")
     print("| method | train time (s) | held-out greedy accuracy |")
     print("|---|---|---|")

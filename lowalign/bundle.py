@@ -251,6 +251,17 @@ class ModelBundle:
                 out.append((mod_name, m.lora_A[name].weight, m.lora_B[name].weight, float(m.scaling[name])))
         return out
 
+    @torch.no_grad()
+    def base_weight(self, module: str) -> torch.Tensor:
+        """The (d_out, d_in) float32 weight that the base layer under LoRA module ``module`` applies, read by
+        running the layer on the identity (bias subtracted), so it is the same for plain, 4-bit, 8-bit and
+        Conv1D layers: whatever the storage, this is what the forward computes."""
+        layer = dict(self.base.named_modules())[module].get_base_layer()
+        d_in = getattr(layer, "in_features", None) or layer.nx  # transformers' Conv1D (GPT-2) names it nx
+        eye = torch.eye(d_in, device=self.device, dtype=self.dtype)
+        zero = torch.zeros(1, d_in, device=self.device, dtype=self.dtype)
+        return (layer(eye).float() - layer(zero).float()).T.contiguous()
+
     @contextlib.contextmanager
     def row_scales(self, name: str, scales: dict[str, torch.Tensor]):
         """Give every batch row its own scaling of adapter ``name``'s rank directions: inside, the LoRA module

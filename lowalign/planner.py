@@ -288,7 +288,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         out.phases.append(("evaluation", decode(rows, P + ev.max_new_tokens, False),
                            f"greedy decoding of {rows} prompts x {P}+{ev.max_new_tokens} tokens"))
     if essa:
-        rows = min(tc.population_size * tc.prompts_per_generation // world, tc.eval_batch_rows)
+        rows = min(tc.population_size * tc.prompts_per_generation // world, tc.rows_per_call(device))
         out.phases.append(("population", decode(rows, P + C, tc.do_sample),
                            f"{rows} rows (members x prompts) decoded together, KV cache + [rows, vocab] scores"))
     elif "num_generations" in names and "prompts_per_step" in names:
@@ -360,7 +360,7 @@ def suggestions(cfg, budget: int, device: str, completion: int | None) -> list[t
     if "batch_size" in names and tc.batch_size > 1 and "micro_batch_size" not in names:
         cands += [f"train.batch_size={tc.batch_size // 2}", "train.batch_size=1"]
     if "eval_batch_rows" in names:
-        cands.append(f"train.eval_batch_rows={max(1, tc.eval_batch_rows // 4)}")
+        cands.append(f"train.eval_batch_rows={max(1, tc.rows_per_call(device) // 4)}")
     base = to_dict(cfg)
 
     def estimate(overrides):

@@ -168,3 +168,16 @@ def test_validate_gemma2_typo_in_targets_names_the_modules(arch_dir, tmp_path):
     p = cli("run", "recipes/grpo_tiny.yaml", f"model.name_or_path={arch_dir('gemma2')}",
             "lora.target_modules=[qv_proj]", f"output_dir={tmp_path / 'run'}", check=False)
     assert p.returncode == 2 and not (tmp_path / "run").exists() and "Loading weights" not in p.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_base_weight_is_the_layers_weight(arch_dir, arch):
+    """ModelBundle.base_weight reads what the layer under each LoRA module applies: the Linear's weight, the
+    transpose of GPT-2's Conv1D weight (stored (d_in, d_out))."""
+    b = _bundle(arch_dir(arch))
+    for name, A, B, _ in b.lora_factors("policy"):
+        layer = dict(b.base.named_modules())[name].get_base_layer()
+        w = layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
+        W = b.base_weight(name)
+        assert W.shape == (B.shape[0], A.shape[1])
+        torch.testing.assert_close(W, w.float(), atol=1e-6, rtol=1e-5)

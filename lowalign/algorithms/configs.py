@@ -128,6 +128,9 @@ class RewardModelConfig:
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
 
 
+ESSA_AUTO_ROWS = {"cpu": 256, "cuda": 2048}  # eval_batch_rows = 0 (see the field)
+
+
 @dataclass
 class ESSAConfig:
     generations: int = F(100, "ES generations (one population evaluation + one update each).", ge=1)
@@ -146,16 +149,25 @@ class ESSAConfig:
     learning_rate: float = F(0.015, "Step size of adam/sgd on the singular values.", gt=0)
     weight_decay: float = F(0.0, "Decoupled weight decay toward s = 0.", ge=0)
     prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).", ge=1)
-    eval_batch_rows: int = F(2048, "Rows (members x prompts) per generation call: members are evaluated together, "
-                                   "each row with its own singular values (at most prompts_per_generation: "
-                                   "one member per call).", ge=1)
+    eval_batch_rows: int = F(0, "Rows (members x prompts) per generation call: members are evaluated together, "
+                                "each row with its own singular values (at most prompts_per_generation: one "
+                                "member per call). 0: 256 on CPU (the fastest on a 2-core CPU: bigger calls "
+                                "spill the caches), 2048 on CUDA.", ge=0)
     do_sample: bool = F(False, "Sampled (true) or greedy (false) decoding for fitness.")
     temperature: float = F(1.0, "Sampling temperature when do_sample.", gt=0)
     max_new_tokens: int = F(6, "Completion budget.", ge=1)
     top_fraction: float = F(1.0, "Evolve only the top fraction of singular values per module (rest frozen).",
                             gt=0, le=1)
-    s_init: float = F(0.0, "Singular values of a fresh LoRA (U, V random orthonormal); 0 starts at the base.")
+    s_init: float = F(0.0, "Singular values of a fresh LoRA; 0 starts at the base.")
+    subspace: Literal["base", "random"] = F(
+        "base", "Directions U, V of a fresh LoRA: the base weight's top-r singular vectors (base: the update "
+        "rescales the directions the layer uses most, as Transformer-2's SVF does) or random orthonormal ones "
+        "(random). A LoRA started from a saved adapter always uses that adapter's own SVD.")
     checkpoint_every: int = F(10, "Save a checkpoint every N generations (0: only at the end).", ge=0)
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
     log_every: int = F(5, "Print a progress line every N generations when not on a terminal.", ge=1)
     max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
+
+    def rows_per_call(self, device_type: str) -> int:
+        """``eval_batch_rows``, or where it is 0 the device's default (:data:`ESSA_AUTO_ROWS`)."""
+        return self.eval_batch_rows or ESSA_AUTO_ROWS.get(device_type, ESSA_AUTO_ROWS["cuda"])

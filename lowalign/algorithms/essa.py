@@ -27,18 +27,33 @@ from lowalign.runtime import PHASES, Progress, peak_memory_bytes, seed_everythin
 POLICY = "policy"
 
 
+def top_singular_vectors(W: torch.Tensor, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``r`` SVD of ``W`` (d_out, d_in) as (U (d_out, r), s (r,), Vh (r, d_in)), float32 on W's device:
+    exact for small matrices, randomized (Halko et al., 4 power iterations, seeded) for large ones."""
+    if min(W.shape) <= 1024:
+        U, s, Vh = torch.linalg.svd(W.float(), full_matrices=False)
+        return U[:, :r], s[:r], Vh[:r]
+    with torch.random.fork_rng(devices=[W.device] if W.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        U, s, V = torch.svd_lowrank(W.float(), q=min(r + 16, min(W.shape)), niter=4)
+    return U[:, :r], s[:r], V[:, :r].T
+
+
 class SingularValueLoRA:
     """The policy adapter re-parameterized by its singular values: ``theta`` = the evolving ones."""
 
-    def __init__(self, bundle, fresh: bool, seed: int, s_init: float, top_fraction: float):
+    def __init__(self, bundle, fresh: bool, seed: int, s_init: float, top_fraction: float, subspace: str = "base"):
         self.mods = bundle.lora_factors(POLICY)
         g = torch.Generator().manual_seed(seed)
         self.U, self.s0, self.sel = [], [], []
         with torch.no_grad():
-            for _, A, B, scale in self.mods:
+            for name, A, B, scale in self.mods:
                 r, d_in = A.shape
                 d_out = B.shape[0]
-                if fresh:
+                if fresh and subspace == "base":  # top-r singular directions of the base weight
+                    U, _, Vh = top_singular_vectors(bundle.base_weight(name), r, seed)
+                    s = torch.full((r,), float(s_init))
+                elif fresh:
                     U = torch.linalg.qr(torch.randn(d_out, r, generator=g))[0]
                     Vh = torch.linalg.qr(torch.randn(d_in, r, generator=g))[0].T
                     s = torch.full((r,), float(s_init))
@@ -90,7 +105,7 @@ def member_completions(bundle, sv: SingularValueLoRA, thetas: torch.Tensor, rows
     (one backbone, per-row scales between the LoRA matmuls). Sampling gives prompt ``i`` the same random
     stream for every member (common random numbers), whatever the batching. Leaves B at ``U / scale``."""
     P, M = len(rows), thetas.shape[0]
-    per = max(1, tc.eval_batch_rows // P)
+    per = max(1, tc.rows_per_call(bundle.device.type) // P)
     prompts = [r["prompt"] for r in rows]
     sv.apply_unit()
     texts = []
@@ -148,7 +163,7 @@ def train(ctx) -> dict:
         p.requires_grad_(False)
     bundle.base.eval()
     sv = SingularValueLoRA(bundle, fresh=cfg.lora.init_from is None, seed=cfg.seed, s_init=tc.s_init,
-                           top_fraction=tc.top_fraction)
+                           top_fraction=tc.top_fraction, subspace=tc.subspace)
     theta0 = sv.initial_theta()
     n = theta0.numel()
     if tc.sigma_mode == "calibrate":
@@ -164,7 +179,7 @@ def train(ctx) -> dict:
     # plain inference (the adapter as weights, no per-row scales) of the largest batch the run generates:
     # the memory yardstick for the run
     rows0 = ctx.data.batch(0, tc.prompts_per_generation, cfg.seed)
-    per = max(1, min(tc.eval_batch_rows // len(rows0), -(-tc.population_size // world)))
+    per = max(1, min(tc.rows_per_call(bundle.device.type) // len(rows0), -(-tc.population_size // world)))
     with torch.no_grad(), bundle.use(POLICY):
         plain = generate(bundle, [r["prompt"] for r in rows0] * per, max_new_tokens=tc.max_new_tokens,
                          do_sample=False)

@@ -21,7 +21,7 @@ def test_essa_small_run_and_peft_export(tmp_path):
     out = tmp_path / "es"
     cli("run", "recipes/es_tiny.yaml", f"output_dir={out}", "train.generations=3", *SMALL)
     s = summary(out)
-    assert s["generations"] == 3 and s["num_singular_values"] == 14 * 16 and s["sigma"] >= 0.03
+    assert s["generations"] == 3 and s["num_singular_values"] == 14 * 64 and s["sigma"] >= 0.03
     assert s["inference_peak_memory_bytes"] > 0 and s["peak_memory_ratio_to_inference"] >= 1.0
     rows = metrics(out)
     assert {"fitness/mean", "fitness/max", "fitness/min", "fitness/std", "update_norm", "evals_per_s"} <= rows[0].keys()

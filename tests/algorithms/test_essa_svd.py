@@ -1,5 +1,6 @@
 """The SVD re-parameterization of an existing LoRA is exact, and top-fraction selection freezes the rest."""
 
+import pytest
 import torch
 
 from lowalign.algorithms.essa import SingularValueLoRA
@@ -56,3 +57,44 @@ def test_top_fraction_evolves_only_the_largest_values():
     expect = torch.sort(torch.cat([torch.sort(s_all, descending=True).values[:2] + 1, torch.sort(s_all).values[:2]]),
                         descending=True).values
     torch.testing.assert_close(s_now, expect, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_fresh_lora_spans_the_base_weights_top_singular_directions(quantization):
+    """subspace=base: a fresh adapter's update is U diag(s) V^T with U, V the top-r singular vectors of the
+    weight the base layer applies (nf4: its dequantized weight, read here with bitsandbytes itself). Checked by
+    what it does: s = -(top r singular values) removes them, leaving the (r+1)-th as the largest."""
+    b = ModelBundle.load(ModelConfig(quantization=quantization))
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8))
+    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0, subspace="base")
+    theta0 = sv.initial_theta()
+    assert theta0.numel() == 14 * 4 and (theta0 == 0).all()
+    before = _logits(b)
+    with torch.no_grad(), b.use("reference"):
+        torch.testing.assert_close(before, b.causal_lm(input_ids=IDS).logits, atol=1e-6, rtol=0)  # s = 0: base
+    weights = []
+    for name, *_ in b.lora_factors("policy"):
+        layer = dict(b.base.named_modules())[name].get_base_layer()
+        if quantization == "nf4":
+            import bitsandbytes.functional as bnbf
+
+            weights.append(bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float())
+        else:
+            weights.append(layer.weight.float())
+    top = torch.cat([torch.linalg.svdvals(W)[:4] for W in weights])
+    sv.apply(-top)
+    for W, (_, A, B, scale) in zip(weights, b.lora_factors("policy")):
+        s = torch.linalg.svdvals(W)
+        torch.testing.assert_close(torch.linalg.svdvals(W + scale * B @ A)[0], s[4], atol=1e-4, rtol=1e-4)
+
+
+def test_random_subspace_is_orthonormal_and_seeded():
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8))
+    sv = SingularValueLoRA(b, fresh=True, seed=3, s_init=0.5, top_fraction=1.0, subspace="random")
+    A0 = [A.clone() for _, A, _, _ in b.lora_factors("policy")]
+    for (_, A, _, _), U in zip(b.lora_factors("policy"), sv.U):
+        torch.testing.assert_close(A @ A.T, torch.eye(4), atol=1e-5, rtol=0)
+        torch.testing.assert_close(U.T @ U, torch.eye(4), atol=1e-5, rtol=0)
+    SingularValueLoRA(b, fresh=True, seed=3, s_init=0.5, top_fraction=1.0, subspace="random")
+    assert all(torch.equal(a, A) for a, (_, A, _, _) in zip(A0, b.lora_factors("policy")))
