@@ -96,9 +96,26 @@ def es_update(state: ESState, fitness: torch.Tensor, *, sigma: float, lr: float,
     return float(delta.norm())
 
 
+def recombination_weights(fitness: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Per-member weights (P,): ``w[k]`` for the member ranked k-th best (0 below the best ``len(w)``), then
+    averaged over members of equal fitness, so a tie is never broken by member order. Fitness from a few
+    dozen prompts ties often; broken by index, a tied antithetic pair +eps/-eps would add ``(w_a - w_b) eps``
+    of pure noise to the step, where averaged it cancels.
+
+    Example: f = [1, 3, 3, 0], w = [0.7, 0.3] -> ranks give [0, 0.7, 0.3, 0] -> the tie averaged: [0, 0.5, 0.5, 0].
+    """
+    out = torch.zeros(fitness.numel())
+    out[torch.argsort(fitness, descending=True, stable=True)[:w.numel()]] = w.float()
+    for v in torch.unique(fitness):
+        m = fitness == v
+        out[m] = out[m].mean()
+    return out
+
+
 def cma_update(state: ESState, fitness: torch.Tensor, *, seed: int, generation: int) -> float:
     """Diagonal (separable) CMA-ES step (Ros & Hansen 2008) on the antithetic population: weighted
-    recombination of the best half, cumulative step-size adaptation, rank-mu diagonal covariance update.
+    recombination of the best half (ties share their weights: :func:`recombination_weights`), cumulative
+    step-size adaptation, rank-mu diagonal covariance update.
     ``state.m`` is the evolution path p_sigma, ``state.v`` the diagonal covariance. Returns the update norm."""
     n, P = state.theta.numel(), fitness.numel()
     mu = P // 2
@@ -108,13 +125,13 @@ def cma_update(state: ESState, fitness: torch.Tensor, *, seed: int, generation: 
     cs = (mueff + 2) / (n + mueff + 5)
     ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (n + 1)) - 1) + cs
     cmu = min(1.0, (n + 2) / 3 * (2 * (mueff - 2 + 1 / mueff) / ((n + 2) ** 2 + mueff)))
-    best = torch.argsort(fitness, descending=True, stable=True)[:mu]
     D = state.v.sqrt()
     z_w, y2 = torch.zeros(n), torch.zeros(n)
-    for wi, i in zip(w, best.tolist()):
-        z = noise(n, member_seed(seed, generation, i // 2)) * (1.0 if i % 2 == 0 else -1.0)
-        z_w += wi * z
-        y2 += wi * (D * z) ** 2
+    for i, wi in enumerate(recombination_weights(fitness, w).tolist()):
+        if wi:
+            z = noise(n, member_seed(seed, generation, i // 2)) * (1.0 if i % 2 == 0 else -1.0)
+            z_w += wi * z
+            y2 += wi * (D * z) ** 2
     delta = state.sigma * D * z_w
     state.theta += delta
     state.m.mul_(1 - cs).add_(z_w, alpha=math.sqrt(cs * (2 - cs) * mueff))

@@ -1,6 +1,15 @@
 import torch
 
-from lowalign.es import ESState, centered_ranks, cma_update, es_gradient, es_update, noise, population
+from lowalign.es import (
+    ESState,
+    centered_ranks,
+    cma_update,
+    es_gradient,
+    es_update,
+    noise,
+    population,
+    recombination_weights,
+)
 
 
 def test_centered_ranks_worked_example():
@@ -51,3 +60,24 @@ def test_state_roundtrip_and_determinism():
     for s in (st, st2):
         es_update(s, torch.tensor([0.0, 1.0, 2.0, 1.0]), sigma=0.1, lr=0.1, seed=0, generation=1)
     assert torch.equal(st.theta, st2.theta) and st.step == st2.step == 2
+
+
+def test_recombination_weights_share_ties():
+    w = torch.tensor([0.7, 0.3])
+    torch.testing.assert_close(recombination_weights(torch.tensor([1.0, 3.0, 3.0, 0.0]), w),
+                               torch.tensor([0.0, 0.5, 0.5, 0.0]))
+    torch.testing.assert_close(recombination_weights(torch.tensor([1.0, 3.0, 2.0, 0.0]), w),
+                               torch.tensor([0.0, 0.7, 0.3, 0.0]))  # no ties: the ranks' own weights
+    tie_at_cut = recombination_weights(torch.tensor([2.0, 1.0, 1.0, 0.0]), w)  # 2nd and 3rd tie across the cut
+    torch.testing.assert_close(tie_at_cut, torch.tensor([0.7, 0.15, 0.15, 0.0]))
+    assert abs(float(tie_at_cut.sum()) - 1.0) < 1e-6
+
+
+def test_cma_does_not_move_on_a_population_that_ties():
+    """Every member equally fit carries no information: antithetic pairs get equal weights and cancel, so the
+    mean stays put (member order used to pick the +eps half)."""
+    st = ESState(torch.zeros(5), torch.zeros(5), torch.ones(5), sigma=0.1)
+    norm = cma_update(st, torch.full((8,), 0.5), seed=0, generation=0)
+    assert norm == 0.0 and torch.equal(st.theta, torch.zeros(5))
+    st2 = ESState(torch.zeros(5), torch.zeros(5), torch.ones(5), sigma=0.1)
+    assert cma_update(st2, torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), seed=0, generation=0) > 0  # one differs
