@@ -252,15 +252,19 @@ class ModelBundle:
         return out
 
     @torch.no_grad()
-    def base_weight(self, module: str) -> torch.Tensor:
+    def base_weight(self, module: str, chunk: int = 2048) -> torch.Tensor:
         """The (d_out, d_in) float32 weight that the base layer under LoRA module ``module`` applies, read by
-        running the layer on the identity (bias subtracted), so it is the same for plain, 4-bit, 8-bit and
-        Conv1D layers: whatever the storage, this is what the forward computes."""
-        layer = dict(self.base.named_modules())[module].get_base_layer()
+        running the layer on the identity (bias subtracted), ``chunk`` unit vectors at a time, so it is the
+        same for plain, 4-bit, 8-bit and Conv1D layers: whatever the storage, this is what the forward computes."""
+        layer = self.base.get_submodule(module).get_base_layer()
         d_in = getattr(layer, "in_features", None) or layer.nx  # transformers' Conv1D (GPT-2) names it nx
-        eye = torch.eye(d_in, device=self.device, dtype=self.dtype)
-        zero = torch.zeros(1, d_in, device=self.device, dtype=self.dtype)
-        return (layer(eye).float() - layer(zero).float()).T.contiguous()
+        bias = layer(torch.zeros(1, d_in, device=self.device, dtype=self.dtype)).float()
+        cols = []
+        for i in range(0, d_in, chunk):
+            unit = torch.zeros(min(chunk, d_in - i), d_in, device=self.device, dtype=self.dtype)
+            unit[:, i:i + unit.shape[0]].fill_diagonal_(1)
+            cols.append((layer(unit).float() - bias).T)  # (d_out, columns i..i+chunk)
+        return torch.cat(cols, 1)
 
     @contextlib.contextmanager
     def row_scales(self, name: str, scales: dict[str, torch.Tensor]):

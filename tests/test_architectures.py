@@ -181,3 +181,4 @@ def test_base_weight_is_the_layers_weight(arch_dir, arch):
         W = b.base_weight(name)
         assert W.shape == (B.shape[0], A.shape[1])
         torch.testing.assert_close(W, w.float(), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(b.base_weight(name, chunk=5), W, atol=1e-6, rtol=0)  # columns in blocks of 5
