@@ -61,6 +61,11 @@ def check_config(cfg: C.RunConfig) -> None:
     _check_soup(cfg.reference_soup)
     _check_reward_attributes(cfg.rewards)
     check_backends(cfg.logging)
+    if cfg.profile_memory:
+        from lowalign.bundle import resolve_device
+        from lowalign.runtime import check_profile_memory
+
+        check_profile_memory(resolve_device(cfg.model.device))
     check_model(cfg)
 
 

@@ -400,6 +400,20 @@ def proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS (VmHWM)
+
+
+def check_profile_memory(device) -> None:
+    """``profile_memory: true`` needs a way to reset the peak between phases: CUDA's counters, or on a CPU
+    Linux's ``/proc/self/clear_refs``. Raises a ConfigError naming the field otherwise (before any model
+    loads)."""
+    from lowalign.config import ConfigError
+
+    if torch.device(device).type == "cpu" and not CLEAR_REFS.exists():
+        raise ConfigError(f"profile_memory: on a CPU it needs Linux ({CLEAR_REFS} resets the peak memory "
+                          "between phases); run without --profile-memory, or on a CUDA GPU")
+
+
 class MemoryPhases:
     """Peak memory of each phase of a run (``lowalign run --profile-memory``): load, evaluation, rollout,
     scoring (rewards and no-grad log-probs), reference (DPO's precompute), forward_backward, optimizer.
@@ -418,8 +432,8 @@ class MemoryPhases:
 
     def start(self, device, enabled: bool) -> None:
         device = torch.device(device)
-        if enabled and device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
-            raise RuntimeError("--profile-memory on CPU needs Linux (/proc/self/clear_refs resets the peak RSS)")
+        if enabled:
+            check_profile_memory(device)
         self.__init__()
         self.enabled, self.device = enabled, device
 
@@ -438,8 +452,7 @@ class MemoryPhases:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
+            CLEAR_REFS.write_text("5")
 
     def phase(self, name: str):
         return self._phase(name) if self.enabled else _NULL

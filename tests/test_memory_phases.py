@@ -3,7 +3,7 @@
 import torch
 
 from lowalign.runtime import PHASES, MemoryPhases, peak_memory_bytes
-from tests.algorithms.helpers import cli, metrics, summary
+from tests.algorithms.helpers import REPO, cli, metrics, summary
 
 
 def test_each_phase_has_its_own_peak():
@@ -62,3 +62,23 @@ def test_cpu_peak_is_the_runs_own_not_its_large_parents():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert int(p.stdout) < 1.5 * 2**30, int(p.stdout) / 2**20
     del big
+
+
+def test_profile_memory_without_a_peak_reset_is_a_config_error(tmp_path, monkeypatch):
+    """On a CPU without /proc/self/clear_refs (not Linux) --profile-memory is refused by name, before any
+    model loads or the run directory exists."""
+    import pytest
+
+    import lowalign
+    from lowalign import runtime
+    from lowalign.config import ConfigError
+
+    monkeypatch.setattr(runtime, "CLEAR_REFS", tmp_path / "no_clear_refs")
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="profile_memory"):
+        lowalign.run(REPO / "recipes/grpo_tiny.yaml", ["profile_memory=true", "model.device=cpu", f"output_dir={out}"],
+                     quiet=True)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="profile_memory"):
+        MemoryPhases().start("cpu", True)
+    MemoryPhases().start("cpu", False)  # off: nothing to check
