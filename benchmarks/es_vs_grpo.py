@@ -3,6 +3,7 @@ population throughput, batched (members x prompts in one generation call) vs one
 
     .venv/bin/python benchmarks/es_vs_grpo.py [--budget 300] [--quantization nf4] [--populations 8 32 128]
     .venv/bin/python benchmarks/es_vs_grpo.py --throughput-only [--prompts 64 8]   # just the throughput table
+    python3 benchmarks/es_vs_grpo.py --throughput-only --size 0.5b          # a real-size model (GPU)
 
 Throughput: the es_tiny recipe's model, adapter and decoding (greedy, 6 tokens), a population of perturbed
 singular values, fitness of every member timed after one warm-up, with one member per generation call (the
@@ -36,9 +37,11 @@ def run(recipe: str, out: Path, budget: float, quant: str, extra: list[str]) -> 
     return summ, rows
 
 
-def throughput(populations: list[int], quant: str, prompt_counts: list[int], reps: int = 2) -> None:
+def throughput(populations: list[int], quant: str, prompt_counts: list[int], reps: int = 2,
+               size: str | None = None) -> None:
     """Members and completions per second, batched vs one member per call, in this process, with the
-    es_tiny recipe's model, adapter (rank, subspace) and decoding."""
+    es_tiny recipe's model, adapter (rank, subspace) and decoding; ``size`` ("0.5b", "1.5b"): a random-weight
+    Qwen2.5-shaped model instead (bench_rollout.build_model; its completions are noise, the timing is real)."""
     import time
     from dataclasses import replace
 
@@ -51,7 +54,12 @@ def throughput(populations: list[int], quant: str, prompt_counts: list[int], rep
     from lowalign.rewards import RewardSources
     from lowalign.tasks.arithmetic import ArithmeticTask
 
-    cfg = load_config(REPO / "recipes/es_tiny.yaml", [f"model.quantization={quant}"])
+    model = []
+    if size:
+        from bench_rollout import build_model  # this folder is on sys.path when run as a script
+
+        model = [f"model.name_or_path={build_model(size, Path(tempfile.gettempdir()) / f'lowalign_{size}')}"]
+    cfg = load_config(REPO / "recipes/es_tiny.yaml", [f"model.quantization={quant}", *model])
     tc = cfg.train
     torch.manual_seed(0)
     b = ModelBundle.load(cfg.model)
@@ -61,7 +69,8 @@ def throughput(populations: list[int], quant: str, prompt_counts: list[int], rep
     rewards = RewardSources(cfg.rewards)
     state = ESState(theta, torch.zeros_like(theta), torch.zeros_like(theta))
     batched_rows = tc.rows_per_call(b.device.type)
-    print(f"ESSA population throughput: {cfg.model.name_or_path} ({quant}), LoRA r{cfg.lora.r} ({tc.subspace} "
+    what = f"random-weight Qwen2.5-{size} shape" if size else cfg.model.name_or_path
+    print(f"ESSA population throughput on {b.device}: {what} ({quant}), LoRA r{cfg.lora.r} ({tc.subspace} "
           f"subspace), greedy {tc.max_new_tokens} tokens; sequential = one member per generation call, batched = "
           f"{batched_rows} rows (members x prompts) per call; fitness of every member, best of {reps} after a "
           f"warm-up; {torch.get_num_threads()} threads\n")
@@ -96,9 +105,11 @@ def main():
     ap.add_argument("--populations", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--prompts", type=int, nargs="+", default=[64, 8],
                     help="prompts per member for the throughput table (the recipe's 64, and a small minibatch)")
+    ap.add_argument("--size", choices=["0.5b", "1.5b"], help="throughput on a random-weight Qwen2.5-shaped model "
+                    "of this size instead of builtin:tiny (for a GPU)")
     ap.add_argument("--throughput-only", action="store_true")
     args = ap.parse_args()
-    throughput(args.populations, args.quantization, args.prompts)
+    throughput(args.populations, args.quantization, args.prompts, size=args.size)
     if args.throughput_only:
         return
     tmp = Path(tempfile.mkdtemp(prefix="es_vs_grpo_"))

@@ -3,6 +3,7 @@
 #   bash benchmarks/gpu_session.sh kernels rollout      # Triton tests on CUDA, log-prob throughput, rollout speed
 #   bash benchmarks/gpu_session.sh memory               # real-size GRPO / DPO memory and step time
 #   bash benchmarks/gpu_session.sh kl unsloth
+#   bash benchmarks/gpu_session.sh essa                 # ESSA population throughput, batched vs sequential
 # Runs on a machine with one CUDA GPU and python3 holding torch, triton, transformers and peft. Missing
 # packages (bitsandbytes) can sit unpacked in .gpu/site. Every table goes to stdout and to $OUT/<section>.md.
 set -uo pipefail
@@ -46,6 +47,10 @@ for s in "$@"; do
       section rollout_15b 240 python3 benchmarks/bench_rollout.py --size 1.5b --quantization nf4 ;;
     memory)
       section memory 480 python3 benchmarks/gpu_memory.py --json "$OUT/memory.json" ;;
+    essa)  # issue #14: batched population vs one member per generation call, where batching is meant to pay
+      section essa_tiny 200 python3 benchmarks/es_vs_grpo.py --throughput-only --quantization none
+      section essa_05b 300 python3 benchmarks/es_vs_grpo.py --throughput-only --size 0.5b --quantization none \
+        --populations 8 32 --prompts 64 ;;
     kl)
       section kl 200 python3 benchmarks/bench_kl.py --device cuda --dtype bfloat16 \
         --shapes 8192x151936x1536 4096x128256x4096 ;;
