@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="plan for this device (default cuda)")
     pl.add_argument("--completion-tokens", type=int, default=None,
                     help="completion length for preference data when it cannot be measured")
+    pl.add_argument("--nproc", type=int, default=1, help="processes of a torchrun --nproc_per_node run: each "
+                                                          "holds the model and its share of the batch (default 1)")
     pl.add_argument("--json", action="store_true", help="print the estimate as JSON")
     rp = sub.add_parser("report", help="PNG plots and report.md of one run directory, or several overlaid")
     rp.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
@@ -151,13 +153,18 @@ def main(argv: list[str] | None = None) -> int:
 def _plan(args) -> int:
     import json
 
-    from lowalign.api import resolve_config
+    from lowalign.api import check_world, resolve_config
+    from lowalign.config import ConfigError
     from lowalign.planner import parse_size, plan, render, suggestions
 
     budget = parse_size(args.gpu_memory) if args.gpu_memory else None  # a bad size fails before anything else
     cfg, _ = resolve_config(recipe_path(args.recipe), args.overrides)
-    p = plan(cfg, device=args.device, completion=args.completion_tokens)
-    fixes = suggestions(cfg, budget, args.device, args.completion_tokens) if budget and p.on_card > budget else None
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc: {args.nproc} processes (must be >= 1)")
+    check_world(cfg, args.nproc)  # a batch that does not split is refused as torchrun would refuse it
+    p = plan(cfg, device=args.device, completion=args.completion_tokens, world=args.nproc)
+    fixes = (suggestions(cfg, budget, args.device, args.completion_tokens, world=args.nproc)
+             if budget and p.on_card > budget else None)
     if args.json:
         print(json.dumps({"peak_bytes": p.peak, "on_card_bytes": p.on_card, "device": p.device,
                           "static": {n: b for n, b, _ in p.static}, "phases": {n: b for n, b, _ in p.phases},

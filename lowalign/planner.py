@@ -241,6 +241,9 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     out = Plan(s, device, notes=[f"model: {s.name} ({s.source}); {s.layers} layers, hidden {s.hidden}, "
                                  f"vocab {s.vocab}; compute dtype {dtype}",
                                  f"prompt tokens {P} ({p_how}); completion tokens {C} ({c_how})"])
+    if world > 1:
+        out.notes.append(f"per process of {world} (torchrun --nproc_per_node {world}): each holds the whole model "
+                         f"and 1/{world} of the batch")
     per_linear = {"none": dt, "nf4": 0.5 + 1 / 64 + 4 / (64 * 256), "int8": 1.0 + 4 / max(1, s.hidden)}[q]
     weights = int(s.linear_params * per_linear) + (s.embed_params + s.head_params + s.other_params) * dt
     out.static.append(("base weights", weights, f"{s.linear_params / 1e6:.1f}M block-linear params x "
@@ -335,7 +338,7 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"": GiB, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}[m.group(2)])
 
 
-def suggestions(cfg, budget: int, device: str, completion: int | None) -> list[tuple[str, int]]:
+def suggestions(cfg, budget: int, device: str, completion: int | None, world: int = 1) -> list[tuple[str, int]]:
     """Single changes (as ``key=value`` overrides) that bring the estimate under ``budget``, smallest change
     first; if none does alone, the first combination that does."""
     from lowalign.api import config_from_dict
@@ -368,7 +371,7 @@ def suggestions(cfg, budget: int, device: str, completion: int | None) -> list[t
             c = config_from_dict(base, overrides)
         except ConfigError:
             return None
-        return plan(c, device=device, completion=completion).on_card
+        return plan(c, device=device, completion=completion, world=world).on_card
 
     fits = [(o, e) for o in cands if (e := estimate([o])) is not None and e <= budget]
     if fits:

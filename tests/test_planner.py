@@ -76,3 +76,17 @@ def test_estimate_within_25_percent_of_measured_peak(work, setup):
     est = plan_accuracy.estimate(setup, work, "cpu").peak
     measured = plan_accuracy.measure(setup, work)
     assert abs(est / measured - 1) <= 0.25, (setup, est / MiB, measured / MiB)
+
+
+def test_nproc_plans_one_process_share_and_refuses_a_batch_that_does_not_split():
+    """`lowalign plan --nproc K`: each torchrun process holds the model and 1/K of the batch, so the rollout
+    phase shrinks and the weights do not; a batch that does not split is refused by name, as torchrun is."""
+    tiny = ["model.name_or_path=builtin:tiny", "data.max_prompt_tokens=64"]
+    one, two = (json.loads(cli("plan", "recipes/grpo_qwen_gsm8k.yaml", *tiny, "--json", "--nproc", k).stdout)
+                for k in ("1", "2"))
+    assert two["phases"]["rollout"] < one["phases"]["rollout"]
+    assert two["static"]["base weights"] == one["static"]["base weights"]
+    assert any("per process of 2" in n for n in two["notes"])
+    odd = ["train.prompts_per_step=3", "train.micro_batch_size=8"]
+    p = cli("plan", "recipes/grpo_qwen_gsm8k.yaml", *tiny, *odd, "--nproc", "2", check=False)
+    assert p.returncode != 0 and "does not split over 2 processes" in p.stderr
