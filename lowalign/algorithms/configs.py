@@ -151,8 +151,8 @@ class ESSAConfig:
     prompts_per_generation: int = F(64, "Minibatch shared by all members of a generation (fair comparison).", ge=1)
     eval_batch_rows: int = F(0, "Rows (members x prompts) per generation call: members are evaluated together, "
                                 "each row with its own singular values (at most prompts_per_generation: one "
-                                "member per call). 0: 256 on CPU (the fastest on a 2-core CPU: bigger calls "
-                                "spill the caches), 2048 on CUDA.", ge=0)
+                                "member per call). 0: 256 on CPU (the fastest measured on a 2-core CPU; 2048-row "
+                                "calls were slower there), 2048 on CUDA.", ge=0)
     do_sample: bool = F(False, "Sampled (true) or greedy (false) decoding for fitness.")
     temperature: float = F(1.0, "Sampling temperature when do_sample.", gt=0)
     max_new_tokens: int = F(6, "Completion budget.", ge=1)
