@@ -23,6 +23,15 @@ def noise(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 
+def share_ties(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``x`` (one value per member) with the values of members of equal fitness ``f`` replaced by their mean,
+    in place: equal fitness always gets equal weight, whatever the member order."""
+    for v in torch.unique(f):
+        m = f == v
+        x[m] = x[m].mean()
+    return x
+
+
 def centered_ranks(f: torch.Tensor) -> torch.Tensor:
     """Fitness shaping (Salimans et al. 2017): ranks mapped linearly to [-0.5, 0.5]; ties share a rank.
 
@@ -31,10 +40,7 @@ def centered_ranks(f: torch.Tensor) -> torch.Tensor:
     n = f.numel()
     if n < 2:
         return torch.zeros_like(f)
-    order = torch.argsort(torch.argsort(f, stable=True), stable=True).float()
-    for v in torch.unique(f):  # average the ranks of ties so equal fitness gets equal weight
-        m = f == v
-        order[m] = order[m].mean()
+    order = share_ties(torch.argsort(torch.argsort(f, stable=True), stable=True).float(), f)
     return order / (n - 1) - 0.5
 
 
@@ -106,10 +112,7 @@ def recombination_weights(fitness: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     """
     out = torch.zeros(fitness.numel())
     out[torch.argsort(fitness, descending=True, stable=True)[:w.numel()]] = w.float()
-    for v in torch.unique(fitness):
-        m = fitness == v
-        out[m] = out[m].mean()
-    return out
+    return share_ties(out, fitness)
 
 
 def cma_update(state: ESState, fitness: torch.Tensor, *, seed: int, generation: int) -> float:
