@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import yaml
 
+from lowalign.config import ConfigError
+
 
 def atomic_write(path: Path, write) -> None:
     """``write(tmp_path)`` next to ``path``, then rename over it: readers never see a half-written file."""
@@ -407,8 +409,6 @@ def check_profile_memory(device) -> None:
     """``profile_memory: true`` needs a way to reset the peak between phases: CUDA's counters, or on a CPU
     Linux's ``/proc/self/clear_refs``. Raises a ConfigError naming the field otherwise (before any model
     loads)."""
-    from lowalign.config import ConfigError
-
     if torch.device(device).type == "cpu" and not CLEAR_REFS.exists():
         raise ConfigError(f"profile_memory: on a CPU it needs Linux ({CLEAR_REFS} resets the peak memory "
                           "between phases); run without --profile-memory, or on a CUDA GPU")

@@ -50,12 +50,12 @@ class SingularValueLoRA:
             for name, A, B, scale in self.mods:
                 r, d_in = A.shape
                 d_out = B.shape[0]
-                if fresh and subspace == "base":  # top-r singular directions of the base weight
-                    U, _, Vh = top_singular_vectors(bundle.base_weight(name), r, seed)
-                    s = torch.full((r,), float(s_init))
-                elif fresh:
-                    U = torch.linalg.qr(torch.randn(d_out, r, generator=g))[0]
-                    Vh = torch.linalg.qr(torch.randn(d_in, r, generator=g))[0].T
+                if fresh:  # the base weight's top-r singular directions, or random orthonormal ones
+                    if subspace == "base":
+                        U, _, Vh = top_singular_vectors(bundle.base_weight(name), r, seed)
+                    else:
+                        U = torch.linalg.qr(torch.randn(d_out, r, generator=g))[0]
+                        Vh = torch.linalg.qr(torch.randn(d_in, r, generator=g))[0].T
                     s = torch.full((r,), float(s_init))
                 else:  # SVD of the existing update
                     U, s, Vh = torch.linalg.svd(scale * B.float().cpu() @ A.float().cpu(), full_matrices=False)
