@@ -176,7 +176,7 @@ def test_base_weight_is_the_layers_weight(arch_dir, arch):
     transpose of GPT-2's Conv1D weight (stored (d_in, d_out))."""
     b = _bundle(arch_dir(arch))
     for name, A, B, _ in b.lora_factors("policy"):
-        layer = dict(b.base.named_modules())[name].get_base_layer()
+        layer = b.base.get_submodule(name).get_base_layer()
         w = layer.weight.T if type(layer).__name__ == "Conv1D" else layer.weight
         W = b.base_weight(name)
         assert W.shape == (B.shape[0], A.shape[1])

@@ -74,7 +74,7 @@ def test_fresh_lora_spans_the_base_weights_top_singular_directions(quantization)
         torch.testing.assert_close(before, b.causal_lm(input_ids=IDS).logits, atol=1e-6, rtol=0)  # s = 0: base
     weights = []
     for name, *_ in b.lora_factors("policy"):
-        layer = dict(b.base.named_modules())[name].get_base_layer()
+        layer = b.base.get_submodule(name).get_base_layer()
         if quantization == "nf4":
             import bitsandbytes.functional as bnbf
 
@@ -98,3 +98,25 @@ def test_random_subspace_is_orthonormal_and_seeded():
         torch.testing.assert_close(U.T @ U, torch.eye(4), atol=1e-5, rtol=0)
     SingularValueLoRA(b, fresh=True, seed=3, s_init=0.5, top_fraction=1.0, subspace="random")
     assert all(torch.equal(a, A) for a, (_, A, _, _) in zip(A0, b.lora_factors("policy")))
+
+
+@pytest.mark.parametrize("shape", [(300, 200), (1100, 1300)])
+def test_top_singular_vectors_exact_and_randomized(shape):
+    """Small matrices take the exact SVD, large ones (min side > 1024) the seeded randomized one: both return
+    the top-r singular values and the subspaces they span, checked against a matrix built with known ones."""
+    from lowalign.algorithms.essa import top_singular_vectors
+
+    g = torch.Generator().manual_seed(0)
+    m, n = shape
+    k = min(m, n)
+    U0 = torch.linalg.qr(torch.randn(m, k, generator=g))[0]
+    V0 = torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+    s0 = torch.cat([torch.tensor([50.0, 40, 30, 20]), 0.01 * torch.rand(k - 4, generator=g)])
+    W = U0 @ torch.diag(s0) @ V0.T
+    U, s, Vh = top_singular_vectors(W, 4, seed=1)
+    assert U.shape == (m, 4) and s.shape == (4,) and Vh.shape == (4, n)
+    torch.testing.assert_close(s, s0[:4], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(U @ U.T, U0[:, :4] @ U0[:, :4].T, atol=1e-4, rtol=0)  # same column space
+    torch.testing.assert_close(Vh.T @ Vh, V0[:, :4] @ V0[:, :4].T, atol=1e-4, rtol=0)
+    U2, s2, Vh2 = top_singular_vectors(W, 4, seed=1)
+    assert torch.equal(U, U2) and torch.equal(s, s2) and torch.equal(Vh, Vh2)  # seeded: the same every call
