@@ -96,6 +96,40 @@ def throughput(populations: list[int], quant: str, prompt_counts: list[int], rep
                 print(f"| {prompts} | {pop} | {name} | {per_call} | {rate[name]:.2f} | {rate[name] * prompts:.0f} | "
                       f"{ratio} |", flush=True)
     print()
+    ceiling(b, tc, prompt_counts, reps)
+
+
+def ceiling(b, tc, prompt_counts: list[int], reps: int) -> None:
+    """The most any grouping of rows can gain on this device: plain greedy decoding with the adapter off (no
+    LoRA matmuls, no per-row scales) at one member's call size against the best of bigger calls."""
+    import time
+
+    import torch
+
+    from lowalign.generation import generate
+    from lowalign.tasks.arithmetic import ArithmeticTask
+
+    print("Ceiling: plain inference (adapter off) of the same prompts, rows/s by rows per call; the best bigger call "
+          "over one member's call bounds what batching members can gain here\n")
+    print("| prompts per member | rows per call | rows/s | / rows/s at one member's call |")
+    print("|---|---|---|---|")
+    for prompts in prompt_counts:
+        base_prompts = [r["prompt"] for r in ArithmeticTask().train_rows(prompts, seed=1)]
+        first = None
+        for rows in [prompts] + [n for n in (256, 1024, 2048) if n > prompts]:
+            batch = base_prompts * (rows // prompts)
+            with b.use("reference"), torch.no_grad():
+                generate(b, batch, max_new_tokens=tc.max_new_tokens, do_sample=False)  # warm-up
+                best = float("inf")
+                for _ in range(reps):
+                    calls = max(1, 2048 // rows)  # about 2048 rows timed at every size
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        generate(b, batch, max_new_tokens=tc.max_new_tokens, do_sample=False)
+                    best = min(best, (time.perf_counter() - t0) / (calls * len(batch)))
+            first = first or 1 / best
+            print(f"| {prompts} | {len(batch)} | {1 / best:.0f} | {(1 / best) / first:.2f}x |", flush=True)
+    print()
 
 
 def main():

@@ -116,6 +116,49 @@ def guard_avx512bf16(model: nn.Module) -> int:
     return n
 
 
+def _check_rows(s: torch.Tensor, rows: int, mod_name: str) -> None:
+    if rows != s.shape[0]:
+        raise ValueError(f"row_scales: {s.shape[0]} rows of scales for {mod_name}, but the batch has {rows} rows")
+
+
+def _row_view(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(rows, r) scales shaped to multiply a (rows, ..., r) tensor."""
+    return s.to(like.device, like.dtype).view(s.shape[0], *([1] * (like.ndim - 2)), s.shape[1])
+
+
+def _scale_rows_hook(s: torch.Tensor, mod_name: str):
+    """Forward hook on ``lora_A``: its (rows, ..., r) output times each row's scales."""
+    def scale_rows(_mod, _inp, out):
+        _check_rows(s, out.shape[0], mod_name)
+        return out * _row_view(s, out)
+    return scale_rows
+
+
+def _plain_lora(m: nn.Module, name: str) -> bool:
+    """Whether peft LoRA module ``m`` computes exactly ``base(x) + scaling * B(A(x))`` for adapter ``name``."""
+    return (not getattr(m, "merged", True) and not getattr(m, "disable_adapters", True)
+            and list(m.active_adapters) == [name] and name not in getattr(m, "lora_variant", {})
+            and isinstance(m.lora_dropout[name], nn.Identity) and m.lora_B[name].bias is None
+            and isinstance(m.lora_A[name], nn.Linear) and isinstance(m.lora_B[name], nn.Linear))
+
+
+def _lean_row_scaled_forward(m: nn.Module, name: str, s: torch.Tensor, mod_name: str):
+    """``base(x) + (A x * scaling * s_row) B^T`` for the rows of x (rows, ..., d_in), the last matmul fused
+    with the add (addmm); same value as peft's forward with the rows of ``A x`` scaled."""
+    A, B, base = m.lora_A[name].weight, m.lora_B[name].weight, m.base_layer
+    s = (s.float() * float(m.scaling[name])).to(A.device, A.dtype)
+
+    def forward(x, *args, **kwargs):
+        _check_rows(s, x.shape[0], mod_name)
+        result = base(x, *args, **kwargs)
+        h = torch.nn.functional.linear(x.to(A.dtype), A)  # (rows, ..., r)
+        sv = _row_view(s, h)
+        h = h * sv if torch.is_grad_enabled() else h.mul_(sv)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t())
+        return out.view(result.shape).to(result.dtype)
+    return forward
+
+
 @dataclass
 class LMHead:
     """What the fused log-prob kernel needs of the output layer in the current role."""
@@ -271,30 +314,31 @@ class ModelBundle:
         """Give every batch row its own scaling of adapter ``name``'s rank directions: inside, the LoRA module
         ``m`` (a name from :meth:`lora_factors`) computes for row ``b`` of its input
 
-            scale * B diag(scales[m][b]) A x            scales[m]: (rows, r)
+            base(x) + scale * B diag(scales[m][b]) A x            scales[m]: (rows, r)
 
-        (a forward hook on ``lora_A`` multiplies its (rows, ..., r) output). One batch then holds many
-        variants of the adapter that differ only there, e.g. ESSA's population members, whose updates
-        ``U diag(s) V^T`` share ``U`` and ``V``. Modules not named keep their weights as they are."""
-        handles = []
-
-        def hook(s, mod_name):
-            def scale_rows(_mod, _inp, out):
-                if out.shape[0] != s.shape[0]:
-                    raise ValueError(f"row_scales: {s.shape[0]} rows of scales for {mod_name}, but the batch has "
-                                     f"{out.shape[0]} rows")
-                return out * s.to(out.device, out.dtype).view(s.shape[0], *([1] * (out.ndim - 2)), s.shape[1])
-            return scale_rows
-
+        One batch then holds many variants of the adapter that differ only there, e.g. ESSA's population
+        members, whose updates ``U diag(s) V^T`` share ``U`` and ``V``. Modules not named keep their weights as
+        they are. A plain LoRA module (the only active adapter, unmerged, no dropout, no DoRA) runs a lean
+        forward for the duration: ``h = A x``, ``h *= scale * scales`` in place (out of place under autograd),
+        ``base(x) + h B^T`` as one addmm, where peft's forward would add a mul and an add over the layer's
+        whole (rows, d_out) output; any other module keeps peft's forward with a hook scaling ``A x``."""
+        patched, handles = [], []
         try:
             for mod_name, m in self.base.named_modules():
                 if mod_name in scales and hasattr(m, "lora_A") and name in getattr(m, "lora_A", {}):
-                    handles.append(m.lora_A[name].register_forward_hook(hook(scales[mod_name], mod_name)))
+                    s = scales[mod_name]
+                    if _plain_lora(m, name):
+                        m.forward = _lean_row_scaled_forward(m, name, s, mod_name)
+                        patched.append(m)
+                    else:
+                        handles.append(m.lora_A[name].register_forward_hook(_scale_rows_hook(s, mod_name)))
             missing = set(scales) - {n for n, m in self.base.named_modules() if hasattr(m, "lora_A")}
             if missing:
                 raise KeyError(f"row_scales: no LoRA module {sorted(missing)[:3]} of adapter '{name}'")
             yield self
         finally:
+            for m in patched:
+                del m.forward  # the class's (peft's) forward again
             for h in handles:
                 h.remove()
 

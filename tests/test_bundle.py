@@ -218,3 +218,43 @@ def test_row_scales_give_each_row_its_own_rank_scaling():
     assert torch.allclose(scaled[0], plain[0], atol=1e-6) and torch.allclose(scaled[2], plain[2], atol=1e-6)
     assert torch.allclose(scaled[1], base[1], atol=1e-6) and not torch.allclose(plain[1], base[1], atol=1e-3)
     assert torch.equal(after, plain)
+
+
+def _row_scaled(dropout: float):
+    """hidden states and d(sum)/d(scales) of a 3-row batch with random per-row scales, on a tiny bundle whose
+    adapter has LoRA dropout ``dropout`` (0: the lean forward; > 0: peft's forward with the hook), in eval mode."""
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4, dropout=dropout))
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, 0.2)
+    b.base.eval()
+    names = [n for n, *_ in b.lora_factors("policy")]
+    ids = torch.tensor([[5, 6, 7, 8]] * 3)
+    s = torch.rand(3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    with b.use("policy"), b.row_scales("policy", {n: s for n in names}):
+        lean = [n for n, m in b.base.named_modules() if "forward" in m.__dict__]
+        h = b.hidden_states(ids, torch.ones_like(ids))
+    h.sum().backward()
+    assert not [n for n, m in b.base.named_modules() if "forward" in m.__dict__]  # peft's forward restored
+    return b, names, lean, h.detach(), s.grad, s.detach()
+
+
+def test_row_scales_lean_forward_equals_peft_forward_with_hook_and_the_formula():
+    """The lean row-scaled LoRA forward (base(x) + (A x * scale * s_row) B^T in one addmm) gives the values
+    and gradients of peft's forward with A x scaled by a hook, and row b equals the plain adapter whose B is
+    B diag(s_b): the formula, checked per row."""
+    b, names, lean, h, g, s = _row_scaled(0.0)
+    _, _, hooked, h_ref, g_ref, _ = _row_scaled(0.1)
+    assert sorted(lean) == sorted(names) and hooked == []  # each path was the one exercised
+    torch.testing.assert_close(h, h_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    Bs = {n: B.detach().clone() for n, _, B, _ in b.lora_factors("policy")}
+    for row in range(3):
+        with torch.no_grad():
+            for n, _, B, _ in b.lora_factors("policy"):
+                B.copy_(Bs[n] * s[row])
+            with b.use("policy"):
+                one = b.hidden_states(ids, torch.ones_like(ids))
+        torch.testing.assert_close(h[row], one[0], rtol=1e-4, atol=1e-5)
