@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -66,7 +67,8 @@ def test_two_processes_equal_one(tmp_path):
     assert [r["fitness/mean"] for r in metrics(one)] == [r["fitness/mean"] for r in metrics(two)]
 
 
-def test_batched_members_decode_what_each_member_decodes_alone():
+@pytest.mark.parametrize("quant", ["none", "nf4"])  # nf4: the row-scaled forward over peft's bitsandbytes LoRA layer
+def test_batched_members_decode_what_each_member_decodes_alone(quant):
     """The population in one generation call (per-row singular values) gives every member the completions
     and fitness it gets alone, and the completions of its adapter written out as plain weights."""
     from dataclasses import replace
@@ -81,7 +83,7 @@ def test_batched_members_decode_what_each_member_decodes_alone():
     from lowalign.tasks.arithmetic import ArithmeticTask
 
     torch.manual_seed(0)
-    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny"))
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", quantization=quant))
     b.add_adapter("policy", LoraConfig(r=8, alpha=16))
     sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0)
     theta = sv.initial_theta()
