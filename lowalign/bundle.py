@@ -149,6 +149,8 @@ def _lean_row_scaled_forward(m: nn.Module, name: str, s: torch.Tensor, mod_name:
     s = (s.float() * float(m.scaling[name])).to(A.device, A.dtype)
 
     def forward(x, *args, **kwargs):
+        if not _plain_lora(m, name):  # adapters switched off or swapped inside the context: peft decides
+            return type(m).forward(m, x, *args, **kwargs)
         _check_rows(s, x.shape[0], mod_name)
         result = base(x, *args, **kwargs)
         h = torch.nn.functional.linear(x.to(A.dtype), A)  # (rows, ..., r)

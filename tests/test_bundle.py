@@ -208,6 +208,8 @@ def test_row_scales_give_each_row_its_own_rank_scaling():
             s = torch.tensor([[1.0] * r, [0.0] * r, [1.0] * r])
             with b.row_scales("policy", {n: s for n in names}):
                 scaled = b.hidden_states(ids, mask)
+                with b.use("reference"):  # adapters off inside the context: the base, no scaled adapter
+                    base_inside = b.hidden_states(ids, mask)
             after = b.hidden_states(ids, mask)  # the hooks are gone
             with pytest.raises(ValueError, match="2 rows of scales"), b.row_scales("policy", {n: s[:2] for n in names}):
                 b.hidden_states(ids, mask)
@@ -217,7 +219,7 @@ def test_row_scales_give_each_row_its_own_rank_scaling():
             base = b.hidden_states(ids, mask)
     assert torch.allclose(scaled[0], plain[0], atol=1e-6) and torch.allclose(scaled[2], plain[2], atol=1e-6)
     assert torch.allclose(scaled[1], base[1], atol=1e-6) and not torch.allclose(plain[1], base[1], atol=1e-3)
-    assert torch.equal(after, plain)
+    assert torch.equal(after, plain) and torch.equal(base_inside, base)
 
 
 def _row_scaled(dropout: float):
