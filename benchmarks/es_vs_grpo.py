@@ -37,6 +37,22 @@ def run(recipe: str, out: Path, budget: float, quant: str, extra: list[str]) -> 
     return summ, rows
 
 
+def essa_bundle(cfg):
+    """The base of ``cfg`` with a fresh policy adapter set up as an ESSA run of ``cfg`` sets it up (its seed,
+    rank, subspace, s_init, top_fraction): (bundle, SingularValueLoRA)."""
+    import torch
+
+    from lowalign.algorithms.essa import POLICY, SingularValueLoRA
+    from lowalign.bundle import ModelBundle
+
+    tc = cfg.train
+    torch.manual_seed(cfg.seed)
+    b = ModelBundle.load(cfg.model)
+    b.add_adapter(POLICY, cfg.lora)
+    return b, SingularValueLoRA(b, fresh=True, seed=cfg.seed, s_init=tc.s_init, top_fraction=tc.top_fraction,
+                                subspace=tc.subspace)
+
+
 def throughput(populations: list[int], quant: str, prompt_counts: list[int], reps: int = 2,
                size: str | None = None) -> None:
     """Members and completions per second, batched vs one member per call, in this process, with the
@@ -47,9 +63,8 @@ def throughput(populations: list[int], quant: str, prompt_counts: list[int], rep
 
     import torch
 
-    from lowalign.algorithms.essa import SingularValueLoRA, member_fitness
+    from lowalign.algorithms.essa import member_fitness
     from lowalign.api import load_config
-    from lowalign.bundle import ModelBundle
     from lowalign.es import ESState, population
     from lowalign.rewards import RewardSources
     from lowalign.tasks.arithmetic import ArithmeticTask
@@ -61,10 +76,7 @@ def throughput(populations: list[int], quant: str, prompt_counts: list[int], rep
         model = [f"model.name_or_path={build_model(size, Path(tempfile.gettempdir()) / f'lowalign_{size}')}"]
     cfg = load_config(REPO / "recipes/es_tiny.yaml", [f"model.quantization={quant}", *model])
     tc = cfg.train
-    torch.manual_seed(0)
-    b = ModelBundle.load(cfg.model)
-    b.add_adapter("policy", cfg.lora)
-    sv = SingularValueLoRA(b, fresh=True, seed=0, s_init=0.0, top_fraction=1.0, subspace=tc.subspace)
+    b, sv = essa_bundle(cfg)
     theta = sv.initial_theta()
     rewards = RewardSources(cfg.rewards)
     state = ESState(theta, torch.zeros_like(theta), torch.zeros_like(theta))
@@ -121,8 +133,8 @@ def ceiling(b, tc, prompt_counts: list[int], reps: int) -> None:
             with b.use("reference"), torch.no_grad():
                 generate(b, batch, max_new_tokens=tc.max_new_tokens, do_sample=False)  # warm-up
                 best = float("inf")
+                calls = max(1, 2048 // rows)  # about 2048 rows timed at every size
                 for _ in range(reps):
-                    calls = max(1, 2048 // rows)  # about 2048 rows timed at every size
                     t0 = time.perf_counter()
                     for _ in range(calls):
                         generate(b, batch, max_new_tokens=tc.max_new_tokens, do_sample=False)

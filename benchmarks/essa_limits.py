@@ -36,20 +36,17 @@ def main():
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. lora.r=16")
     args = ap.parse_args()
 
-    from lowalign.algorithms.essa import POLICY, SingularValueLoRA
+    from es_vs_grpo import essa_bundle  # this folder is on sys.path when run as a script
+
+    from lowalign.algorithms.essa import POLICY
     from lowalign.api import load_config
-    from lowalign.bundle import ModelBundle
     from lowalign.evaluation import heldout_eval
     from lowalign.generation import encode_completions
     from lowalign.tasks.arithmetic import ArithmeticTask, is_correct
 
     cfg = load_config(REPO / "recipes/es_tiny.yaml", args.overrides)
     tc = cfg.train
-    torch.manual_seed(cfg.seed)
-    b = ModelBundle.load(cfg.model)
-    b.add_adapter(POLICY, cfg.lora)
-    sv = SingularValueLoRA(b, fresh=True, seed=cfg.seed, s_init=tc.s_init, top_fraction=tc.top_fraction,
-                           subspace=tc.subspace)
+    b, sv = essa_bundle(cfg)
     theta = sv.initial_theta().clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=args.lr)
     task, held = ArithmeticTask(), ArithmeticTask().eval_rows(500)
@@ -91,6 +88,8 @@ def main():
 
 def signal(b, sv, cfg, pairs: int) -> None:
     """Correlation across antithetic pairs of their fitness differences on two disjoint prompt sets."""
+    from rich.console import Console
+
     from lowalign.algorithms.essa import calibrate_sigma, member_fitness
     from lowalign.es import noise
     from lowalign.rewards import RewardSources
@@ -101,11 +100,7 @@ def signal(b, sv, cfg, pairs: int) -> None:
     halves = rows[:64], rows[64:]
     theta = sv.initial_theta()
 
-    class Quiet:
-        def print(self, msg):
-            print(msg)
-
-    sigma0 = calibrate_sigma(b, sv, theta, halves[0], tc, cfg.seed, Quiet())
+    sigma0 = calibrate_sigma(b, sv, theta, halves[0], tc, cfg.seed, Console())
     eps = torch.stack([noise(theta.numel(), 10_000 + k) for k in range(pairs)])
     print(f"\nfitness differences of {pairs} antithetic pairs at the start (s = {tc.s_init}), each pair scored on "
           "two disjoint sets of 64 training problems\n")

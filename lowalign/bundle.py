@@ -134,22 +134,28 @@ def _scale_rows_hook(s: torch.Tensor, mod_name: str):
     return scale_rows
 
 
+def _only_live_adapter(m: nn.Module, name: str) -> bool:
+    """Whether adapter ``name`` is, right now, the only one peft LoRA module ``m`` adds (unmerged, enabled)."""
+    return (not getattr(m, "merged", True) and not getattr(m, "disable_adapters", True)
+            and list(m.active_adapters) == [name])
+
+
 def _plain_lora(m: nn.Module, name: str) -> bool:
     """Whether peft LoRA module ``m`` computes exactly ``base(x) + scaling * B(A(x))`` for adapter ``name``."""
-    return (not getattr(m, "merged", True) and not getattr(m, "disable_adapters", True)
-            and list(m.active_adapters) == [name] and name not in getattr(m, "lora_variant", {})
+    return (_only_live_adapter(m, name) and name not in getattr(m, "lora_variant", {})
             and isinstance(m.lora_dropout[name], nn.Identity) and m.lora_B[name].bias is None
             and isinstance(m.lora_A[name], nn.Linear) and isinstance(m.lora_B[name], nn.Linear))
 
 
 def _lean_row_scaled_forward(m: nn.Module, name: str, s: torch.Tensor, mod_name: str):
     """``base(x) + (A x * scaling * s_row) B^T`` for the rows of x (rows, ..., d_in), the last matmul fused
-    with the add (addmm); same value as peft's forward with the rows of ``A x`` scaled."""
+    with the add (addmm); same value as peft's forward with the rows of ``A x`` scaled. For a module that
+    :func:`_plain_lora` accepted: per call only what a role switch can change is checked again."""
     A, B, base = m.lora_A[name].weight, m.lora_B[name].weight, m.base_layer
     s = (s.float() * float(m.scaling[name])).to(A.device, A.dtype)
 
     def forward(x, *args, **kwargs):
-        if not _plain_lora(m, name):  # adapters switched off or swapped inside the context: peft decides
+        if not _only_live_adapter(m, name):  # adapters switched off or swapped inside the context: peft decides
             return type(m).forward(m, x, *args, **kwargs)
         _check_rows(s, x.shape[0], mod_name)
         result = base(x, *args, **kwargs)
