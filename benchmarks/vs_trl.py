@@ -7,7 +7,7 @@
 The model is a random-weight Qwen2 with the real 151,936-token vocabulary (hidden 256, 4 layers, untied
 embeddings: a 0.3 GB model whose memory, like a real small model's, is dominated by the vocabulary), saved
 once with a character-level WordLevel tokenizer (``lowalign.tiny.wide_tokenizer``). Both tools load that
-directory in fp32 with the tokenizer loaded the way ``lowalign.bundle.load_tokenizer`` does (transformers 5's
+directory in fp32 with the tokenizer loaded the way ``lowalign.models.load_tokenizer`` does (transformers 5's
 ``AutoTokenizer`` would swap in an empty ``Qwen2Tokenizer``), LoRA r16 / alpha 32 on every projection,
 gradient checkpointing, dropout off, the same learning rate, torch threads and seed.
 
@@ -126,7 +126,7 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl.extras import profiling
 
-    from lowalign.bundle import load_tokenizer
+    from lowalign.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
     timers: dict[str, float] = {}

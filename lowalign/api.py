@@ -215,18 +215,20 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
+    from lowalign.bundle import ModelBundle
     from lowalign.data import prepare_prompts
+    from lowalign.models import load_tokenizer, resolve_path
 
     algo = algorithms()[cfg.algorithm]
-    tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)  # once per run
+    tok = load_tokenizer(resolve_path(cfg.model.name_or_path, cfg.model.gguf_file, console),
+                         cfg.model.trust_remote_code)  # once per run
     data = load_data(cfg, tok)  # before any model work
     if algo.check_data is not None:
         algo.check_data(cfg, data)
     if cfg.rewards and data.pairs is None:
         from lowalign.rewards import RewardSources
 
-        RewardSources(cfg.rewards).probe(data.batch(0, 2, cfg.seed))
+        RewardSources(cfg.rewards, checker=data.checker).probe(data.batch(0, 2, cfg.seed))
     if isinstance(cfg.lora.target_modules, list):
         console.print(f"lora: target modules {cfg.lora.target_modules}")
 
@@ -305,8 +307,9 @@ def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: i
     """``n`` completions of each prompt from ``model`` (a hub id, local directory or builtin), with a trained
     policy adapter when ``adapter`` names one (a run directory, or a saved PEFT adapter folder); greedy at
     ``temperature=0``. Loads the model on each call: for looking at a few completions in a notebook."""
-    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path, saved_lora_config
+    from lowalign.bundle import ModelBundle, saved_lora_config
     from lowalign.generation import generate
+    from lowalign.models import load_tokenizer, resolve_path
 
     mc = C.build(C.ModelConfig, {"name_or_path": model, "quantization": quantization, "device": device}, "model")
     adir = None

@@ -43,18 +43,21 @@ def best_of_n(recipe, overrides=(), *, out: str, n: int = 8, adapter: str | None
     max_new_tokens = max_new_tokens or getattr(tc, "max_new_tokens", None) or cfg.eval.max_new_tokens
 
     from lowalign.algorithms.common import reward_sources, step_seed
-    from lowalign.bundle import ModelBundle, load_tokenizer, resolve_path
+    from lowalign.bundle import ModelBundle
     from lowalign.data import prepare_prompts
     from lowalign.generation import generate
     from lowalign.losses.filtering import best_of_n_mask
+    from lowalign.models import load_tokenizer, resolve_path
     from lowalign.rewards import RewardSources, row_columns
     from lowalign.runtime import Progress, seed_everything
 
-    tok = load_tokenizer(resolve_path(cfg.model.name_or_path), cfg.model.trust_remote_code)
+    tok = load_tokenizer(resolve_path(cfg.model.name_or_path, cfg.model.gguf_file, console),
+                         cfg.model.trust_remote_code)
     data = load_data(cfg, tok)
     if data.pairs is not None:
         raise ConfigError(f"algorithm: best-of-N samples from prompts; '{cfg.algorithm}' reads preference pairs "
                           "(use a prompt recipe)")
+    prepare_prompts(data, tok, cfg.data)  # chat templates (the built-in task's too) before rows are taken
     if split == "eval":
         rows = data.eval_rows(limit or len(data.eval_rows_all))
     elif data.task is not None:  # a built-in task generates training prompts
@@ -63,14 +66,13 @@ def best_of_n(recipe, overrides=(), *, out: str, n: int = 8, adapter: str | None
         rows = data.train_rows[:limit] if limit else data.train_rows
     if not rows:
         raise ConfigError(f"--split {split}: no prompts to sample")
-    RewardSources(cfg.rewards).probe(rows[:2])  # a broken reward function fails before the model loads
-    prepare_prompts(data, tok, cfg.data)
+    RewardSources(cfg.rewards, checker=data.checker).probe(rows[:2])  # a broken reward fails before the model loads
     bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     role = "reference"
     if adapter:
         bundle.add_adapter("policy", cfg.lora, init_from=adapter)
         role = "policy"
-    rewards = reward_sources(SimpleNamespace(cfg=cfg, bundle=bundle))
+    rewards = reward_sources(SimpleNamespace(cfg=cfg, bundle=bundle, data=data))
     console.print(f"best-of-{n}: {len(rows)} prompts from the {split} split, "
                   f"{'adapter ' + adapter if adapter else 'the base model'} -> {path}")
     best_sum = mean_sum = 0.0

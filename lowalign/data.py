@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowalign.config import ConfigError, DataConfig
-from lowalign.tasks.arithmetic import ArithmeticTask, is_correct
+from lowalign.tasks.answers import CHECKERS, gsm8k_match, resolve_format
+from lowalign.tasks.arithmetic import ArithmeticTask
 
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -31,16 +32,7 @@ def gsm8k_answer(text: str) -> str:
     return m[-1].replace(",", "")
 
 
-def numeric_match(completion: str, answer: str) -> bool:
-    """Last number in the completion (or the one after '####') equals the answer numerically."""
-    tail = completion.split("####")[-1]
-    nums = _NUM_RE.findall(tail)
-    if not nums:
-        return False
-    try:
-        return abs(float(nums[-1].replace(",", "")) - float(answer)) < 1e-6
-    except ValueError:
-        return False
+numeric_match = gsm8k_match  # last number in the completion (or the one after '####') equals the answer
 
 
 def _read_json_rows(path: str) -> list[dict]:
@@ -117,18 +109,22 @@ def epoch_indices(size: int, step: int, n: int, seed: int) -> list[int]:
 
 @dataclass
 class PromptData:
-    """Training rows (or a task that generates them) and held-out rows, plus the answer checker."""
+    """Training rows (or a task that generates them) and held-out rows, plus the answer checker (the one
+    ``data.answer_format`` names: accuracy, the report, ``bon`` and correctness rewards all use it)."""
 
     train_rows: list[dict] | None
     eval_rows_all: list[dict]
     checker: object
     task: ArithmeticTask | None = None
     pairs: object = None  # PreferenceData (pairs, or KTO feedback rows), for preference algorithms on files
+    answer_format: str | None = None  # the checker's name (CHECKERS), auto resolved
+    render: object = None  # the task's chat template (prompt -> prompt), set by prepare_prompts
 
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""
         if self.task is not None:
-            return self.task.train_rows(n, seed=seed * 1_000_003 + step)
+            rows = self.task.train_rows(n, seed=seed * 1_000_003 + step)
+            return [render_row(r, self.render) for r in rows] if self.render else rows
         return [self.train_rows[j] for j in epoch_indices(len(self.train_rows), step, n, seed)]
 
     def eval_rows(self, n: int) -> list[dict]:
@@ -158,11 +154,12 @@ def _normalize(rows: list[dict], cfg: DataConfig, where: str) -> list[dict]:
 
 def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
     """Read and validate rows (cheap: no model, no tokenizer)."""
+    fmt = resolve_format(cfg.answer_format, cfg.chat_template)
     if cfg.path is None and cfg.source == "builtin:arithmetic":
         t = cfg.task
         task = ArithmeticTask(ops=t.ops, max_operand=t.max_operand, eval_fraction=t.eval_fraction,
-                              split_seed=t.split_seed)
-        return PromptData(None, task.eval_rows(), is_correct, task)
+                              split_seed=t.split_seed, question=cfg.chat_template)
+        return PromptData(None, task.eval_rows(), CHECKERS[fmt], task, answer_format=fmt)
     where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
     rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split, cfg.subset), cfg, where)
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):  # eval_split names a split of a hub source
@@ -177,26 +174,36 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
                             "set data.eval_path")
         ev = [rows[i] for i in order[:k]]
         rows = [rows[i] for i in sorted(order[k:])]
-    checker = None
-    if "answer" in rows[0]:  # a prompt-only file (rewards only) has no checker and reports no accuracy
-        checker = numeric_match if cfg.answer_format == "gsm8k" else lambda c, a: c.strip() == a
-    return PromptData(rows, ev, checker)
+    has_answer = "answer" in rows[0]  # a prompt-only file (rewards only) has no checker and reports no accuracy
+    return PromptData(rows, ev, CHECKERS[fmt] if has_answer else None, answer_format=fmt if has_answer else None)
+
+
+def render_row(row: dict, render) -> dict:
+    """``row`` with its prompt through the chat template; the plain text kept as ``_question`` (shown in
+    reports; columns starting with '_' are not passed to reward functions)."""
+    return {**row, "_question": row.get("_question", row["prompt"]), "prompt": render(row["prompt"])}
 
 
 def prepare_prompts(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
     """Render chat templates, then apply the truncation policy to over-long prompts (before training).
     Returns notes for the log."""
-    if data.train_rows is None:
+    if data.train_rows is None and data.task is None:
         return []
     if cfg.chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError("data.chat_template: true, but the tokenizer has no chat template")
-        for rows in (data.train_rows, data.eval_rows_all):
-            for r in rows:
-                r["prompt"] = tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}],
-                                                            tokenize=False, add_generation_prompt=True)
+
+        def render(text: str) -> str:
+            return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                 add_generation_prompt=True)
+
+        for rows in (data.train_rows or [], data.eval_rows_all):
+            rows[:] = [render_row(r, render) for r in rows]
+        if data.task is not None:
+            data.render = render
     notes = []
-    for name, rows in (("train", data.train_rows), ("eval", data.eval_rows_all)):
+    train = data.train_rows if data.task is None else data.batch(0, 64, 0)  # the task's prompts: a sample
+    for name, rows in (("train", train), ("eval", data.eval_rows_all)):
         note = limit_prompt_lengths(rows, tokenizer, cfg, name)
         if note:
             notes.append(note)

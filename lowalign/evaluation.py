@@ -48,7 +48,7 @@ def heldout_eval(bundle, rows: list[dict], *, checker=None, rewards=None, batch_
             out["reward_sampled"] = round(rs.total.mean().item(), 6)
     samples = []
     for i, (r, t) in enumerate(zip(rows[:n_samples], texts)):
-        s = {"prompt": r["prompt"], "completion": t}
+        s = {"prompt": r.get("_question", r["prompt"]), "completion": t}
         if "answer" in r:
             s["answer"] = r["answer"]
         if correct is not None:

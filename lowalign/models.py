@@ -9,6 +9,10 @@
 
 Runs in ``lowalign validate`` and at the start of ``lowalign run`` before any directory is created; the
 bundle uses the same resolution on the loaded model.
+
+Model loading lives here: where a name points (:func:`resolve_path`: builtin, local directory, hub id, a GGUF
+file or packaged GGUF converted once into the cache by :mod:`lowalign.gguf_source`), its config and its
+tokenizer (:func:`load_tokenizer`). The bundle loads weights from what :func:`resolve_path` returns.
 """
 
 from __future__ import annotations
@@ -63,20 +67,92 @@ def resolve_target_modules(model, requested, where: str = "lora.target_modules")
     return list(requested)
 
 
-def _local_dir(name_or_path: str) -> Path | None:
-    """The directory a builtin name or a local path names, or None (a hub id)."""
+def gguf_path(name_or_path: str, gguf_file: str | None = None) -> Path | None:
+    """The GGUF file a model source names (a ``.gguf`` path, a directory plus ``gguf_file``, or a packaged
+    model), without converting it; None for any other source. A named file that is missing is an error."""
+    from lowalign.gguf_source import PACKAGED_PREFIX, packaged_gguf
+
+    if name_or_path.startswith(PACKAGED_PREFIX):
+        return packaged_gguf(name_or_path)
+    if gguf_file:
+        f = Path(name_or_path).expanduser() / gguf_file
+        if not f.is_file():
+            raise ConfigError(f"model.gguf_file: {f} not found"
+                              + (f" (the directory has {sorted(p.name for p in f.parent.glob('*.gguf'))})"
+                                 if f.parent.is_dir() else ""))
+        return f
+    if name_or_path.lower().endswith(".gguf"):
+        f = Path(name_or_path).expanduser()
+        if not f.is_file():
+            raise ConfigError(f"model.name_or_path: GGUF file not found: {f}")
+        return f
+    return None
+
+
+def resolve_path(name_or_path: str, gguf_file: str | None = None, console=None) -> str:
+    """What ``from_pretrained`` loads for a model source: the builtin's directory, a GGUF's converted
+    directory (converted now if this content never was), or the name as given (local directory, hub id)."""
     from lowalign.tiny import resolve_builtin
 
+    builtin = resolve_builtin(name_or_path)
+    if builtin is not None:
+        if not (builtin / "config.json").exists():
+            raise ConfigError(f"model.name_or_path: built-in weights missing at {builtin} "
+                              "(rebuild with scripts/build_tiny.py)")
+        return str(builtin)
+    f = gguf_path(name_or_path, gguf_file)
+    if f is not None:
+        from lowalign.gguf_source import convert
+
+        return str(convert(f, console))
+    return name_or_path
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The tokenizer class a local directory declares (tokenizer_config.json) wins; else AutoTokenizer.
+    transformers 5 may otherwise substitute the model type's default class (an empty Qwen2Tokenizer for a
+    byte tokenizer, or a sentencepiece Llama tokenizer for a Mistral directory that holds none)."""
+    import json
+
+    from transformers import AutoTokenizer
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    cfg_file = Path(path) / "tokenizer_config.json"
+    if cfg_file.exists():
+        declared = json.loads(cfg_file.read_text()).get("tokenizer_class")
+        cls = tokenizer_class_from_name(declared) if declared else None
+        if cls is not None:
+            return cls.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def _local_dir(name_or_path: str, gguf_file: str | None = None) -> Path | None:
+    """The directory a builtin name, a local path or an already converted GGUF names, or None (a hub id, a
+    GGUF not converted yet)."""
+    from lowalign.tiny import resolve_builtin
+
+    f = gguf_path(name_or_path, gguf_file)
+    if f is not None:
+        from lowalign.gguf_source import cached_dir, is_converted
+
+        d = cached_dir(f)
+        return d if is_converted(d) else None
     local = Path(resolve_builtin(name_or_path) or Path(name_or_path).expanduser())
     return local if local.is_dir() else None
 
 
-def read_config(name_or_path: str, trust_remote_code: bool = False):
+def read_config(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     """The model's config from its config.json: a local dir, builtin, or the local hub cache (validation never
-    waits on the network). None for a hub id not cached yet: the same checks then run on the loaded model
-    (``ModelBundle.add_adapter`` resolves the LoRA targets the same way)."""
+    waits on the network); for a GGUF, from its header (cached by content, converted or not). None for a hub
+    id not cached yet: the same checks then run on the loaded model (``ModelBundle.add_adapter`` resolves the
+    LoRA targets the same way)."""
     from transformers import AutoConfig
 
+    f = gguf_path(name_or_path, gguf_file)
+    if f is not None:
+        from lowalign.gguf_source import header_config
+
+        return header_config(f)
     local = _local_dir(name_or_path)
     if local is not None:
         if not (local / "config.json").exists():
@@ -108,7 +184,10 @@ def check_model(cfg) -> None:
     """The config.json checks of a run config; resolves ``cfg.lora.target_modules`` in place. Skipped when
     the model's config is out of reach (a hub id not in the local cache): the bundle checks on load."""
     m = cfg.model
-    config = read_config(m.name_or_path, m.trust_remote_code)
+    if m.gguf_file and gguf_path(m.name_or_path) is not None:
+        raise ConfigError(f"model.gguf_file: names a file inside a model directory, but model.name_or_path "
+                          f"'{m.name_or_path}' is a GGUF already")
+    config = read_config(m.name_or_path, m.trust_remote_code, m.gguf_file)
     if config is None:
         return
     model = skeleton(config, m.trust_remote_code)
@@ -117,14 +196,18 @@ def check_model(cfg) -> None:
 
 
 def _check_tokenizer(m, vocab: int) -> None:
-    local = _local_dir(m.name_or_path)
-    if local is None:
-        return
-    from lowalign.bundle import load_tokenizer  # the bundle's own tokenizer loading, nothing else of it
+    f = gguf_path(m.name_or_path, m.gguf_file)
+    if f is not None:  # the header's token list, converted or not
+        from lowalign.gguf_source import read_header
 
-    tok = load_tokenizer(str(local), m.trust_remote_code)
-    if len(tok) > vocab:
-        raise ConfigError(f"model.name_or_path: the tokenizer has {len(tok)} tokens but the model's embedding "
+        n, what = read_header(f).vocab_size, f"{f.name}'s tokenizer"
+    else:
+        local = _local_dir(m.name_or_path)
+        if local is None:
+            return
+        n, what = len(load_tokenizer(str(local), m.trust_remote_code)), "the tokenizer"
+    if n > vocab:
+        raise ConfigError(f"model.name_or_path: {what} has {n} tokens but the model's embedding "
                           f"only {vocab}: ids past {vocab - 1} would index out of range")
 
 
@@ -165,13 +248,18 @@ def _file_digest(f: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(name_or_path: str | None) -> str:
+def fingerprint(name_or_path: str | None, gguf_file: str | None = None) -> str:
     """A digest of a model's (or adapter's) weight files and tokenizer files, for caches keyed by content:
-    the same path holding different weights gives a different fingerprint."""
+    the same path holding different weights gives a different fingerprint (a GGUF: its bytes' sha256)."""
     import hashlib
 
     if name_or_path is None:
         return "none"
+    f = gguf_path(name_or_path, gguf_file)
+    if f is not None:
+        from lowalign.gguf_source import content_key
+
+        return hashlib.sha256(f"gguf:{content_key(f)}".encode()).hexdigest()[:24]
     d = model_directory(name_or_path)
     h = hashlib.sha256(str(name_or_path).encode())
     if d is None:

@@ -84,10 +84,10 @@ def model_shape(cfg) -> ModelShape:
     from lowalign.models import read_config
 
     m = cfg.model
-    key = (m.name_or_path, str(cfg.lora.target_modules), cfg.lora.r)
+    key = (m.name_or_path, m.gguf_file, str(cfg.lora.target_modules), cfg.lora.r)
     if key in _SHAPES:  # `suggestions` plans many variants of one recipe
         return _SHAPES[key]
-    config, source = read_config(m.name_or_path, m.trust_remote_code), "config.json"
+    config, source = read_config(m.name_or_path, m.trust_remote_code, m.gguf_file), "config.json"
     if config is None:
         config, source = _remote_or_catalog(m.name_or_path)
     _SHAPES[key] = _shape_from_config(config, cfg, source)
@@ -168,14 +168,14 @@ def data_lengths(cfg) -> tuple[int, int | None] | str:
     key = (cfg.model.name_or_path, repr(d), cfg.algorithm)
     if key in _LENGTHS:
         return _LENGTHS[key]
-    local_model = _local_dir(cfg.model.name_or_path)
+    local_model = _local_dir(cfg.model.name_or_path, cfg.model.gguf_file)
     readable = d.path is not None or d.source.startswith("builtin:")
     if local_model is None or not readable or d.chat_template:
         _LENGTHS[key] = "bound"
         return _LENGTHS[key]
     try:
         from lowalign.api import load_data
-        from lowalign.bundle import load_tokenizer
+        from lowalign.models import load_tokenizer
 
         tok = load_tokenizer(str(local_model), cfg.model.trust_remote_code)
         data = load_data(cfg, tok)

@@ -3,7 +3,9 @@ path, or a learned reward adapter in the bundle; combined by weighted sum, each 
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -34,7 +36,7 @@ def import_reward(path: str, where: str = "reward"):
 def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:
     """The data's columns (all but ``prompt``) as the keyword lists reward functions receive, each row's value
     repeated ``repeat`` times (one per completion of that prompt)."""
-    return {k: [r[k] for r in rows for _ in range(repeat)] for k in rows[0] if k != "prompt"}
+    return {k: [r[k] for r in rows for _ in range(repeat)] for k in rows[0] if k != "prompt" and not k.startswith("_")}
 
 
 @dataclass
@@ -53,7 +55,7 @@ class RewardSources:
             the reward and, for a multi-attribute head, each attribute, logged as ``<source>/<attribute>``.
     """
 
-    def __init__(self, specs, scorer=None):
+    def __init__(self, specs, scorer=None, checker=None):
         if not specs:
             from lowalign.config import ConfigError
 
@@ -62,6 +64,8 @@ class RewardSources:
         for i, s in enumerate(specs):
             if s.fn is not None:
                 fn = import_reward(s.fn, f"rewards[{i}].fn")
+                if checker is not None and _takes_checker(fn):  # the run's answer checker (data.answer_format)
+                    fn = functools.partial(fn, checker=checker)
                 name = s.name or s.fn.split(":")[-1]
                 self.sources.append((name, s.weight, fn, None))
             else:
@@ -97,6 +101,14 @@ class RewardSources:
             parts[name] = vals
             total += weight * vals
         return RewardBatch(total=total, parts=parts)
+
+
+def _takes_checker(fn) -> bool:
+    """Whether a reward function names a ``checker`` parameter (the built-in correctness rewards do)."""
+    try:
+        return "checker" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _call_checked(name, fn, prompts, completions, columns) -> torch.Tensor:

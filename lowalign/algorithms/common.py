@@ -65,7 +65,8 @@ def reward_sources(ctx):
             ctx.bundle.load_reward(spec.adapter, spec.path)
         if spec.attribute_weights is not None:
             ctx.bundle.set_attribute_weights(spec.adapter, spec.attribute_weights)
-    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes)
+    checker = getattr(getattr(ctx, "data", None), "checker", None)  # the run's answer checker, for correctness
+    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=checker)
 
 
 def evaluate(ctx, role: str = POLICY) -> dict:
@@ -74,7 +75,9 @@ def evaluate(ctx, role: str = POLICY) -> dict:
     from lowalign.rewards import RewardSources
 
     e = ctx.cfg.eval
-    rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes) if ctx.cfg.rewards else None
+    rewards = None
+    if ctx.cfg.rewards:
+        rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=ctx.data.checker)
     return heldout_eval(ctx.bundle, ctx.data.eval_rows(e.num_examples), checker=ctx.data.checker, rewards=rewards,
                         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role, sampled=e.sampled,
                         temperature=e.temperature)

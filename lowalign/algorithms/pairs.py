@@ -124,7 +124,7 @@ def reference_logps(ctx, pairs: list[dict], batch_size: int | None = None) -> to
 
     m, ref = ctx.cfg.model, reference_mode(ctx.cfg)
     adapters = {"init": [ctx.cfg.lora.init_from], "soup": ctx.cfg.reference_soup}.get(ref, [])
-    key = hashlib.sha256(json.dumps([pairs, fingerprint(m.name_or_path), m.quantization, m.dtype, ref,
+    key = hashlib.sha256(json.dumps([pairs, fingerprint(m.name_or_path, m.gguf_file), m.quantization, m.dtype, ref,
                                      [fingerprint(a) for a in adapters]],
                                     sort_keys=True).encode()).hexdigest()[:16]
     cache_dir = Path(getattr(ctx.cfg.train, "reference_cache_dir", None) or ctx.run_dir.path)

@@ -24,6 +24,11 @@ def render_prompt(a: int, op: str, b: int) -> str:
     return f"Q: {a}{op}{b}= A:"
 
 
+def render_question(a: int, op: str, b: int) -> str:
+    """The problem as a chat question (``data.chat_template: true``): an instruct model's user message."""
+    return f"What is {a} {op} {b}? Reply with just the number."
+
+
 def extract_answer(completion: str) -> str | None:
     """The leading integer of a completion, or None when it does not start with one."""
     m = _ANSWER_RE.match(completion)
@@ -44,12 +49,15 @@ class ArithmeticTask:
         max_operand: largest operand.
         eval_fraction: share of the problem space held out for evaluation.
         split_seed: seed of the fixed train/held-out split (keep it fixed to compare runs).
+        question: render each problem as a chat question ("What is 13 + 54? Reply with just the number.");
+            the split is the same either way.
     """
 
     ops: str = "+"
     max_operand: int = 99
     eval_fraction: float = 0.1
     split_seed: int = 1234
+    question: bool = False  # render problems as chat questions (render_question), not "Q: a+b= A:"
 
     def __post_init__(self):
         bad = [o for o in self.ops if o not in _OPS]
@@ -70,10 +78,10 @@ class ArithmeticTask:
         n_eval = max(1, int(len(space) * self.eval_fraction))
         return space[n_eval:], space[:n_eval]
 
-    @staticmethod
-    def _row(p: tuple[int, str, int]) -> dict:
+    def _row(self, p: tuple[int, str, int]) -> dict:
         a, op, b = p
-        return {"prompt": render_prompt(a, op, b), "answer": str(_OPS[op](a, b))}
+        render = render_question if self.question else render_prompt
+        return {"prompt": render(a, op, b), "answer": str(_OPS[op](a, b))}
 
     def train_rows(self, n: int, seed: int) -> list[dict]:
         """``n`` training rows sampled (with replacement) by ``seed``."""
@@ -87,15 +95,18 @@ class ArithmeticTask:
         return [self._row(p) for p in held[: n or len(held)]]
 
     def train_problem_set(self) -> set[str]:
-        return {render_prompt(*p) for p in self._split()[0]}
+        render = render_question if self.question else render_prompt
+        return {render(*p) for p in self._split()[0]}
 
 
 # ---- reward functions: fn(prompts, completions, **columns) -> list[float] ----------------------
 
 
-def correctness_reward(prompts, completions, answer, **_) -> list[float]:
-    """1.0 when the completion is exactly the answer, else 0.0."""
-    return [1.0 if is_correct(c, a) else 0.0 for c, a in zip(completions, answer)]
+def correctness_reward(prompts, completions, answer, checker=None, **_) -> list[float]:
+    """1.0 when the run's answer checker accepts the completion (``data.answer_format``: exact for "Q: a+b= A:"
+    prompts, the final number for chat questions), else 0.0. Outside a run (no checker): exact."""
+    check = checker or is_correct
+    return [1.0 if check(c, a) else 0.0 for c, a in zip(completions, answer)]
 
 
 def format_reward(prompts, completions, **_) -> list[float]:

@@ -9,9 +9,11 @@ from lowalign.data import numeric_match
 _FINAL = re.compile(r"####\s*-?\d[\d,]*(?:\.\d+)?\s*$")
 
 
-def correctness_reward(prompts, completions, answer, **_) -> list[float]:
-    """1.0 when the completion's final number equals the reference answer."""
-    return [1.0 if numeric_match(c, a) else 0.0 for c, a in zip(completions, answer)]
+def correctness_reward(prompts, completions, answer, checker=None, **_) -> list[float]:
+    """1.0 when the completion's final number (after '####' when it has one) equals the reference answer; in a
+    run, the run's answer checker (``data.answer_format``) decides, as it does for the reported accuracy."""
+    check = checker or numeric_match
+    return [1.0 if check(c, a) else 0.0 for c, a in zip(completions, answer)]
 
 
 def format_reward(prompts, completions, **_) -> list[float]:
