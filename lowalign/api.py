@@ -156,6 +156,23 @@ def load_data(cfg: C.RunConfig, tokenizer):
     return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
 
 
+def resolve_memory(cfg: C.RunConfig, device: str, world: int = 1, console=None) -> None:
+    """Fill in ``train.micro_batch_size: auto`` and ``model.gradient_checkpointing: auto`` (in place) from the
+    planner and the memory budget, and say what was chosen; before any weights load. Nothing fitting is a
+    ConfigError naming the smallest setting's peak."""
+    from lowalign.planner import AUTO, fit_memory
+
+    if AUTO not in (getattr(cfg.train, "micro_batch_size", None), cfg.model.gradient_checkpointing):
+        return
+    fit = fit_memory(cfg, device, world)
+    done = fit.apply(cfg)
+    cfg.model.gradient_checkpointing = done.model.gradient_checkpointing
+    if hasattr(cfg.train, "micro_batch_size"):
+        cfg.train.micro_batch_size = done.train.micro_batch_size
+    if console is not None:
+        console.print(fit.describe())
+
+
 def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -235,6 +252,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     for note in prepare_prompts(data, tok, cfg.data):  # chat templates and prompt lengths: before any weights
         console.print(f"[yellow]data:[/] {note}")
     from lowalign.bundle import resolve_device
+
+    resolve_memory(cfg, resolve_device(cfg.model.device).type, dist.world, console)
 
     PHASES.start(resolve_device(cfg.model.device), cfg.profile_memory)
     with PHASES.phase("load"):
@@ -346,6 +365,7 @@ def _effective_batch(cfg: C.RunConfig, world: int) -> str:
     n = getattr(cfg.train, field)
     per = f"{n // world} per process"
     mb = getattr(cfg.train, "micro_batch_size", 0)
+    mb = mb if isinstance(mb, int) else 0
     return f"train.{field} = {n} per step ({per}{f', micro-batches of {mb}' if mb else ''})"
 
 

@@ -210,9 +210,9 @@ class ModelBundle:
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+                model, use_gradient_checkpointing=cfg.gradient_checkpointing is True)
             guard_avx512bf16(model)
-        if cfg.gradient_checkpointing:
+        if cfg.gradient_checkpointing is True:  # "auto" that no run resolved: off
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         if cfg.disable_dropout:

@@ -48,7 +48,9 @@ class ModelConfig:
     quantization: Literal["none", "nf4", "int8"] = F("none", "bitsandbytes quantization of the base.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
         "auto", "Compute dtype of the base (auto: float32 on CPU, bfloat16 on CUDA when supported).")
-    gradient_checkpointing: bool = F(False, "Recompute activations in backward to save memory.")
+    gradient_checkpointing: Union[bool, Literal["auto"]] = F(  # noqa: UP007 (the parser reads typing.Union)
+        "auto", "Recompute activations in backward to save memory. auto: on only where train.micro_batch_size: "
+        "auto finds no micro-batch that fits train.memory_budget without it (else off).")
     trust_remote_code: bool = F(False, "Allow model code from the hub/local dir to run (off: safer).")
     backend: Literal["hf", "unsloth"] = F("hf", "Model backend; unsloth needs a CUDA GPU and the extra.")
     device: str = F("auto", "auto (cuda if available, else cpu), cpu, or cuda[:N].")
@@ -393,7 +395,8 @@ def _check_paths(obj, where: str) -> None:
 def _check_semantics(cfg: RunConfig) -> None:
     name = cfg.model.name_or_path
     if (name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists()):
-        raise ConfigError(f"model.name_or_path: directory not found: {name}")
+        what = "GGUF file" if name.lower().endswith(".gguf") else "directory"
+        raise ConfigError(f"model.name_or_path: {what} not found: {name}")
     if name.startswith("builtin:"):
         from lowalign.tiny import BUILTINS
 

