@@ -177,7 +177,11 @@ def read_header(path: str | Path) -> GGUFHeader:
                 vocab = v if isinstance(v, int) else len(v)
             if not big:
                 meta[key] = v
-        import gguf  # block sizes of the quantized types
+        try:
+            import gguf  # block sizes of the quantized types; transformers' reader needs it too
+        except ImportError as e:
+            raise ConfigError(f"model.name_or_path: reading {path} needs the gguf package: `bash scripts/install.sh "
+                              "--real` or `pip install 'lowalign[real]'`") from e
 
         end = 0
         for _ in range(n_tensors):

@@ -16,6 +16,7 @@ has to hold. Constants are per-token activation sizes of a decoder layer and the
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -418,9 +419,12 @@ def fit_memory(cfg, device: str, world: int = 1) -> MemoryFit:
     else:
         B, sizes = None, [getattr(tc, "micro_batch_size", None)]
 
+    phase = {}
+
     def peak(mb, g) -> int:
         trial = MemoryFit(mb if mb_auto else None, g, None, budget, how).apply(cfg)
         p = plan(trial, device=device, world=world)
+        phase[(mb, g)] = p.peak_phase[0]
         return p.on_card if device == "cuda" else p.peak
 
     try:
@@ -444,10 +448,12 @@ def fit_memory(cfg, device: str, world: int = 1) -> MemoryFit:
     least = tried.get((mb, g)) or peak(mb, g)
     setting = " with ".join(x for x in ((f"train.micro_batch_size={mb}" if mb_auto else ""),
                                          ("gradient checkpointing" if g else "")) if x) or "this recipe"
+    need = math.ceil(least / GiB * 100) / 100
     raise ConfigError(f"train.memory_budget: nothing fits in {budget / GiB:.2f} GiB ({how}); the smallest setting, "
-                      f"{setting}, plans {least / GiB:.2f} GiB. Raise train.memory_budget to at least "
-                      f"{least / GiB:.2f}GB, or lower the work per step (fewer generations, shorter completions, "
-                      f"model.quantization=nf4 on a GPU); `lowalign plan` shows where the memory goes")
+                      f"{setting}, plans {least / GiB:.2f} GiB (largest phase: {phase.get((mb, g), '?')}). Raise "
+                      f"train.memory_budget to at least {need:.2f}GB, or lower the work per step (fewer generations, "
+                      "shorter completions, smaller eval.batch_size, model.quantization=nf4 on a GPU); "
+                      "`lowalign plan` shows where the memory goes")
 
 
 # ---- fitting a budget --------------------------------------------------------------------------------------

@@ -90,3 +90,52 @@ def test_nproc_plans_one_process_share_and_refuses_a_batch_that_does_not_split()
     odd = ["train.prompts_per_step=3", "train.micro_batch_size=8"]
     p = cli("plan", "recipes/grpo_qwen_gsm8k.yaml", *tiny, *odd, "--nproc", "2", check=False)
     assert p.returncode != 0 and "does not split over 2 processes" in p.stderr
+
+
+# ---- train.micro_batch_size: auto -------------------------------------------------------------------------
+
+
+def test_auto_micro_batch_fits_the_budget_on_a_real_model():
+    from lowalign.planner import fit_memory
+
+    def fit(budget):
+        return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.memory_budget={budget}"]), "cpu")
+
+    big, small = fit("64GB"), fit("2.5GB")
+    assert (big.micro_batch_size, big.gradient_checkpointing) == (64, False)  # everything fits: one batch
+    assert small.peak <= 2.5 * 2**30 and 64 % small.micro_batch_size == 0 and small.micro_batch_size >= 8
+    assert small.micro_batch_size < big.micro_batch_size
+    with pytest.raises(ConfigError, match=r"train.memory_budget: nothing fits in 1.00 GiB .*the smallest setting, "
+                                          r"train.micro_batch_size=1 with gradient checkpointing, plans"):
+        fit("1GB")
+    with pytest.raises(ConfigError, match="train.memory_budget: 'lots' is not a size"):
+        fit("lots")
+
+
+def test_checkpointing_comes_on_only_when_nothing_fits_without_it():
+    from lowalign.planner import fit_memory
+
+    small_eval = ["eval.batch_size=4", "train.memory_budget=64GB"]  # the training pass is the largest phase
+
+    def peak(mb, gc):
+        return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.micro_batch_size={mb}", *small_eval,
+                                                                     f"model.gradient_checkpointing={gc}"]),
+                          "cpu").peak
+
+    def gb(n):
+        return f"{n / 2**30:.7f}GB"
+
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    off, on = {m: peak(m, "false") for m in sizes}, {m: peak(m, "true") for m in sizes}
+    assert all(on[m] <= off[m] for m in sizes) and on[64] < off[64] and list(off.values()) == sorted(off.values())
+    # a budget where only 4 rows fit without checkpointing (under min(8, batch)): checkpointing comes on and
+    # the largest micro-batch that fits with it is taken
+    budget = (off[4] + off[8]) / 2
+    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", [small_eval[0], f"train.memory_budget={gb(budget)}"]),
+                   "cpu")
+    want = max(m for m in sizes if on[m] <= budget)
+    assert want > 4 and (f.micro_batch_size, f.gradient_checkpointing) == (want, True)
+    # with room for 8 rows without it, checkpointing stays off
+    roomy = gb(off[8] + 4096)
+    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", [small_eval[0], f"train.memory_budget={roomy}"]), "cpu")
+    assert (f.micro_batch_size, f.gradient_checkpointing) == (8, False)
