@@ -322,10 +322,12 @@ def _write_report(console, out: Path) -> None:
 
 def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: int = 1, temperature: float = 1.0,
              max_new_tokens: int = 16, seed: int = 0, quantization: str = "none",
-             device: str = "auto") -> list[list[str]]:
+             device: str = "auto", chat: bool = False) -> list[list[str]]:
     """``n`` completions of each prompt from ``model`` (a hub id, local directory or builtin), with a trained
     policy adapter when ``adapter`` names one (a run directory, or a saved PEFT adapter folder); greedy at
-    ``temperature=0``. Loads the model on each call: for looking at a few completions in a notebook."""
+    ``temperature=0``; ``chat=True`` sends each prompt as a user message through the tokenizer's chat template
+    (an instruct model, as ``data.chat_template: true`` does in a run). Loads the model on each call: for
+    looking at a few completions in a notebook."""
     from lowalign.bundle import ModelBundle, saved_lora_config
     from lowalign.generation import generate
     from lowalign.models import load_tokenizer, resolve_path
@@ -344,6 +346,9 @@ def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: i
     if adir is not None:
         bundle.add_adapter("policy", saved_lora_config(adir), init_from=str(adir))
         role = "policy"
+    if chat:
+        prompts = [bundle.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                        add_generation_prompt=True) for p in prompts]
     seed_everything(seed)
     with bundle.use(role), bundle.eval_mode():
         texts = generate(bundle, list(prompts), max_new_tokens=max_new_tokens, do_sample=temperature > 0,

@@ -31,6 +31,13 @@ CUDA_CONTEXT = 600 * MiB  # CUDA context + cuBLAS workspaces: outside max_memory
 ALLOCATOR_SLACK = 0.10  # the caching allocator's reserved-but-unallocated share
 LOGPROB_CHUNK_ELEMENTS = 1 << 23  # kernels/logprobs/reference.py: logits elements per chunk ...
 LOGPROB_MIN_CHUNK = 128  # ... never fewer tokens than this
+# CPU training pass: peak RSS over the tensors autograd saves. glibc keeps the heap pages of freed transients
+# (the layer's temporaries, backward's gradient buffers) mapped, so RSS runs ahead of the live tensors:
+# SmolLM2-135M, 16 x 64 tokens, no checkpointing: 2345 MiB over the loaded model, 1.5x what the per-layer term
+# below counts (benchmarks/RESULTS.md, "Real models"). With checkpointing the retained transients of the
+# recomputed layers dominate (1299 MiB measured where ~70 MiB of inputs are saved), so on a CPU
+# `gradient_checkpointing: auto` stays off and memory is fitted with the micro-batch alone.
+CPU_TRAIN_RSS_FACTOR = 1.5
 SAMPLER_COPIES = 3  # [rows, vocab] fp32 buffers per decoding step (HF's scores copy, warped, the cdf)
 GREEDY_COPIES = 2
 
@@ -235,8 +242,10 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     """The peak-memory estimate of the validated run config ``cfg`` on ``device`` (``cuda`` or ``cpu``)."""
     from lowalign.algorithms import data_kind
 
+    chosen = None
     if AUTO in (getattr(cfg.train, "micro_batch_size", None), cfg.model.gradient_checkpointing):
-        cfg = fit_memory(cfg, device, world=world).apply(cfg)  # what a run would choose
+        chosen = fit_memory(cfg, device, world=world)  # what a run would choose
+        cfg = chosen.apply(cfg)
     s = model_shape(cfg)
     dtype = cfg.model.dtype if cfg.model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     dt = _bytes(dtype)
@@ -246,6 +255,9 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     out = Plan(s, device, notes=[f"model: {s.name} ({s.source}); {s.layers} layers, hidden {s.hidden}, "
                                  f"vocab {s.vocab}; compute dtype {dtype}",
                                  f"prompt tokens {P} ({p_how}); completion tokens {C} ({c_how})"])
+    if chosen is not None:
+        out.notes.append(f"auto {chosen.describe().removeprefix('memory: ').split('; planned')[0]} "
+                         f"(train.memory_budget {chosen.budget / GiB:.2f} GiB, {chosen.budget_how})")
     if world > 1:
         out.notes.append(f"per process of {world} (torchrun --nproc_per_node {world}): each holds the whole model "
                          f"and 1/{world} of the batch")
@@ -282,6 +294,8 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         per_layer = rows * T * (10 * s.hidden + 4 * s.intermediate + 4 * s.kv_dim) * dt  # saved for backward
         ckpt = rows * T * s.hidden * dt * s.layers + per_layer
         acts = ckpt if cfg.model.gradient_checkpointing is True else per_layer * s.layers
+        if device == "cpu":
+            acts = int(acts * CPU_TRAIN_RSS_FACTOR)
         return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(True, rows * T) if vocab_chunk else 0)
 
     def decode(rows: int, T_total: int, sampled: bool) -> int:
@@ -411,7 +425,7 @@ def fit_memory(cfg, device: str, world: int = 1) -> MemoryFit:
     budget, how = memory_budget(cfg, device)
     mb_auto = getattr(tc, "micro_batch_size", None) == AUTO
     gc = cfg.model.gradient_checkpointing
-    gcs = [False, True] if gc == AUTO else [gc]
+    gcs = ([False] if device == "cpu" else [False, True]) if gc == AUTO else [gc]  # see CPU_TRAIN_RSS_FACTOR
     if mb_auto:
         names = set(vars(tc))
         B = (tc.prompts_per_step * tc.num_generations if "num_generations" in names else tc.batch_size) // world

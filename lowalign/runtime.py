@@ -402,6 +402,26 @@ def proc_status(key: str) -> int:
     raise KeyError(key)
 
 
+def release_cpu_memory() -> None:
+    """Hand the C heap's freed pages back to the OS (glibc ``malloc_trim``). A training pass frees gigabytes of
+    activations that glibc would otherwise keep mapped, so the next phase (rollout, evaluation) would start
+    from the last one's high-water mark: peaks stack instead of taking turns. Measured on SmolLM2-135M
+    (benchmarks/RESULTS.md). A no-op where there is no glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 resets the process's peak RSS (VmHWM)
 
 

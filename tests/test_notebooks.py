@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-EXPECTED = {"quickstart", "preferences", "gradient_free", "bring_your_own", "ppo"}
+EXPECTED = {"quickstart", "preferences", "gradient_free", "bring_your_own", "ppo", "real_model"}
 
 
 def test_every_tutorial_is_there_and_stored_without_outputs():

@@ -106,13 +106,14 @@ def test_auto_micro_batch_fits_the_budget_on_a_real_model():
     assert small.peak <= 2.5 * 2**30 and 64 % small.micro_batch_size == 0 and small.micro_batch_size >= 8
     assert small.micro_batch_size < big.micro_batch_size
     with pytest.raises(ConfigError, match=r"train.memory_budget: nothing fits in 1.00 GiB .*the smallest setting, "
-                                          r"train.micro_batch_size=1 with gradient checkpointing, plans"):
+                                          r"train.micro_batch_size=1, plans .* GiB \(largest phase: "):
         fit("1GB")
     with pytest.raises(ConfigError, match="train.memory_budget: 'lots' is not a size"):
         fit("lots")
 
 
 def test_checkpointing_comes_on_only_when_nothing_fits_without_it():
+    """On a GPU (planned for CUDA here: the budget is explicit, no card needed)."""
     from lowalign.planner import fit_memory
 
     small_eval = ["eval.batch_size=4", "train.memory_budget=64GB"]  # the training pass is the largest phase
@@ -120,7 +121,7 @@ def test_checkpointing_comes_on_only_when_nothing_fits_without_it():
     def peak(mb, gc):
         return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.micro_batch_size={mb}", *small_eval,
                                                                      f"model.gradient_checkpointing={gc}"]),
-                          "cpu").peak
+                          "cuda").peak
 
     def gb(n):
         return f"{n / 2**30:.7f}GB"
@@ -132,10 +133,19 @@ def test_checkpointing_comes_on_only_when_nothing_fits_without_it():
     # the largest micro-batch that fits with it is taken
     budget = (off[4] + off[8]) / 2
     f = fit_memory(load_config("recipes/grpo_smollm2.yaml", [small_eval[0], f"train.memory_budget={gb(budget)}"]),
-                   "cpu")
+                   "cuda")
     want = max(m for m in sizes if on[m] <= budget)
     assert want > 4 and (f.micro_batch_size, f.gradient_checkpointing) == (want, True)
     # with room for 8 rows without it, checkpointing stays off
     roomy = gb(off[8] + 4096)
-    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", [small_eval[0], f"train.memory_budget={roomy}"]), "cpu")
+    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", [small_eval[0], f"train.memory_budget={roomy}"]), "cuda")
     assert (f.micro_batch_size, f.gradient_checkpointing) == (8, False)
+
+
+def test_on_a_cpu_auto_checkpointing_stays_off():
+    """Peak RSS barely drops with checkpointing on a CPU (glibc keeps the recomputed layers' transients), so auto
+    fits the CPU budget with the micro-batch alone."""
+    from lowalign.planner import fit_memory
+
+    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", ["train.memory_budget=1.9GB"]), "cpu")
+    assert f.gradient_checkpointing is False and f.micro_batch_size < 8

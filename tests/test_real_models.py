@@ -1,0 +1,67 @@
+"""The real pretrained models that install as packages, in their CI-sized form: Gemma-3-270M loads from its four
+chunk packages, its fused log-probs equal transformers' reading of the GGUF, and one GRPO and one DPO step run
+with policy == reference at step 1; SmolLM2-135M-Instruct runs its recipe for one short step with accuracy equal
+to the correctness reward's held-out mean (one checker). The full runs are benchmark commands
+(benchmarks/RESULTS.md, "Real models")."""
+
+import math
+
+import pytest
+import torch
+
+from lowalign import gguf_source
+
+from .algorithms.helpers import cli, metrics, summary
+
+GEMMA = "package:gemma3-270m"
+STEP = ["train.steps=1", "eval.num_examples=4", "eval.max_new_tokens=4", "threads=1", "train.checkpoint_every=0"]
+
+
+@pytest.mark.slow
+def test_gemma3_fused_logprobs_equal_transformers_on_its_real_weights():
+    from transformers import AutoModelForCausalLM
+
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+    from lowalign.generation import encode_completions
+    from lowalign.logprobs import token_logprobs
+
+    f = gguf_source.packaged_gguf(GEMMA)  # assembled from the part packages (sha256 checked) on first use
+    assert gguf_source.read_header(f).architecture == "gemma3"
+    b = ModelBundle.load(ModelConfig(name_or_path=GEMMA))
+    b.add_adapter("policy", LoraConfig(r=4))
+    batch = encode_completions(b.tokenizer, ["The capital of France is", "Q: 13+54= A:"], [" Paris.", " 67"],
+                               b.device)
+    with torch.no_grad():
+        with b.use("policy"):  # a fresh LoRA (B = 0) computes the base
+            got = token_logprobs(b, batch.input_ids, batch.attention_mask, batch.target_mask).logps
+        ref = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+        pos = (batch.attention_mask.cumsum(-1) - 1).masked_fill(batch.attention_mask == 0, 1)
+        logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
+    want = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    m = batch.target_mask[:, 1:].bool()
+    torch.testing.assert_close(got[:, 1:][m], want[m], rtol=0, atol=1e-4)
+    assert want[0][m[0]].sum() > want[1][m[1]].sum() - 20  # real weights: " Paris." is not noise
+
+
+@pytest.mark.slow
+def test_gemma3_one_grpo_and_one_dpo_step(tmp_path):
+    cli("run", "recipes/grpo_tiny.yaml", f"model.name_or_path={GEMMA}", f"output_dir={tmp_path / 'grpo'}",
+        "train.beta=0.04", "train.prompts_per_step=2", "train.num_generations=2", "train.max_new_tokens=4", *STEP)
+    assert metrics(tmp_path / "grpo")[0]["kl"] == 0.0
+    cli("run", "recipes/dpo_tiny.yaml", f"model.name_or_path={GEMMA}", f"output_dir={tmp_path / 'dpo'}",
+        "data.pairs=correctness", "data.num_pairs=16", "train.eval_pairs=4", "train.batch_size=4", *STEP)
+    assert metrics(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.slow
+def test_grpo_smollm2_short_form(tmp_path):
+    """The recipe as shipped, one small step: chat prompts, the auto micro-batch, accuracy == correctness."""
+    out = tmp_path / "run"
+    p = cli("run", "recipes/grpo_smollm2.yaml", f"output_dir={out}", "train.prompts_per_step=2",
+            "train.num_generations=4", "eval.num_examples=8", *STEP)
+    assert "memory: micro_batch_size" in p.stderr and "planned peak" in p.stderr
+    s = summary(out)
+    for k in ("baseline", "final"):
+        assert s[k]["accuracy"] == s[k]["reward/correctness_reward"]
+    assert s["final_samples"][0]["prompt"].startswith("What is ")  # the question, not the chat template
