@@ -3,12 +3,11 @@ local byte tokenizer): fused log-probs equal transformers' (plain, left-padded, 
 head), LoRA targets resolve to the model's own projections, one GRPO and one DPO step run with policy ==
 reference at step 1 (dropout off), and the saved adapter reloads in plain peft with equal logits."""
 
-import math
 
 import pytest
 import torch
 
-from .algorithms.helpers import cli, metrics
+from .algorithms.helpers import cli, metrics, one_grpo_and_one_dpo_step
 
 COMMON = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=1, bos_token_id=None)
@@ -142,13 +141,7 @@ STEP = ["train.steps=1", "eval.num_examples=4", "eval.max_new_tokens=4", "thread
 def test_one_grpo_and_one_dpo_step(name, arch_dir, tmp_path):
     """Policy == reference at step 1 for every architecture (fresh LoRA, dropout off): GRPO's KL is 0 and DPO's
     loss is ln 2, dropout-bearing GPT-2 and Phi-3 included."""
-    path = arch_dir(name)
-    cli("run", "recipes/grpo_tiny.yaml", f"model.name_or_path={path}", f"output_dir={tmp_path / 'grpo'}",
-        "train.beta=0.04", "train.prompts_per_step=2", "train.num_generations=2", "train.max_new_tokens=4", *STEP)
-    assert metrics(tmp_path / "grpo")[0]["kl"] == 0.0
-    cli("run", "recipes/dpo_tiny.yaml", f"model.name_or_path={path}", f"output_dir={tmp_path / 'dpo'}",
-        "data.pairs=correctness", "data.num_pairs=16", "train.eval_pairs=4", "train.batch_size=4", *STEP)
-    assert metrics(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    one_grpo_and_one_dpo_step(arch_dir(name), tmp_path, "model.dtype=float32")
 
 
 def test_dropout_left_on_makes_policy_differ_from_reference(arch_dir, tmp_path):

@@ -4,17 +4,14 @@ with policy == reference at step 1; SmolLM2-135M-Instruct runs its recipe for on
 to the correctness reward's held-out mean (one checker). The full runs are benchmark commands
 (benchmarks/RESULTS.md, "Real models")."""
 
-import math
-
 import pytest
 import torch
 
 from lowalign import gguf_source
 
-from .algorithms.helpers import cli, metrics, summary
+from .algorithms.helpers import STEP, cli, one_grpo_and_one_dpo_step, summary
 
 GEMMA = "package:gemma3-270m"
-STEP = ["train.steps=1", "eval.num_examples=4", "eval.max_new_tokens=4", "threads=1", "train.checkpoint_every=0"]
 
 
 @pytest.mark.slow
@@ -46,12 +43,7 @@ def test_gemma3_fused_logprobs_equal_transformers_on_its_real_weights():
 
 @pytest.mark.slow
 def test_gemma3_one_grpo_and_one_dpo_step(tmp_path):
-    cli("run", "recipes/grpo_tiny.yaml", f"model.name_or_path={GEMMA}", f"output_dir={tmp_path / 'grpo'}",
-        "train.beta=0.04", "train.prompts_per_step=2", "train.num_generations=2", "train.max_new_tokens=4", *STEP)
-    assert metrics(tmp_path / "grpo")[0]["kl"] == 0.0
-    cli("run", "recipes/dpo_tiny.yaml", f"model.name_or_path={GEMMA}", f"output_dir={tmp_path / 'dpo'}",
-        "data.pairs=correctness", "data.num_pairs=16", "train.eval_pairs=4", "train.batch_size=4", *STEP)
-    assert metrics(tmp_path / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    one_grpo_and_one_dpo_step(GEMMA, tmp_path)
 
 
 @pytest.mark.slow

@@ -70,3 +70,23 @@ def same_adapters(dir_a, dir_b, name: str) -> bool:
     import torch
 
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+STEP = ["train.steps=1", "eval.num_examples=4", "eval.max_new_tokens=4", "threads=1", "train.checkpoint_every=0"]
+
+
+def one_grpo_and_one_dpo_step(model: str, out, *extra) -> None:
+    """One GRPO step (beta > 0) and one DPO step on ``model``: policy == reference at step 1 (fresh LoRA, dropout
+    off), so GRPO's KL is exactly 0 and DPO's loss is ln 2."""
+    import math
+
+    import pytest
+
+    out = Path(out)
+    cli("run", "recipes/grpo_tiny.yaml", f"model.name_or_path={model}", f"output_dir={out / 'grpo'}",
+        "train.beta=0.04", "train.prompts_per_step=2", "train.num_generations=2", "train.max_new_tokens=4",
+        *STEP, *extra)
+    assert metrics(out / "grpo")[0]["kl"] == 0.0
+    cli("run", "recipes/dpo_tiny.yaml", f"model.name_or_path={model}", f"output_dir={out / 'dpo'}",
+        "data.pairs=correctness", "data.num_pairs=16", "train.eval_pairs=4", "train.batch_size=4", *STEP, *extra)
+    assert metrics(out / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
