@@ -471,7 +471,8 @@ class MemoryPhases:
     def _reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
+        else:  # freed heap pages first back to the OS: else the reset peak starts at what earlier phases left
+            release_cpu_memory()
             CLEAR_REFS.write_text("5")
 
     def phase(self, name: str):
