@@ -160,15 +160,12 @@ def resolve_memory(cfg: C.RunConfig, device: str, world: int = 1, console=None) 
     """Fill in ``train.micro_batch_size: auto`` and ``model.gradient_checkpointing: auto`` (in place) from the
     planner and the memory budget, and say what was chosen; before any weights load. Nothing fitting is a
     ConfigError naming the smallest setting's peak."""
-    from lowalign.planner import AUTO, fit_memory
+    from lowalign.planner import fit_memory
 
-    if AUTO not in (getattr(cfg.train, "micro_batch_size", None), cfg.model.gradient_checkpointing):
+    if C.AUTO not in (getattr(cfg.train, "micro_batch_size", None), cfg.model.gradient_checkpointing):
         return
     fit = fit_memory(cfg, device, world)
-    done = fit.apply(cfg)
-    cfg.model.gradient_checkpointing = done.model.gradient_checkpointing
-    if hasattr(cfg.train, "micro_batch_size"):
-        cfg.train.micro_batch_size = done.train.micro_batch_size
+    fit.fill(cfg)
     if console is not None:
         console.print(fit.describe())
 
@@ -253,9 +250,9 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         console.print(f"[yellow]data:[/] {note}")
     from lowalign.bundle import resolve_device
 
-    resolve_memory(cfg, resolve_device(cfg.model.device).type, dist.world, console)
-
-    PHASES.start(resolve_device(cfg.model.device), cfg.profile_memory)
+    device = resolve_device(cfg.model.device)
+    resolve_memory(cfg, device.type, dist.world, console)
+    PHASES.start(device, cfg.profile_memory)
     with PHASES.phase("load"):
         bundle = ModelBundle.load(cfg.model, tokenizer=tok)
     fresh = not out.exists()  # the run directory is created only once everything before it worked

@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+AUTO = "auto"  # the value of every field that lowalign resolves itself (LoRA targets, micro-batch, ...)
+
 
 class ConfigError(ValueError):
     """A recipe or override is invalid; the message names the field."""

@@ -8,15 +8,12 @@ Batches are a pure function of ``(seed, step)``, so the data position of a run i
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowalign.config import ConfigError, DataConfig
-from lowalign.tasks.answers import CHECKERS, gsm8k_match, resolve_format
+from lowalign.tasks.answers import CHECKERS, last_number, resolve_format
 from lowalign.tasks.arithmetic import ArithmeticTask
-
-_NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
 class DataError(ValueError):
@@ -25,14 +22,10 @@ class DataError(ValueError):
 
 def gsm8k_answer(text: str) -> str:
     """The final answer of a GSM8K solution: the number after '####', commas dropped."""
-    tail = text.split("####")[-1]
-    m = _NUM_RE.findall(tail)
-    if not m:
+    num = last_number(text.split("####")[-1])
+    if num is None:
         raise DataError(f"no number after '####' in answer {text[:80]!r}")
-    return m[-1].replace(",", "")
-
-
-numeric_match = gsm8k_match  # last number in the completion (or the one after '####') equals the answer
+    return num
 
 
 def _read_json_rows(path: str) -> list[dict]:
@@ -117,7 +110,6 @@ class PromptData:
     checker: object
     task: ArithmeticTask | None = None
     pairs: object = None  # PreferenceData (pairs, or KTO feedback rows), for preference algorithms on files
-    answer_format: str | None = None  # the checker's name (CHECKERS), auto resolved
     render: object = None  # the task's chat template (prompt -> prompt), set by prepare_prompts
 
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
@@ -159,7 +151,7 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
         t = cfg.task
         task = ArithmeticTask(ops=t.ops, max_operand=t.max_operand, eval_fraction=t.eval_fraction,
                               split_seed=t.split_seed, question=cfg.chat_template)
-        return PromptData(None, task.eval_rows(), CHECKERS[fmt], task, answer_format=fmt)
+        return PromptData(None, task.eval_rows(), CHECKERS[fmt], task)
     where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
     rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split, cfg.subset), cfg, where)
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):  # eval_split names a split of a hub source
@@ -175,7 +167,7 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
         ev = [rows[i] for i in order[:k]]
         rows = [rows[i] for i in sorted(order[k:])]
     has_answer = "answer" in rows[0]  # a prompt-only file (rewards only) has no checker and reports no accuracy
-    return PromptData(rows, ev, CHECKERS[fmt] if has_answer else None, answer_format=fmt if has_answer else None)
+    return PromptData(rows, ev, CHECKERS[fmt] if has_answer else None)
 
 
 def render_row(row: dict, render) -> dict:

@@ -73,7 +73,7 @@ def packaged_gguf(name: str) -> Path:
     p = PACKAGED[name]
     spec = importlib.util.find_spec(p.module)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"model.name_or_path: '{name}' is not installed. Install the real models with "
+        raise ConfigError(f"model.name_or_path: '{name}' ({p.about}) is not installed. Install the real models with "
                           f"`bash scripts/install.sh --real` (or `{p.install}`)")
     if p.assembled:  # chunks in four part packages, joined once into the cache (sha256 checked by assemble)
         target = cache_root() / "packages" / p.file

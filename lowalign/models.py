@@ -19,9 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowalign.config import ConfigError
-
-AUTO = "auto"
+from lowalign.config import AUTO, ConfigError
 
 
 def linear_module_names(model) -> list[str]:

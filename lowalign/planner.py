@@ -20,7 +20,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from lowalign.config import ConfigError
+from lowalign.config import AUTO, ConfigError
 
 MiB, GiB = 2**20, 2**30
 # RSS of Python + torch + transformers + peft + lowalign (~460 MiB after the imports) plus the workspaces and
@@ -348,7 +348,6 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
 
 # ---- choosing the micro-batch -------------------------------------------------------------------------------
 
-AUTO = "auto"
 CPU_DEFAULT_BUDGET = 4 * GiB
 CUDA_UNSEEN_BUDGET = 8 * GiB  # planning for CUDA on a machine without a GPU: a consumer card
 
@@ -364,16 +363,19 @@ class MemoryFit:
     budget_how: str
     note: str = ""
 
+    def fill(self, cfg):
+        """Fill the choice into ``cfg``'s ``auto`` fields, in place; returns ``cfg``."""
+        if self.micro_batch_size is not None and getattr(cfg.train, "micro_batch_size", None) == AUTO:
+            cfg.train.micro_batch_size = self.micro_batch_size
+        if cfg.model.gradient_checkpointing == AUTO:
+            cfg.model.gradient_checkpointing = self.gradient_checkpointing
+        return cfg
+
     def apply(self, cfg):
         """A copy of ``cfg`` with the choice filled in."""
         import copy
 
-        out = copy.deepcopy(cfg)
-        if self.micro_batch_size is not None and getattr(out.train, "micro_batch_size", None) == AUTO:
-            out.train.micro_batch_size = self.micro_batch_size
-        if out.model.gradient_checkpointing == AUTO:
-            out.model.gradient_checkpointing = self.gradient_checkpointing
-        return out
+        return self.fill(copy.deepcopy(cfg))
 
     def describe(self) -> str:
         mb = "" if self.micro_batch_size is None else (

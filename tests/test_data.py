@@ -3,7 +3,8 @@ import json
 import pytest
 
 from lowalign.config import DataConfig
-from lowalign.data import DataError, gsm8k_answer, load_prompt_data, numeric_match, prepare_prompts
+from lowalign.data import DataError, gsm8k_answer, load_prompt_data, prepare_prompts
+from lowalign.tasks.answers import gsm8k_match as numeric_match
 from lowalign.tiny import byte_tokenizer
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from lowalign.config import F
-
-AUTO = "auto"
+from lowalign.config import AUTO, F
 
 
 @dataclass

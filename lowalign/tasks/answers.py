@@ -18,9 +18,10 @@ import re
 _NUM_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
 
-def _last_number(text: str) -> str | None:
+def last_number(text: str) -> str | None:
+    """The last number in ``text``, commas dropped ("1,000" -> "1000"), or None."""
     nums = _NUM_RE.findall(text)
-    return nums[-1].replace(",", "").rstrip(".") if nums else None
+    return nums[-1].replace(",", "") if nums else None
 
 
 def _same_number(got: str | None, answer: str) -> bool:
@@ -39,12 +40,12 @@ def exact_match(completion: str, answer: str) -> bool:
 
 def final_number_match(completion: str, answer: str) -> bool:
     """The completion's last number equals the answer numerically."""
-    return _same_number(_last_number(completion), answer)
+    return _same_number(last_number(completion), answer)
 
 
 def gsm8k_match(completion: str, answer: str) -> bool:
     """The number after the completion's last '####' (else its last number) equals the answer numerically."""
-    return _same_number(_last_number(completion.split("####")[-1]), answer)
+    return _same_number(last_number(completion.split("####")[-1]), answer)
 
 
 CHECKERS = {"exact": exact_match, "number": final_number_match, "gsm8k": gsm8k_match}

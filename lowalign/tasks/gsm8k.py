@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from lowalign.data import numeric_match
+from lowalign.tasks.answers import gsm8k_match
 
 _FINAL = re.compile(r"####\s*-?\d[\d,]*(?:\.\d+)?\s*$")
 
@@ -12,7 +12,7 @@ _FINAL = re.compile(r"####\s*-?\d[\d,]*(?:\.\d+)?\s*$")
 def correctness_reward(prompts, completions, answer, checker=None, **_) -> list[float]:
     """1.0 when the completion's final number (after '####' when it has one) equals the reference answer; in a
     run, the run's answer checker (``data.answer_format``) decides, as it does for the reported accuracy."""
-    check = checker or numeric_match
+    check = checker or gsm8k_match
     return [1.0 if check(c, a) else 0.0 for c, a in zip(completions, answer)]
 
 
