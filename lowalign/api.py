@@ -16,8 +16,11 @@ from lowalign.runtime import (
     PHASES,
     Checkpointer,
     RunDir,
+    RunInterrupted,
     RunLock,
+    check_output_dir,
     check_writable,
+    interrupted_message,
     peak_memory_bytes,
     seed_everything,
 )
@@ -35,6 +38,7 @@ class RunContext:
     console: object
     resumed_state: dict | None = None  # the checkpoint's state.json (+ "extra") when resuming
     dist: Dist = SINGLE  # this process's rank among torchrun's (one process: rank 0 of 1)
+    on_resumed: object = None  # called with the step once a resume has loaded its checkpoint (or found none)
 
 
 def check_config(cfg: C.RunConfig) -> None:
@@ -170,6 +174,44 @@ def resolve_memory(cfg: C.RunConfig, device: str, world: int = 1, console=None) 
         console.print(fit.describe())
 
 
+# Fields a resume may change (prefixes end in '.'): what to log, evaluate and keep, how long to run, memory and
+# threads. Anything else changes what the checkpoint holds (shapes: model, lora), the data or the objective, or
+# is restored from the checkpoint and would be silently ignored (the optimizer and its schedule).
+RESUME_FREE = ("description", "output_dir", "resume", "threads", "profile_memory", "eval.", "logging.",
+               "train.steps", "train.generations", "train.max_time_s", "train.log_every", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.micro_batch_size", "train.memory_budget",
+               "train.reference_cache_dir", "model.gradient_checkpointing")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(cfg: C.RunConfig, stored: C.RunConfig) -> dict[str, tuple]:
+    """Fields where a resume's config differs from the run's ``config.yaml``: ``{key: (old, new)}``, only ones a
+    resume may change (:data:`RESUME_FREE`); any other difference is a ``ConfigError`` naming it, raised before
+    any model loads or any file changes."""
+    new, old = _flat(C.to_dict(cfg)), _flat(C.to_dict(stored))
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
+    refused = [k for k in diff if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in RESUME_FREE)]
+    if refused:
+        shown = "; ".join(f"{k}: {diff[k][0]!r} in the run, {diff[k][1]!r} now" for k in refused[:4])
+        why = ("the optimizer and its schedule are restored from the checkpoint, so a new value would be ignored"
+               if all(k.startswith("train.optim.") for k in refused) else
+               "it changes what the checkpoint holds (model, adapter shapes), the data or the objective")
+        free = ", ".join(f.rstrip(".") + (".*" if f.endswith(".") else "") for f in RESUME_FREE[3:])
+        raise C.ConfigError(f"resume: cannot change {', '.join(refused)} ({shown}): {why}. Drop the override, or "
+                            f"start a new run from this one's adapter (lora.init_from=<run>/adapters/policy). A "
+                            f"resume may change: {free}")
+    return diff
+
+
 def default_output_dir(name: str) -> Path:
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -218,6 +260,13 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(name)
     if not cfg.resume and (out / "checkpoints" / "latest").exists():
         raise C.ConfigError(f"output_dir: {out} already holds a run; pass resume=true or a new output_dir")
+    check_output_dir(out)  # a user's own non-empty folder is never written into
+    changes = None
+    if cfg.resume and (out / "config.yaml").exists():  # before anything loads: a resume cannot break the run
+        changes = resume_changes(cfg, config_from_dict(C.load_raw(out / "config.yaml")))
+        shown = {k: v for k, v in changes.items() if k not in ("resume", "output_dir")}
+        if shown:
+            console.print("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown.items()), soft_wrap=True)
     if dist.world > 1 and not cfg.output_dir:  # every rank must name the same directory: rank 0's clock
         out = Path(_broadcast_text(str(out)))
     cfg.output_dir = str(out)
@@ -264,17 +313,20 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         if dist.main:
             lock.acquire(console)
         resolved = C.to_dict(cfg)
-        run_dir.write_config(resolved)
+        if changes is None:
+            run_dir.write_config(resolved)
         if dist.main:
             from lowalign.trackers import open_trackers
 
             run_dir.trackers = open_trackers(cfg.logging, out, resolved)
         ctx = RunContext(cfg, bundle, data, run_dir, Checkpointer(run_dir), console, dist=dist)
+        if changes is not None:  # config.yaml changes only once the checkpoint has loaded
+            ctx.on_resumed = lambda step: run_dir.write_config(resolved, _history(step, changes))
         summary = algo.train(ctx)
         if dist.world > 1:
             summary["world_size"] = dist.world
             summary["ranks_identical"] = _ranks_identical(bundle, dist)
-    except BaseException:
+    except BaseException as e:
         PHASES.stop()
         for t in run_dir.trackers:
             t.close()
@@ -283,6 +335,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
             import shutil
 
             shutil.rmtree(out, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, RunInterrupted):
+            raise RunInterrupted(interrupted_message(out)) from None
         raise
     summary["wall_time_s"] = round(time.time() - t0, 2)
     summary["peak_memory_bytes"] = peak_memory_bytes(bundle.device)
@@ -301,6 +355,11 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     if cfg.logging.report and dist.main:
         _write_report(console, out)
     return summary
+
+
+def _history(step: int, changes: dict) -> str:
+    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in ("resume", "output_dir"))
+    return f"at step {step} on {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f": {what}" if what else "")
 
 
 def _write_report(console, out: Path) -> None:

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (where it stopped, how to resume), the shell's code 130
+        print(str(e) or "interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         import errno
 

@@ -394,11 +394,28 @@ def _check_paths(obj, where: str) -> None:
             _check_paths(r, f"rewards[{i}]")
 
 
+def looks_local(name: str) -> bool:
+    """A name only a filesystem path has: absolute, ``./``, ``../``, ``~``, or more than one ``/`` (a hub id is
+    ``owner/name`` or a bare ``name``)."""
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def nearest_listing(path: str | Path) -> str:
+    """`` (<nearest existing parent> holds: a, b, ...)`` for a path that does not exist: the likely typo's
+    neighbours; empty when the nearest parent is the working directory or the filesystem root."""
+    p = Path(path).expanduser()
+    parent = next((q for q in p.parents if q.is_dir()), None)
+    if parent is None or parent == Path(".") or str(parent) == p.anchor:
+        return ""
+    names = sorted(x.name for x in parent.iterdir() if not x.name.startswith("."))
+    return f" ({parent} holds: {', '.join(names[:8]) + (', ...' if len(names) > 8 else '') or 'nothing'})"
+
+
 def _check_semantics(cfg: RunConfig) -> None:
     name = cfg.model.name_or_path
-    if (name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists()):
+    if looks_local(name) and not Path(name).expanduser().exists():
         what = "GGUF file" if name.lower().endswith(".gguf") else "directory"
-        raise ConfigError(f"model.name_or_path: {what} not found: {name}")
+        raise ConfigError(f"model.name_or_path: {what} not found: {name}{nearest_listing(name)}")
     if name.startswith("builtin:"):
         from lowalign.tiny import BUILTINS
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowalign.config import AUTO, ConfigError
+from lowalign.config import AUTO, ConfigError, nearest_listing
 
 
 def linear_module_names(model) -> list[str]:
@@ -103,7 +103,69 @@ def resolve_path(name_or_path: str, gguf_file: str | None = None, console=None) 
         from lowalign.gguf_source import convert
 
         return str(convert(f, console))
+    check_source(name_or_path)
     return name_or_path
+
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers within ``timeout`` seconds (never when ``HF_HUB_OFFLINE`` is set);
+    the DNS lookup runs in a thread so a dead resolver cannot stall the check either."""
+    import os
+    import socket
+    import threading
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443),
+                                     timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)
+    t.start()
+    t.join(timeout + 0.5)
+    return bool(ok)
+
+
+def check_source(name: str) -> None:
+    """Before anything is created: a local model directory holds a config and weights; a hub id is in the local
+    cache or the hub is reachable (a name that can only be a path was checked by the config layer).
+    ``ConfigError`` naming what is wrong."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"model.name_or_path: {p} is a file; name a model directory (config.json, weights, "
+                              "tokenizer) or a .gguf file")
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model.name_or_path: {p} has no config.json (not a model directory)")
+        if not any((p / w).is_file() for w in _WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+            ggufs = sorted(x.name for x in p.glob("*.gguf"))
+            raise ConfigError(f"model.name_or_path: {p} has a config.json but no weights (model.safetensors, "
+                              "its sharded index, or pytorch_model.bin)"
+                              + (f"; it holds {ggufs}: set model.gguf_file" if ggufs else ""))
+        return
+    near = nearest_listing(name)  # a hub id may be a mistyped relative path (models/my-modle)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid repo id
+        raise ConfigError(f"model.name_or_path: '{name}' is neither a local directory nor a hub id{near}") from None
+    if not cached and not hub_reachable():
+        raise ConfigError(f"model.name_or_path: '{name}' is not a local directory{near}, not in the local Hugging "
+                          f"Face cache ({HF_HUB_CACHE}), and the hub cannot be reached (offline): download it "
+                          "where there is a network, or name a local directory or .gguf file")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -18,12 +18,13 @@ Sources:
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 
 import torch
 
 from lowalign.config import ConfigError
-from lowalign.data import DataError, _read_table, limit_prompt_lengths
+from lowalign.data import DataError, _read_table, limit_prompt_lengths, render_row
 from lowalign.tasks.arithmetic import ArithmeticTask, format_reward, is_correct, length_reward
 
 
@@ -50,21 +51,32 @@ def near_miss(answer: str, a: int, b: int, rng: random.Random) -> str:
     return text
 
 
-def _operands(prompt: str) -> tuple[int, int]:
-    expr = prompt.removeprefix("Q: ").removesuffix("= A:")
-    for op in "+-*":
-        if op in expr[1:]:
-            x, y = expr.split(op, 1)
-            return int(x), int(y)
-    raise ValueError(prompt)
+_PROBLEM_RE = re.compile(r"(\d+)\s*[-+*]\s*(\d+)")
 
 
-def correctness_pairs(task: ArithmeticTask, n: int, seed: int, rows: list[dict] | None = None) -> list[dict]:
+def _operands(row: dict) -> tuple[int, int]:
+    """The operands of a task row's problem, in either form ("Q: 47+38= A:" or the chat question, whose
+    plain text a rendered row keeps as ``_question``)."""
+    text = row.get("_question", row["prompt"])
+    m = _PROBLEM_RE.search(text)
+    if m is None:
+        raise ValueError(f"not an arithmetic problem: {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def task_rows(task: ArithmeticTask, n: int, seed: int, render=None) -> list[dict]:
+    """``n`` training rows of the task, through the run's chat template when it has one (``render``)."""
+    rows = task.train_rows(n, seed=seed)
+    return [render_row(r, render) for r in rows] if render else rows
+
+
+def correctness_pairs(task: ArithmeticTask, n: int, seed: int, rows: list[dict] | None = None,
+                      render=None) -> list[dict]:
     rng = random.Random(seed)
-    rows = rows or task.train_rows(n, seed=seed)
+    rows = rows or task_rows(task, n, seed, render)
     out = []
     for r in rows:
-        a, b = _operands(r["prompt"])
+        a, b = _operands(r)
         out.append({"prompt": r["prompt"], "chosen": r["answer"], "rejected": near_miss(r["answer"], a, b, rng),
                     "answer": r["answer"], "source": "near_miss"})
     return out
@@ -72,11 +84,13 @@ def correctness_pairs(task: ArithmeticTask, n: int, seed: int, rows: list[dict] 
 
 @torch.no_grad()
 def onpolicy_pairs(bundle, rows: list[dict], samples: int, max_new_tokens: int, seed: int, role: str,
-                   batch_size: int = 256) -> list[dict]:
+                   batch_size: int = 256, checker=None) -> list[dict]:
     """Sample ``samples`` completions per prompt in ``role``; pair a correct one (or the reference
-    answer) with the model's own wrong one. Prompts the model always gets right give no pair."""
+    answer) with the model's own wrong one, as ``checker`` (the run's answer checker; default exact match)
+    judges. Prompts the model always gets right give no pair."""
     from lowalign.generation import generate
 
+    check = checker or is_correct
     torch.manual_seed(seed)
     rng = random.Random(seed)
     out = []
@@ -87,8 +101,8 @@ def onpolicy_pairs(bundle, rows: list[dict], samples: int, max_new_tokens: int, 
                             temperature=1.0, num_generations=samples)
             for i, r in enumerate(chunk):
                 texts = roll.texts[i * samples:(i + 1) * samples]
-                good = [t for t in texts if is_correct(t, r["answer"])]
-                bad = [t for t in texts if not is_correct(t, r["answer"]) and t.strip()]
+                good = [t for t in texts if check(t, r["answer"])]
+                bad = [t for t in texts if not check(t, r["answer"]) and t.strip()]
                 if bad:
                     out.append({"prompt": r["prompt"], "chosen": rng.choice(good) if good else r["answer"],
                                 "rejected": rng.choice(bad), "answer": r["answer"], "source": "onpolicy"})
@@ -96,21 +110,24 @@ def onpolicy_pairs(bundle, rows: list[dict], samples: int, max_new_tokens: int, 
 
 
 def builtin_pairs(kind: str, task: ArithmeticTask, n: int, seed: int, bundle=None, samples: int = 4,
-                  max_new_tokens: int = 6, role: str = "reference") -> list[dict]:
+                  max_new_tokens: int = 6, role: str = "reference", render=None, checker=None) -> list[dict]:
+    """``n`` pairs of ``kind`` from the task; ``render``: the run's chat template (prompt -> prompt), applied to
+    every prompt; ``checker``: the run's answer checker, which ranks on-policy samples."""
     if kind == "correctness":
-        return correctness_pairs(task, n, seed)
-    rows = task.train_rows(n if kind == "onpolicy" else n // 2, seed=seed)
-    pol = onpolicy_pairs(bundle, rows, samples, max_new_tokens, seed, role)
+        return correctness_pairs(task, n, seed, render=render)
+    rows = task_rows(task, n if kind == "onpolicy" else n // 2, seed, render)
+    pol = onpolicy_pairs(bundle, rows, samples, max_new_tokens, seed, role, checker=checker)
     if kind == "onpolicy":
         return pol
     if kind == "mixed":
-        return pol + correctness_pairs(task, n - len(pol), seed + 1)
+        return pol + correctness_pairs(task, n - len(pol), seed + 1, render=render)
     raise ConfigError(f"data.pairs: unknown kind '{kind}' (correctness, onpolicy, mixed)")
 
 
-def eval_pairs(task: ArithmeticTask, n: int, seed: int) -> list[dict]:
+def eval_pairs(task: ArithmeticTask, n: int, seed: int, render=None) -> list[dict]:
     """Held-out pairs (held-out prompts, near-miss rejections): never seen in training."""
-    return correctness_pairs(task, n, seed, rows=task.eval_rows(n))
+    rows = task.eval_rows(n)
+    return correctness_pairs(task, n, seed, rows=[render_row(r, render) for r in rows] if render else rows)
 
 
 def attributes(pairs_side: list[tuple[str, str, str]]) -> torch.Tensor:
@@ -281,7 +298,7 @@ def rating_rows(task: ArithmeticTask, n_prompts: int, seed: int, bundle=None, sa
                     sampled[s + i] = texts[i * samples:(i + 1) * samples]
     out = []
     for r, own in zip(rows, sampled):
-        a, b = _operands(r["prompt"])
+        a, b = _operands(r)
         miss = near_miss(r["answer"], a, b, rng)
         stem = rng.choice([r["answer"], miss])  # a rambling answer: digits past the end, repeated or random
         tail = stem[-1] * rng.randint(1, 5) if rng.random() < 0.5 else str(rng.randint(0, 99999))

@@ -6,9 +6,11 @@ Passed into algorithms; nothing here knows which algorithm runs.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import sys
@@ -55,8 +57,35 @@ def _jsonable(v):
     return v
 
 
+MARKER = ".lowalign-run"  # written first into every run directory: lowalign writes only where it finds one
+HISTORY_PREFIX = "# resumed"  # config.yaml's trailing comment lines: what each resume changed
+
+
+def is_run_dir(path: Path) -> bool:
+    """A directory lowalign created: its marker, or (a run from before markers) config.yaml with metrics or
+    checkpoints beside it."""
+    p = Path(path)
+    return (p / MARKER).is_file() or ((p / "config.yaml").is_file()
+                                      and ((p / "metrics.jsonl").is_file() or (p / "checkpoints").is_dir()))
+
+
+def check_output_dir(path: Path) -> None:
+    """Before anything is written: an existing, non-empty ``output_dir`` must be a lowalign run directory, so
+    a user's own folder (their config.yaml, notes, results) is never written into. ``ConfigError`` naming
+    what is there."""
+    p = Path(path)
+    if not p.is_dir() or is_run_dir(p):
+        return
+    have = sorted(x.name + ("/" if x.is_dir() else "") for x in p.iterdir() if x.name != RunLock.NAME)
+    if have:
+        shown = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "")
+        raise ConfigError(f"output_dir: {p} is not empty ({shown}) and is not a lowalign run directory; "
+                          "lowalign does not write into it. Name a new or empty directory.")
+
+
 class RunDir:
-    """``output_dir`` with config.yaml, metrics.jsonl, summary.json, adapters/, checkpoints/.
+    """``output_dir`` with config.yaml, metrics.jsonl, summary.json, adapters/, checkpoints/ and the marker
+    (:data:`MARKER`) that says lowalign made it.
 
     ``writer=False`` (the ranks after 0 of a multi-process run) reads the same directory and writes nothing.
     ``trackers`` (TensorBoard, wandb: :mod:`lowalign.trackers`) receive every row logged and every rewind."""
@@ -67,11 +96,20 @@ class RunDir:
         self.trackers: list = []
         if writer:
             self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / MARKER).exists():
+                atomic_write_text(self.path / MARKER, json.dumps({"created": time.strftime("%Y-%m-%d %H:%M:%S")})
+                                  + "\n")
         self.metrics_path = self.path / "metrics.jsonl"
 
-    def write_config(self, cfg_dict: dict) -> None:
-        if self.writer:
-            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(cfg_dict, sort_keys=False))
+    def write_config(self, cfg_dict: dict, resumed: str | None = None) -> None:
+        """config.yaml; ``resumed``: one more history line (what this resume changed), kept below the earlier
+        ones as YAML comments."""
+        if not self.writer:
+            return
+        f = self.path / "config.yaml"
+        history = [ln for ln in f.read_text().splitlines() if ln.startswith(HISTORY_PREFIX)] if f.exists() else []
+        history += [f"{HISTORY_PREFIX} {resumed}"] if resumed else []
+        atomic_write_text(f, yaml.safe_dump(cfg_dict, sort_keys=False) + "".join(ln + "\n" for ln in history))
 
     def write_text(self, name: str, text: str) -> None:
         """``name`` (relative to the run directory), atomically; nothing on a non-writing rank."""
@@ -205,6 +243,23 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (an old, code-executing format) or cannot be written (disk full, ...)."""
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where it stopped and how to resume."""
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """One line for a run stopped by Ctrl-C: the last step done, the checkpoint a resume starts from."""
+    p = Path(run_dir)
+    if not p.exists():
+        return "interrupted before the first step; nothing was written"
+    rows = RunDir(p, writer=False).read_metrics()
+    done = max((r.get("step", 0) for r in rows), default=0)
+    ckpt = Checkpointer(RunDir(p, writer=False)).latest()
+    where = (f"checkpoint {ckpt.name} is intact; resume with `lowalign run {p}`" if ckpt else
+             f"no checkpoint yet: `lowalign run {p}` starts it again from step 0")
+    return f"interrupted after step {done}; {where}"
+
+
 # ---- one process per run directory ------------------------------------------------------------------
 
 
@@ -300,6 +355,25 @@ def check_writable(directory: Path) -> None:
 # ---- checkpoints -------------------------------------------------------------------------------------
 
 
+MANIFEST = "manifest.json"
+_STEP_NAME = re.compile(r"step_\d{6,}")
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: the size and sha256 of every file under ``directory`` (the checkpoint's last file)."""
+    files = {str(f.relative_to(directory)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in sorted(directory.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
 class Checkpointer:
     """Checkpoints in ``run/checkpoints/step_NNNNNN``, each written to a temp dir then renamed, with a
     ``latest`` pointer replaced atomically, so a crash never leaves a half-written checkpoint in use."""
@@ -335,6 +409,7 @@ class Checkpointer:
                        "scheduler": scheduler.state_dict() if scheduler else None,
                        "rng": rng_state(), "extra": extra}, tmp, "trainer")
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, default=_jsonable))
+            write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -347,11 +422,71 @@ class Checkpointer:
         return final
 
     def latest(self) -> Path | None:
+        """The checkpoint ``latest`` names, resolved inside ``checkpoints/`` only: a pointer holding anything but
+        a ``step_NNNNNN`` name of this folder (an absolute path, ``../``) is ignored, never followed."""
         ptr = self.root / "latest"
         if not ptr.exists():
             return None
-        p = self.root / ptr.read_text().strip()
-        return p if p.is_dir() else None
+        name = ptr.read_text().strip()
+        if not _STEP_NAME.fullmatch(name):
+            return None
+        p = self.root / name
+        return p if p.is_dir() and not p.is_symlink() else None
+
+    def candidates(self) -> list[Path]:
+        """Checkpoints to resume from, newest first: the one ``latest`` names, then every other ``step_*``
+        folder of ``checkpoints/`` by step (a damaged newest one falls back to an older one)."""
+        steps = sorted((p for p in self.root.glob("step_*") if _STEP_NAME.fullmatch(p.name) and p.is_dir()
+                        and not p.is_symlink()), reverse=True)
+        first = self.latest()
+        return ([first] if first else []) + [p for p in steps if p != first]
+
+    def resume(self, bundle, adapters: list[str], optimizer=None, scheduler=None,
+               console=None) -> tuple[Path, dict] | None:
+        """Load the newest intact checkpoint (:meth:`verify`); each damaged one is skipped with a notice naming
+        what is wrong. None when there is no checkpoint; ``CheckpointError`` when none is intact."""
+        cands = self.candidates()
+        problems = []
+        for path in cands:
+            problem = self.verify(path)
+            if problem is None:
+                try:
+                    return path, self.load(path, bundle, adapters, optimizer, scheduler)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # unreadable although the manifest matched (or an older one without it)
+                    problem = f"{type(e).__name__}: {e}"
+            problems.append(f"{path.name}: {problem}")
+            if console is not None:
+                console.print(f"[yellow]checkpoint {path.name} is damaged ({problem}); trying an older one[/]",
+                              soft_wrap=True)
+        if problems:
+            raise CheckpointError(f"no intact checkpoint in {self.root} ({'; '.join(problems)}); start a new run")
+        return None
+
+    @staticmethod
+    def verify(path: Path) -> str | None:
+        """What is wrong with checkpoint ``path`` against its manifest (every file's size and sha256), or None
+        when it is intact. A checkpoint from before manifests is checked when it loads."""
+        if not (path / "trainer.json").exists() and (path / "trainer.pt").exists():
+            return None  # the legacy format (trainer.pt): ``load`` refuses it with the way out
+        mf = path / MANIFEST
+        if not mf.exists():
+            return None
+        try:
+            files = json.loads(mf.read_text())["files"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            return f"unreadable {MANIFEST} ({e})"
+        for rel, want in files.items():
+            f = path / rel
+            if not f.is_file():
+                return f"{rel} is missing"
+            size = f.stat().st_size
+            if size != want["size"]:
+                return f"{rel} has {size} bytes, the manifest says {want['size']}"
+            if _sha256(f) != want["sha256"]:
+                return f"{rel} does not match its sha256 in the manifest"
+        return None
 
     def load(self, path: Path, bundle, adapters: list[str], optimizer=None, scheduler=None) -> dict:
         for name in adapters:

@@ -72,3 +72,44 @@ def test_rating_files(tmp_path):
     with pytest.raises(DataError, match=r"row 2: score column 'length' must be a finite number, got 'long'"):
         load_file_ratings(DataConfig(path=str(bad), completion_column="response"), byte_tokenizer(), 0, 10,
                           ["length"])
+
+
+def test_builtin_pairs_follow_the_runs_chat_template_and_checker():
+    """A chat run (data.chat_template) gets its pairs' prompts through the same template as its training and
+    held-out prompts, and on-policy samples ranked by the run's checker, not exact match."""
+    from lowalign.preference import builtin_pairs, eval_pairs, onpolicy_pairs
+
+    t = ArithmeticTask(question=True)
+    render = lambda q: f"<user>{q}</user><assistant>"  # noqa: E731
+    pairs = builtin_pairs("correctness", t, 30, 0, render=render) + eval_pairs(t, 10, 0, render)
+    plain = correctness_pairs(t, 30, 0) + eval_pairs(t, 10, 0)
+    for p, q in zip(pairs, plain):
+        assert p["prompt"] == render(q["prompt"])
+        a, b = (int(x) for x in q["prompt"].removeprefix("What is ").split("?")[0].split(" + "))
+        assert p["chosen"] == str(a + b) != p["rejected"].strip()
+
+    class Roll:  # the model says "The answer is <a+b>." to every prompt
+        def __init__(self, texts):
+            self.texts = texts
+
+    import lowalign.generation as g
+
+    rows = t.train_rows(6, seed=0)
+    orig = g.generate
+    g.generate = lambda b, prompts, num_generations, **k: Roll(
+        [f"The answer is {r['answer']}." for r in rows for _ in range(num_generations)])
+    try:
+        exact = onpolicy_pairs(_NullBundle(), rows, 2, 8, 0, "reference")
+        final = onpolicy_pairs(_NullBundle(), rows, 2, 8, 0, "reference",
+                               checker=lambda c, a: c.rstrip(".").split()[-1] == a)
+    finally:
+        g.generate = orig
+    assert len(exact) == 6 and all(p["chosen"] == p["answer"] for p in exact)  # exact match: all wrong
+    assert final == []  # the run's checker: all right, so no pair
+
+
+class _NullBundle:
+    from contextlib import nullcontext
+
+    def use(self, role):
+        return self.nullcontext()

@@ -92,14 +92,18 @@ def start_or_resume(ctx, adapters, optimizer, scheduler, evaluate_fn=None) -> tu
     """Returns (start step, baseline metrics). Evaluates the baseline on a fresh run; on resume restores
     adapters, optimizer, scheduler and RNG state and drops metrics rows past the checkpoint."""
     if ctx.cfg.resume:
-        ckpt = ctx.checkpointer.latest()
-        if ckpt is not None:
-            state = ctx.checkpointer.load(ckpt, ctx.bundle, adapters, optimizer, scheduler)
+        found = ctx.checkpointer.resume(ctx.bundle, adapters, optimizer, scheduler, ctx.console)
+        if found is not None:
+            ckpt, state = found
             ctx.run_dir.truncate_metrics(state["step"])
-            ctx.console.print(f"resumed from {ckpt} (step {state['step']})")
+            ctx.console.print(f"resumed from {ckpt} (step {state['step']})", soft_wrap=True)
             ctx.resumed_state = state
+            if ctx.on_resumed:
+                ctx.on_resumed(state["step"])
             return state["step"], state["baseline"]
         ctx.console.print("[yellow]resume: no checkpoint yet, starting from step 0[/]")
+        if ctx.on_resumed:
+            ctx.on_resumed(0)
     ctx.run_dir.truncate_metrics(0)
     with PHASES.phase("evaluation"):
         baseline = (evaluate_fn or evaluate)(ctx)

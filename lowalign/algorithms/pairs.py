@@ -43,8 +43,9 @@ def run_pairs(ctx, tc, role: str = "reference") -> PreferenceData:
     elif ctx.data.task is not None:
         ctx.console.print(f"building {cfg.data.num_pairs} '{cfg.data.pairs}' preference pairs ...")
         train = builtin_pairs(cfg.data.pairs, ctx.data.task, cfg.data.num_pairs, cfg.seed, bundle=ctx.bundle,
-                              samples=tc.onpolicy_samples, max_new_tokens=tc.max_new_tokens, role=role)
-        data = PreferenceData(train, eval_pairs(ctx.data.task, tc.eval_pairs, cfg.seed + 7))
+                              samples=tc.onpolicy_samples, max_new_tokens=tc.max_new_tokens, role=role,
+                              render=ctx.data.render, checker=ctx.data.checker)
+        data = PreferenceData(train, eval_pairs(ctx.data.task, tc.eval_pairs, cfg.seed + 7, ctx.data.render))
     else:
         data = load_file_pairs(cfg.data, ctx.bundle.tokenizer, cfg.seed, tc.eval_pairs)
     if not data.train:

@@ -7,11 +7,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def cli(*args, timeout=600, env=None, check=True):
-    """Run the real CLI in a subprocess (the way users do)."""
+def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
+    """Run the real CLI in a subprocess (the way users do), in the repository (or ``cwd``)."""
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     p = subprocess.run([sys.executable, "-m", "lowalign", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=REPO)
+                       timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"lowalign {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
