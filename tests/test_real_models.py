@@ -57,3 +57,20 @@ def test_grpo_smollm2_short_form(tmp_path):
     for k in ("baseline", "final"):
         assert s[k]["accuracy"] == s[k]["reward/correctness_reward"]
     assert s["final_samples"][0]["prompt"].startswith("What is ")  # the question, not the chat template
+
+
+@pytest.mark.slow
+def test_dpo_smollm2_short_form(tmp_path):
+    """The DPO recipe on the real model, one small step: its built-in pairs (own samples ranked by the run's
+    checker, and near misses) are chat prompts like its training and held-out prompts."""
+    import json
+
+    out = tmp_path / "run"
+    cli("run", "recipes/dpo_smollm2.yaml", f"output_dir={out}", "data.num_pairs=8", "train.onpolicy_samples=2",
+        "train.eval_pairs=4", "train.batch_size=4", "eval.num_examples=4", "train.steps=1", "threads=2")
+    pairs = json.loads((out / "pairs.json").read_text())
+    for p in pairs["train"] + pairs["eval"]:
+        assert p["prompt"].startswith("<|im_start|>") and "What is " in p["prompt"], p["prompt"]
+        assert p["prompt"].endswith("<|im_start|>assistant\n")
+    s = summary(out)
+    assert s["final"]["accuracy"] == s["final"]["reward/correctness_reward"]
