@@ -83,9 +83,18 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     assert "(step 2)" in p.stderr and "Traceback" not in p.stderr
     assert same_adapters(run, uninterrupted, "policy")
     assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4]
+    # checkpoints/latest pointing outside the run is not followed: the run's own newest checkpoint is used
+    elsewhere = tmp_path / "elsewhere" / "step_000038"
+    shutil.copytree(run / "checkpoints" / "step_000004", elsewhere)
+    (elsewhere / "state.json").write_text(json.dumps({**json.loads((elsewhere / "state.json").read_text()),
+                                                      "step": 38}))
+    (run / "checkpoints" / "latest").write_text(str(elsewhere))
+    p = cli("run", run, "train.steps=5")
+    assert "elsewhere" not in p.stderr and "(step 4)" in p.stderr
+    assert [r["step"] for r in metrics(run)] == [1, 2, 3, 4, 5]
     # a changed byte of the same size is caught by the hash; with no intact checkpoint left: one clear line
-    for step in ("step_000002", "step_000004"):
-        t = run / "checkpoints" / step / "trainer.json"
+    for step in (run / "checkpoints").glob("step_*"):
+        t = step / "trainer.json"
         t.write_text(t.read_text().replace("{", " ", 1))
     p = cli("run", run, check=False)
     assert p.returncode == 2 and "trainer.json does not match its sha256 in the manifest" in p.stderr
@@ -93,17 +102,22 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 
 def test_latest_is_resolved_inside_checkpoints_only(tmp_path):
-    run = tmp_path / "run"
-    _run(run, "train.steps=2", "train.checkpoint_every=2")
+    """A pointer naming anything but a step folder of checkpoints/ is ignored (the newest step folder is used);
+    the CLI path through it is in the damaged-checkpoint test."""
+    from lowalign.runtime import Checkpointer, RunDir
+
+    run = RunDir(tmp_path / "run")
+    ck = Checkpointer(run)
+    for step in ("step_000002", "step_000004"):
+        (ck.root / step).mkdir(parents=True)
     elsewhere = tmp_path / "elsewhere" / "step_000038"
-    shutil.copytree(run / "checkpoints" / "step_000002", elsewhere)
-    state = json.loads((elsewhere / "state.json").read_text())
-    (elsewhere / "state.json").write_text(json.dumps({**state, "step": 38}))
-    for pointer in (str(elsewhere), "../../elsewhere/step_000038"):
-        (run / "checkpoints" / "latest").write_text(pointer)
-        p = cli("run", run, "train.steps=3")
-        assert "elsewhere" not in p.stderr and "(step 2)" in p.stderr
-        assert [r["step"] for r in metrics(run)] == [1, 2, 3]
+    elsewhere.mkdir(parents=True)
+    for pointer in (str(elsewhere), "../../elsewhere/step_000038", "step_000038/../../../elsewhere/step_000038",
+                    "step_000002/..", ""):
+        (ck.root / "latest").write_text(pointer)
+        assert ck.latest() is None and ck.candidates() == [ck.root / "step_000004", ck.root / "step_000002"]
+    (ck.root / "latest").write_text("step_000002\n")
+    assert ck.candidates() == [ck.root / "step_000002", ck.root / "step_000004"]
 
 
 def test_model_problems_are_found_before_any_run_directory(tmp_path, tiny_llama_dir):
