@@ -166,14 +166,19 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "lowalign", "run", "recipes/grpo_tiny.yaml", f"output_dir={run}",
                              *TINY, "train.steps=2000", "train.checkpoint_every=2"], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    latest = run / "checkpoints" / "latest"
-    deadline = time.time() + 300
-    while time.time() < deadline and not latest.exists() and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True,
+                            # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        latest = run / "checkpoints" / "latest"
+        deadline = time.time() + 300
+        while time.time() < deadline and not latest.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     last = err.strip().splitlines()[-1]
     ckpt = (run / "checkpoints" / "latest").read_text()
