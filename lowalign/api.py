@@ -264,9 +264,8 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     changes = None
     if cfg.resume and (out / "config.yaml").exists():  # before anything loads: a resume cannot break the run
         changes = resume_changes(cfg, config_from_dict(C.load_raw(out / "config.yaml")))
-        shown = {k: v for k, v in changes.items() if k not in ("resume", "output_dir")}
-        if shown:
-            console.print("resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in shown.items()), soft_wrap=True)
+        if _describe(changes):
+            console.print("resume: " + _describe(changes), soft_wrap=True)
     if dist.world > 1 and not cfg.output_dir:  # every rank must name the same directory: rank 0's clock
         out = Path(_broadcast_text(str(out)))
     cfg.output_dir = str(out)
@@ -357,8 +356,13 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     return summary
 
 
+def _describe(changes: dict) -> str:
+    """What a resume changed, as ``key old -> new, ...`` (the resume flag and the directory itself left out)."""
+    return ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in ("resume", "output_dir"))
+
+
 def _history(step: int, changes: dict) -> str:
-    what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items() if k not in ("resume", "output_dir"))
+    what = _describe(changes)
     return f"at step {step} on {time.strftime('%Y-%m-%d %H:%M:%S')}" + (f": {what}" if what else "")
 
 

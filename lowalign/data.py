@@ -115,8 +115,7 @@ class PromptData:
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""
         if self.task is not None:
-            rows = self.task.train_rows(n, seed=seed * 1_000_003 + step)
-            return [render_row(r, self.render) for r in rows] if self.render else rows
+            return render_rows(self.task.train_rows(n, seed=seed * 1_000_003 + step), self.render)
         return [self.train_rows[j] for j in epoch_indices(len(self.train_rows), step, n, seed)]
 
     def eval_rows(self, n: int) -> list[dict]:
@@ -176,6 +175,11 @@ def render_row(row: dict, render) -> dict:
     return {**row, "_question": row.get("_question", row["prompt"]), "prompt": render(row["prompt"])}
 
 
+def render_rows(rows: list[dict], render) -> list[dict]:
+    """``rows`` through the run's chat template (:func:`render_row`), or as they are when it has none."""
+    return [render_row(r, render) for r in rows] if render else rows
+
+
 def prepare_prompts(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
     """Render chat templates, then apply the truncation policy to over-long prompts (before training).
     Returns notes for the log."""
@@ -190,7 +194,7 @@ def prepare_prompts(data: PromptData, tokenizer, cfg: DataConfig) -> list[str]:
                                                  add_generation_prompt=True)
 
         for rows in (data.train_rows or [], data.eval_rows_all):
-            rows[:] = [render_row(r, render) for r in rows]
+            rows[:] = render_rows(rows, render)
         if data.task is not None:
             data.render = render
     notes = []

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lowalign.config import ConfigError
-from lowalign.data import DataError, _read_table, limit_prompt_lengths, render_row
+from lowalign.data import DataError, _read_table, limit_prompt_lengths, render_rows
 from lowalign.tasks.arithmetic import ArithmeticTask, format_reward, is_correct, length_reward
 
 
@@ -66,8 +66,7 @@ def _operands(row: dict) -> tuple[int, int]:
 
 def task_rows(task: ArithmeticTask, n: int, seed: int, render=None) -> list[dict]:
     """``n`` training rows of the task, through the run's chat template when it has one (``render``)."""
-    rows = task.train_rows(n, seed=seed)
-    return [render_row(r, render) for r in rows] if render else rows
+    return render_rows(task.train_rows(n, seed=seed), render)
 
 
 def correctness_pairs(task: ArithmeticTask, n: int, seed: int, rows: list[dict] | None = None,
@@ -132,8 +131,7 @@ def builtin_pairs(kind: str, task: ArithmeticTask, n: int, seed: int, bundle=Non
 
 def eval_pairs(task: ArithmeticTask, n: int, seed: int, render=None) -> list[dict]:
     """Held-out pairs (held-out prompts, near-miss rejections): never seen in training."""
-    rows = task.eval_rows(n)
-    return correctness_pairs(task, n, seed, rows=[render_row(r, render) for r in rows] if render else rows)
+    return correctness_pairs(task, n, seed, rows=render_rows(task.eval_rows(n), render))
 
 
 def attributes(pairs_side: list[tuple[str, str, str]]) -> torch.Tensor:
