@@ -15,7 +15,20 @@ and ``--reps`` times timed. Variants:
 * ``static_compiled``: ``StaticCache`` and transformers' compiled decode step (torch.compile,
   ``reduce-overhead``: CUDA graphs).
 
-Greedy completions of each variant are compared with ``dynamic``'s token by token. Prints a markdown table.
+With ``--model PATH`` (a real model directory, e.g. SmolLM2-135M-Instruct converted from its GGUF, or
+``package:smollm2-135m-instruct``) the prompts are the built-in arithmetic task's chat prompts and three more
+variants run (``--variants plain plain_lora lowalign``; the baseline column is then ``plain_lora``):
+
+* ``plain``: transformers ``generate`` on the model as loaded, no adapter (each prompt repeated per completion).
+* ``plain_lora``: the same with a peft LoRA (the same r16 adapter) unmerged: what a user's loop does.
+* ``lowalign``: ``lowalign.generation.generate`` as the trainers call it (row-seeded sampler; each prompt's
+  prefill computed once and its KV cache shared by the group's completions).
+* ``lowalign_unshared``: the same with ``share_prefill=False``.
+
+    python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 \
+        --variants plain plain_lora lowalign lowalign_unshared
+
+Greedy completions of each variant are compared with the baseline's token by token. Prints a markdown table.
 """
 
 from __future__ import annotations
@@ -39,7 +52,7 @@ SIZES = {  # the published configurations' numbers (Qwen2.5 family): random weig
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
 }
-VARIANTS = ("dynamic", "static", "static_compiled")
+VARIANTS = ("dynamic", "static", "static_compiled", "plain", "plain_lora", "lowalign", "lowalign_unshared")
 
 
 def build_model(size: str, out: Path) -> Path:
@@ -76,6 +89,14 @@ def prompts(n: int, chars: int, seed: int = 0) -> list[str]:
     return out
 
 
+def _randomize_lora_b(model) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+
+
 def load_policy(model_dir: Path, quantization: str):
     from lowalign.bundle import ModelBundle
     from lowalign.config import LoraConfig, ModelConfig
@@ -84,12 +105,64 @@ def load_policy(model_dir: Path, quantization: str):
                                      gradient_checkpointing=True))
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator
     b.add_adapter("policy", LoraConfig(r=16, alpha=32))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for n, p in b.base.named_parameters():
-            if "lora_B" in n:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
+    _randomize_lora_b(b.base)
     return b
+
+
+def chat_prompts(model: str, n: int) -> list[str]:
+    """The built-in arithmetic task's first ``n`` training prompts in ``model``'s chat template."""
+    from lowalign.api import config_from_dict, load_data
+    from lowalign.data import prepare_prompts
+    from lowalign.models import load_tokenizer, resolve_path
+
+    cfg = config_from_dict({"algorithm": "grpo", "model": {"name_or_path": model}, "data": {"chat_template": True}})
+    data = load_data(cfg, None)
+    prepare_prompts(data, load_tokenizer(resolve_path(model)), cfg.data)
+    return [r["prompt"] for r in data.batch(0, n, cfg.seed)]
+
+
+def real_worker(variant: str, args) -> tuple:
+    """(generate(sample: bool) -> completion ids, rows) for the ``--model`` variants."""
+    from lowalign.generation import encode_prompts, generate, row_seed
+    from lowalign.models import resolve_path, resolve_target_modules
+
+    texts = chat_prompts(args.model, args.prompts)
+    if variant.startswith("lowalign"):
+        b = load_policy(Path(resolve_path(args.model)), args.quantization)
+        seeds = [row_seed(0, i) for i in range(args.prompts * args.generations)]
+
+        def run(sample: bool):
+            with b.use("policy"):
+                return generate(b, texts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                num_generations=args.generations, do_sample=sample,
+                                row_seeds=seeds if sample else None,
+                                share_prefill=variant == "lowalign").completion_ids
+        return run, args.prompts * args.generations
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowalign.models import load_tokenizer
+
+    path = resolve_path(args.model)
+    tok = load_tokenizer(path)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if variant == "plain_lora":
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=resolve_target_modules(
+            model, "auto"), task_type="CAUSAL_LM")).eval()
+        _randomize_lora_b(model)
+    ids, mask = encode_prompts(tok, texts, model.device)
+    ids, mask = ids.repeat_interleave(args.generations, 0), mask.repeat_interleave(args.generations, 0)
+
+    def run(sample: bool):
+        s = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=None) if sample else dict(
+            do_sample=False, temperature=None, top_p=None, top_k=None)
+        with torch.no_grad():
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                  min_new_tokens=args.new_tokens, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id, use_cache=True, **s)[:, ids.shape[1]:]
+    return run, ids.shape[0]
 
 
 def _log(*a) -> None:
@@ -100,6 +173,8 @@ def worker(variant: str, args) -> dict:
     from lowalign.generation import encode_prompts
 
     _log(variant, "loading")
+    if args.model:
+        return timed(variant, args, *real_worker(variant, args), cuda=torch.cuda.is_available())
     b = load_policy(Path(args.work) / args.size, args.quantization)
     tok, model = b.tokenizer, b.causal_lm
     ids, mask = encode_prompts(tok, prompts(args.prompts, args.prompt_chars), b.device)
@@ -111,14 +186,25 @@ def worker(variant: str, args) -> dict:
         kw["disable_compile"] = variant == "static"
     model.eval()
     cuda = b.device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def run(sample: bool):
         s = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=None) if sample else dict(
             do_sample=False, temperature=None, top_p=None, top_k=None)
         with b.use("policy"), torch.no_grad():
-            return model.generate(input_ids=ids, attention_mask=mask, **kw, **s)
+            return model.generate(input_ids=ids, attention_mask=mask, **kw, **s)[:, ids.shape[1]:]
 
+    return timed(variant, args, run, ids.shape[0], cuda)
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def timed(variant: str, args, run, rows: int, cuda: bool) -> dict:
+    """Warm up, time ``--reps`` sampled rollouts, save the greedy completions for the comparison."""
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     t0 = time.perf_counter()
     run(True)  # warm-up: compilation, cache allocation
     sync()
@@ -133,20 +219,21 @@ def worker(variant: str, args) -> dict:
         sync()
         ts.append(time.perf_counter() - t0)
         _log(variant, f"rollout {ts[-1]:.2f} s")
-    greedy = run(False)[:, ids.shape[1]:]
+    assert out.shape == (rows, args.new_tokens), out.shape
+    greedy = run(False)
     np_ = Path(args.work) / f"greedy_{variant}.pt"
     torch.save(greedy.cpu(), np_)
     med = sorted(ts)[len(ts) // 2]
-    rows = out.shape[0]
     return {"variant": variant, "warmup_s": round(warm, 2), "s": round(med, 3), "all_s": [round(t, 3) for t in ts],
             "completions_per_s": rows / med, "tokens_per_s": rows * args.new_tokens / med,
-            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else _peak_rss_mib(),
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="0.5b", choices=sorted(SIZES))
+    ap.add_argument("--model", default=None, help="a real model (directory, .gguf, package:...) instead of --size")
     ap.add_argument("--quantization", default="none", choices=["none", "nf4", "int8"])
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--generations", type=int, default=8)
@@ -166,7 +253,12 @@ def main() -> None:
     if args.work is None:
         tmp = tempfile.TemporaryDirectory()
         args.work = tmp.name
-    build_model(args.size, Path(args.work) / args.size)
+    if args.model is None:
+        build_model(args.size, Path(args.work) / args.size)
+    else:
+        from lowalign.models import resolve_path
+
+        resolve_path(args.model)  # convert a GGUF once, before the workers
     rows = []
     for v in args.variants:
         cmd = [sys.executable, __file__, "--worker", v] + [a for a in sys.argv[1:] if a != "--worker"]
@@ -180,14 +272,16 @@ def main() -> None:
             rows.append({"variant": v, "error": f"exit {p.returncode} (see the log)"})
             continue
         rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-    ref = Path(args.work) / "greedy_dynamic.pt"
-    base = next((r for r in rows if r["variant"] == "dynamic" and "error" not in r), None)
+    anchor = "plain_lora" if args.model else "dynamic"
+    ref = Path(args.work) / f"greedy_{anchor}.pt"
+    base = next((r for r in rows if r["variant"] == anchor and "error" not in r), None)
     dev = next((r["device"] for r in rows if "device" in r), "?")
-    print(f"\n{dev}; Qwen2.5-{args.size} shape, random weights, quantization {args.quantization}, LoRA r16 unmerged; "
-          f"{args.prompts} prompts x {args.generations} generations, {args.prompt_chars}-token prompts, "
-          f"{args.new_tokens} new tokens; median of {args.reps}\n")
-    print("| variant | s per rollout | completions/s | tokens/s | vs dynamic | peak MiB | warm-up s "
-          "| greedy = dynamic |")
+    what = (f"{args.model}, chat prompts of the arithmetic task" if args.model else
+            f"Qwen2.5-{args.size} shape, random weights, {args.prompt_chars}-token prompts")
+    print(f"\n{dev}; {what}; quantization {args.quantization}, LoRA r16 unmerged; {args.prompts} prompts x "
+          f"{args.generations} generations, {args.new_tokens} new tokens; median of {args.reps}\n")
+    print(f"| variant | s per rollout | completions/s | tokens/s | vs {anchor} | peak MiB | warm-up s "
+          f"| greedy = {anchor} |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:

@@ -13,6 +13,7 @@ This is the only module in lowalign that touches PEFT or bitsandbytes internals.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -172,6 +173,7 @@ class ModelBundle:
         self.reference_adapter: str | None = None  # None: the reference role is the base, adapters off
         self._role = REFERENCE
         self._adapter: str | None = None  # the active adapter (None: adapters disabled)
+        self.source: str | None = None  # the directory (or hub id) the base was loaded from
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -223,7 +225,9 @@ class ModelBundle:
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         model.config.use_cache = True
-        return cls(model, tok, cfg, device, dtype)
+        bundle = cls(model, tok, cfg, device, dtype)
+        bundle.source = path
+        return bundle
 
     # ---- adapters and heads -----------------------------------------------------------------------
 
@@ -244,10 +248,63 @@ class ModelBundle:
         self.adapter_configs[name] = lora
         if init_from:
             self.load_adapter(name, init_from)
+        elif lora.init == "loftq":
+            self._loftq_init(name)
         guard_avx512bf16(self.base)
         self._activate(name)
         if prev is not None:
             self._activate(prev)  # a further adapter (value, reward, reference) leaves the active role alone
+
+    @torch.no_grad()
+    def _loftq_init(self, name: str) -> None:
+        """LoftQ (Li et al. 2023, arXiv 2310.08659), one step: for every LoRA module of adapter ``name`` on a
+        4-bit layer, with W the full-precision weight (read from the source's safetensors), Q its nf4 value as
+        the layer dequantizes it and U S V^T the SVD of the error W - Q, set
+
+            B = U_r S_r^{1/2} / sqrt(scale),   A = S_r^{1/2} V_r^T / sqrt(scale)
+
+        so that the layer computes x (Q + scale * B A)^T = x (Q + U_r S_r V_r^T)^T: the best rank-r correction
+        of the quantization error (Eckart-Young). Modules whose weight the source lacks are left as they are."""
+        import bitsandbytes as bnb
+        from tqdm.auto import tqdm
+
+        from lowalign.models import safetensors_reader
+
+        read = safetensors_reader(self.source or "")
+        if read is None:
+            raise ConfigError(f"lora.init: loftq reads the full-precision weights from safetensors, and "
+                              f"{self.source} has none (pytorch_model.bin only, or not cached)")
+        mods = [(n, m) for n, m in self.base.named_modules()
+                if hasattr(m, "lora_A") and name in m.lora_A
+                and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)]
+        fixed = 0
+        for mod_name, m in tqdm(mods, desc="loftq init", unit="layer", leave=False):
+            w = read(mod_name.split("base_model.model.", 1)[-1] + ".weight")
+            layer = m.get_base_layer()
+            q = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            if w is None or w.shape != q.shape:
+                continue
+            u, sv, vh = torch.linalg.svd(w.to(q.device) - q, full_matrices=False)
+            r, scale = m.r[name], float(m.scaling[name])
+            root = sv[:r].sqrt() / scale ** 0.5
+            a, b = m.lora_A[name].weight, m.lora_B[name].weight
+            b.copy_((u[:, :r] * root).to(b.dtype))
+            a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+            fixed += 1
+        if not fixed:
+            raise ConfigError(f"lora.init: loftq found no 4-bit layer under adapter '{name}' whose weight "
+                              f"{self.source} holds (set model.quantization: nf4)")
+
+    def freeze_copy(self, name: str, copy: str = INIT_REFERENCE) -> None:
+        """Adapter ``copy``: a frozen copy of adapter ``name`` as it is now, made the reference role (the
+        policy's starting point when that start is computed rather than loaded, as LoftQ's)."""
+        from peft import get_peft_model_state_dict
+
+        state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
+        self.add_adapter(copy, dataclasses.replace(self.adapter_configs[name], init="default"))
+        self._load_state(copy, state, f"a copy of adapter '{name}'")
+        self.freeze_adapter(copy)
+        self.reference_adapter = copy
 
     def add_head(self, name: str, out_features: int = 1) -> nn.Linear:
         head = nn.Linear(self.hidden_size, out_features).to(self.device, torch.float32)

@@ -72,6 +72,11 @@ class LoraConfig:
         "model at hand (never the output head unless named); resolved from config.json, printed and written "
         "to the run's config.yaml.")
     init_from: str | None = F(None, "Directory of a saved PEFT adapter to start the policy from.", path=True)
+    init: Literal["default", "loftq"] = F(
+        "default", "How a fresh adapter starts. default: B = 0 (the policy starts as the base). loftq (with "
+        "model.quantization: nf4): A and B from the rank-r SVD of each layer's quantization error, full-precision "
+        "weight minus its nf4 value (LoftQ, arXiv 2310.08659), so the policy starts near the unquantized model; "
+        "the reference is then that starting adapter, frozen. Raise lora.r for a closer start.")
 
 
 @dataclass
@@ -173,9 +178,9 @@ class RunConfig:
     logging: LoggingConfig = F(factory=LoggingConfig, help="Metric backends and the end-of-run report.")
     reference: Literal["auto", "base", "init", "soup"] = F(
         "auto", "The KL/DPO reference: base (the base model, adapters off), init (a frozen copy of the "
-        "starting adapter lora.init_from, on the same base) or soup (the element-wise average of the adapters "
-        "in reference_soup, one more adapter on the same base; SALSA, arXiv 2411.01798). auto: init when "
-        "lora.init_from is set, else base.")
+        "starting adapter, lora.init_from or lora.init: loftq's, on the same base) or soup (the element-wise "
+        "average of the adapters in reference_soup, one more adapter on the same base; SALSA, arXiv "
+        "2411.01798). auto: init when lora.init_from is set or lora.init is loftq, else base.")
     reference_soup: list[str] = F(factory=list, help="reference: soup: directories of saved PEFT adapters (same "
                                                      "rank and target modules) averaged into the reference.")
     train: Any = F(None, "Algorithm-specific settings (fields depend on `algorithm`).")
@@ -434,8 +439,15 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"logging.backends[{i}]: unknown backend '{b}'.{_suggest(b, LOGGING_BACKENDS)}")
     if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
         raise ConfigError(f"logging.backends: {cfg.logging.backends} names a backend twice")
-    if cfg.reference == "init" and not cfg.lora.init_from:
-        raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from")
+    if cfg.lora.init == "loftq":
+        if cfg.model.quantization != "nf4":
+            raise ConfigError(f"lora.init: loftq corrects the error of an nf4 base; model.quantization is "
+                              f"'{cfg.model.quantization}' (set model.quantization: nf4, or lora.init: default)")
+        if cfg.lora.init_from:
+            raise ConfigError("lora.init: loftq starts a fresh adapter; lora.init_from loads a saved one: give one")
+    if cfg.reference == "init" and not (cfg.lora.init_from or cfg.lora.init == "loftq"):
+        raise ConfigError("reference: 'init' is a frozen copy of the starting adapter; set lora.init_from "
+                          "(or lora.init: loftq)")
     if (cfg.reference == "soup") != bool(cfg.reference_soup):
         raise ConfigError("reference_soup: give the adapter directories to average exactly when reference: soup")
     for i, d in enumerate(cfg.reference_soup):
@@ -446,7 +458,7 @@ def _check_semantics(cfg: RunConfig) -> None:
 def reference_mode(cfg: RunConfig) -> str:
     """'init', 'base' or 'soup': what ``reference: auto`` means for this config."""
     if cfg.reference == "auto":
-        return "init" if cfg.lora.init_from else "base"
+        return "init" if cfg.lora.init_from or cfg.lora.init == "loftq" else "base"
     return cfg.reference
 
 

@@ -108,20 +108,29 @@ class RowSeededSampler:
 @torch.no_grad()
 def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_generations: int = 1,
-             row_seeds: list[int] | None = None) -> Rollout:
+             row_seeds: list[int] | None = None, share_prefill: bool = True, min_new_tokens: int = 0) -> Rollout:
     """Sample ``num_generations`` completions per prompt (rows grouped by prompt, contiguous). With
     ``row_seeds`` (one per completion), each row samples from its own seeded stream
-    (:class:`RowSeededSampler`) instead of the global RNG."""
+    (:class:`RowSeededSampler`) instead of the global RNG.
+
+    With ``num_generations > 1`` and ``share_prefill``, each prompt's prefix (all but its last token) runs once
+    (:func:`prefill`) and its KV cache is repeated to the group's rows; generation then feeds only the last
+    prompt token of each row. The unshared path (``share_prefill=False``) computes every row's prompt again:
+    G times the prefill work for the same completions."""
     tok = bundle.tokenizer
     model = bundle.causal_lm
     ids, mask = encode_prompts(tok, prompts, bundle.device)
-    if num_generations > 1:
-        ids = ids.repeat_interleave(num_generations, 0)
-        mask = mask.repeat_interleave(num_generations, 0)
     was_training = model.training
     model.eval()
     kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
               use_cache=True)
+    if min_new_tokens:  # benchmarks: every row does the same work
+        kw["min_new_tokens"] = min_new_tokens
+    if num_generations > 1:
+        if share_prefill and ids.shape[1] > 1:
+            kw[cache_kwarg(model)] = prefill(model, ids[:, :-1], mask[:, :-1], repeats=num_generations)
+        ids = ids.repeat_interleave(num_generations, 0)
+        mask = mask.repeat_interleave(num_generations, 0)
     if do_sample and row_seeds is not None:
         if len(row_seeds) != ids.shape[0]:
             raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {ids.shape[0]} completions")
@@ -142,6 +151,31 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
     comp = torch.where(cmask.bool(), comp, torch.full_like(comp, tok.pad_token_id))
     texts = tok.batch_decode(comp, skip_special_tokens=True)
     return Rollout(ids, mask, comp, cmask, texts)
+
+
+def cache_kwarg(module) -> str:
+    """The keyword a model's forward (and so its generate) takes a KV cache by: ``cache`` in transformers 5.2x,
+    ``past_key_values`` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def prefill(model, ids: torch.Tensor, mask: torch.Tensor, *, repeats: int = 1):
+    """The KV cache of left-padded ``ids`` (B, P) under the active adapter, each row's cache repeated
+    ``repeats`` times (rows grouped, as ``repeat_interleave``): B prompts computed once for B * repeats
+    completions. Positions are the ones generation gives the same rows (the mask's running count), so the cache
+    is what generation would have built for each row; only the backbone runs (no logits)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    decoder = model.get_decoder()
+    decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(decoder): cache})
+    if repeats > 1:
+        cache.batch_repeat_interleave(repeats)
+    return cache
 
 
 def encode_completions(tok, prompts: list[str], completions: list[str], device) -> Rollout:

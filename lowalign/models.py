@@ -168,6 +168,44 @@ def check_source(name: str) -> None:
                           "where there is a network, or name a local directory or .gguf file")
 
 
+def safetensors_reader(path: str):
+    """``name -> float32 tensor`` over a model's safetensors weights (one file or a sharded index) in a local
+    directory or the local Hugging Face cache, opened lazily; None when it has none (pytorch_model.bin only,
+    or nothing cached). LoftQ reads the full-precision weights here."""
+    import json
+
+    from safetensors import safe_open
+
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            d = Path(snapshot_download(path, local_files_only=True,
+                                       allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
+        except Exception:
+            return None
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        where = {k: d / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    elif (d / "model.safetensors").is_file():
+        with safe_open(str(d / "model.safetensors"), "pt") as f:
+            where = dict.fromkeys(f.keys(), d / "model.safetensors")
+    else:
+        return None
+    opened: dict = {}
+
+    def read(name: str):
+        f = where.get(name)
+        if f is None:
+            return None
+        if f not in opened:
+            opened[f] = safe_open(str(f), "pt")
+        return opened[f].get_tensor(name).float()
+
+    return read
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The tokenizer class a local directory declares (tokenizer_config.json) wins; else AutoTokenizer.
     transformers 5 may otherwise substitute the model type's default class (an empty Qwen2Tokenizer for a

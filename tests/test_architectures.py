@@ -175,3 +175,27 @@ def test_base_weight_is_the_layers_weight(arch_dir, arch):
         assert W.shape == (B.shape[0], A.shape[1])
         torch.testing.assert_close(W, w.float(), atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(b.base_weight(name, chunk=5), W, atol=1e-6, rtol=0)  # columns in blocks of 5
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
+    """Each prompt's prefill once, its KV cache repeated to the group: the same sampled tokens (row-seeded) and
+    greedy tokens as computing every row's prompt, hence the same log-probs; prompts of unequal length (left
+    padding)."""
+    from lowalign.generation import generate, row_seed
+    from lowalign.logprobs import token_logprobs
+
+    b = _bundle(arch_dir(name))
+    prompts = ["12+7=", "3+45=19", "9=", "hello there, 5+5="]
+    seeds = [row_seed(7, i) for i in range(len(prompts) * 4)]
+    with b.use("policy"):
+        for kw in (dict(do_sample=False), dict(row_seeds=seeds)):  # sampled last: its rollouts are scored below
+            shared, plain = (generate(b, prompts, max_new_tokens=6, num_generations=4, share_prefill=s, **kw)
+                             for s in (True, False))
+            assert torch.equal(shared.prompt_ids, plain.prompt_ids)
+            assert torch.equal(shared.completion_ids, plain.completion_ids)
+            assert torch.equal(shared.completion_mask, plain.completion_mask)
+        assert shared.completion_ids.unique(dim=0).shape[0] > len(prompts)  # samples differ within groups
+        lp_shared, lp_plain = (token_logprobs(b, r.input_ids, r.attention_mask, r.target_mask).logps
+                               for r in (shared, plain))
+    torch.testing.assert_close(lp_shared, lp_plain, rtol=0, atol=0)

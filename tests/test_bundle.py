@@ -260,3 +260,45 @@ def test_row_scales_lean_forward_equals_peft_forward_with_hook_and_the_formula()
             with b.use("policy"):
                 one = b.hidden_states(ids, torch.ones_like(ids))
         torch.testing.assert_close(h[row], one[0], rtol=1e-4, atol=1e-5)
+
+
+def _effective_weight(b, mod_name, adapter="policy"):
+    """What the LoRA module computes, as a (d_out, d_in) matrix: its base layer's weight plus scale * B A."""
+    m = b.base.get_submodule(mod_name)
+    return b.base_weight(mod_name) + float(m.scaling[adapter]) * m.lora_B[adapter].weight @ m.lora_A[adapter].weight
+
+
+def test_loftq_start_is_the_best_rank_r_correction_of_the_nf4_error():
+    from safetensors.torch import load_file
+
+    full = load_file(str(TINY_DIR / "model.safetensors"))
+    b = ModelBundle.load(ModelConfig(quantization="nf4"))
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8, init="loftq"))
+    names = [n for n, *_ in b.lora_factors("policy")]
+    assert names
+    for name in names:
+        w = full[name.split("base_model.model.", 1)[-1] + ".weight"].float()
+        q = b.base_weight(name)
+        tail = torch.linalg.svdvals(w - q)[4:]  # Eckart-Young: the best rank-4 fit leaves these
+        err = (w - _effective_weight(b, name)).norm()
+        torch.testing.assert_close(err, tail.norm(), rtol=1e-3, atol=1e-5)
+        assert err < (w - q).norm()
+    # full rank: the policy computes the full-precision weight itself
+    wide = ModelBundle.load(ModelConfig(quantization="nf4"))
+    d = min(full[names[0].split("base_model.model.", 1)[-1] + ".weight"].shape)
+    wide.add_adapter("policy", LoraConfig(r=d, alpha=d, init="loftq", target_modules=[names[0].split(".")[-1]]))
+    name = next(n for n, *_ in wide.lora_factors("policy"))
+    torch.testing.assert_close(_effective_weight(wide, name), full[name.split("base_model.model.", 1)[-1] + ".weight"],
+                               rtol=0, atol=1e-4)
+
+
+def test_loftq_reference_is_the_frozen_start():
+    b = ModelBundle.load(ModelConfig(quantization="nf4"))
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8, init="loftq"))
+    b.freeze_copy("policy")
+    start = _logits(b, "policy")
+    torch.testing.assert_close(_logits(b, "reference"), start, rtol=0, atol=0)
+    _train_step(b, lr=1e-1)
+    assert (_logits(b, "policy") - start).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(b, "reference"), start, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in b.adapter_parameters("init_reference"))

@@ -141,3 +141,13 @@ def test_reference_init_needs_a_starting_adapter():
         config_from_dict({"algorithm": "grpo", "reference": "init"})
     cfg = config_from_dict({"algorithm": "grpo"})
     assert C.reference_mode(cfg) == "base"
+
+
+def test_loftq_needs_an_nf4_base_and_a_fresh_adapter():
+    with pytest.raises(C.ConfigError, match=r"lora\.init: loftq.*model\.quantization is 'none'"):
+        config_from_dict({"algorithm": "grpo", "lora": {"init": "loftq"}})
+    with pytest.raises(C.ConfigError, match=r"lora\.init: loftq.*lora\.init_from"):
+        config_from_dict({"algorithm": "grpo", "model": {"quantization": "nf4"},
+                          "lora": {"init": "loftq", "init_from": str(Path(__file__).parent)}})
+    cfg = config_from_dict({"algorithm": "grpo", "model": {"quantization": "nf4"}, "lora": {"init": "loftq"}})
+    assert C.reference_mode(cfg) == "init"  # the reference is the computed start, frozen

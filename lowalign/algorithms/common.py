@@ -14,13 +14,15 @@ POLICY = "policy"
 
 
 def add_policy(ctx, name: str = POLICY) -> None:
-    """The policy adapter (fresh or from ``lora.init_from``) and, with ``reference: init``, the frozen
-    starting adapter as the reference role (the KL/DPO reference is where the policy starts); with
+    """The policy adapter (fresh, from ``lora.init_from``, or LoftQ's start) and, with ``reference: init``, the
+    frozen starting adapter as the reference role (the KL/DPO reference is where the policy starts); with
     ``reference: soup``, the average of ``reference_soup``'s adapters."""
     cfg = ctx.cfg
     ctx.bundle.add_adapter(name, cfg.lora, init_from=cfg.lora.init_from)
-    if reference_mode(cfg) == "init":
+    if reference_mode(cfg) == "init" and cfg.lora.init_from:
         ctx.bundle.set_reference_adapter(cfg.lora.init_from)
+    elif reference_mode(cfg) == "init":  # lora.init: loftq: the computed start, frozen
+        ctx.bundle.freeze_copy(name)
     elif reference_mode(cfg) == "soup":
         ctx.bundle.set_reference_soup(cfg.reference_soup)
 
