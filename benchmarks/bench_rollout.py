@@ -23,10 +23,10 @@ variants run (``--variants plain plain_lora lowalign``; the baseline column is t
 * ``plain_lora``: the same with a peft LoRA (the same r16 adapter) unmerged: what a user's loop does.
 * ``lowalign``: ``lowalign.generation.generate`` as the trainers call it (row-seeded sampler; each prompt's
   prefill computed once and its KV cache shared by the group's completions).
-* ``lowalign_unshared``: the same with ``share_prefill=False``.
+* ``lowalign_hf``: the same with ``engine="hf"`` (transformers' ``generate`` on every row's prompt).
 
     python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 \
-        --variants plain plain_lora lowalign lowalign_unshared
+        --variants plain plain_lora lowalign lowalign_hf
 
 Greedy completions of each variant are compared with the baseline's token by token. Prints a markdown table.
 """
@@ -52,7 +52,7 @@ SIZES = {  # the published configurations' numbers (Qwen2.5 family): random weig
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
 }
-VARIANTS = ("dynamic", "static", "static_compiled", "plain", "plain_lora", "lowalign", "lowalign_unshared")
+VARIANTS = ("dynamic", "static", "static_compiled", "plain", "plain_lora", "lowalign", "lowalign_hf")
 
 
 def build_model(size: str, out: Path) -> Path:
@@ -136,7 +136,7 @@ def real_worker(variant: str, args) -> tuple:
                 return generate(b, texts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                 num_generations=args.generations, do_sample=sample,
                                 row_seeds=seeds if sample else None,
-                                share_prefill=variant == "lowalign").completion_ids
+                                engine="lowalign" if variant == "lowalign" else "hf").completion_ids
         return run, args.prompts * args.generations
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

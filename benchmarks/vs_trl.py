@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[bench]' -c constraints.txt     # TRL (the bench extra)
     .venv/bin/python benchmarks/vs_trl.py --quick               # <= 20 min on a 2-core CPU
     .venv/bin/python benchmarks/vs_trl.py --reps 3 --grpo-steps 3 --dpo-steps 8
+    .venv/bin/python benchmarks/vs_trl.py --quick --model package:smollm2-135m-instruct --micro-batch 8
 
 The model is a random-weight Qwen2 with the real 151,936-token vocabulary (hidden 256, 4 layers, untied
 embeddings: a 0.3 GB model whose memory, like a real small model's, is dominated by the vocabulary), saved
@@ -19,6 +20,12 @@ gradient checkpointing, dropout off, the same learning rate, torch threads and s
 * DPO: batch 4 pairs of 16-token prompts and 128-token completions, beta 0.1, sigmoid loss. lowalign runs
   twice: its default (reference log-probs precomputed once: ``setup s``) and ``precompute_ref=false`` (the
   reference pass every step, as TRL's default does).
+
+``--model`` runs both tools on a real model instead (a directory, a .gguf, or
+``package:smollm2-135m-instruct`` converted once from its GGUF): the same prompts, pairs and settings.
+``--micro-batch N`` sets the GRPO micro-batch (TRL: ``per_device_train_batch_size=N``,
+``gradient_accumulation_steps=64/N``) and the DPO batch (N pairs per step) for both tools; a user short of
+memory picks the smaller.
 
 Each run is its own process; tools alternate in every repetition. Peak memory is the larger of the peak RSS
 the worker's kernel counter reports (``VmHWM``; lowalign's per-phase peaks come from ``--profile-memory``)
@@ -78,7 +85,8 @@ def prepare(work: Path, args) -> None:
 
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": text(16)}) + "\n" for _ in range(256)))
     (work / "pairs.jsonl").write_text("".join(
-        json.dumps({"prompt": text(16), "chosen": text(128), "rejected": text(128)}) + "\n" for _ in range(68)))
+        json.dumps({"prompt": text(16), "chosen": text(128), "rejected": text(128)}) + "\n"
+        for _ in range(4 + max(64, (args.dpo_batch or 4) * args.dpo_steps))))
 
 
 # ---- workers (one process each) ----------------------------------------------------------------------------
@@ -90,22 +98,31 @@ def _status(key: str) -> int:
     return proc_status(key)
 
 
+def model_dir(work: Path, args) -> str:
+    """The model both tools load: ``--model`` (converted once if it is a GGUF) or the random one in ``work``."""
+    if args.model is None:
+        return str(work / "model")
+    from lowalign.models import resolve_path
+
+    return resolve_path(args.model)
+
+
 def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool = True) -> dict:
     from lowalign.api import run
 
     common = {"seed": 0, "output_dir": str(out), "threads": args.threads, "profile_memory": True,
-              "model": {"name_or_path": str(work / "model"), "dtype": "float32", "gradient_checkpointing": True,
+              "model": {"name_or_path": model_dir(work, args), "dtype": "float32", "gradient_checkpointing": True,
                         "device": "cpu"},
               "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}, "eval": {"num_examples": 0}}
     if algo == "grpo":
         cfg = {**common, "algorithm": "grpo", "data": {"path": str(work / "prompts.jsonl")},
                "rewards": [{"fn": "vs_trl:char_reward"}],
                "train": {"steps": args.grpo_steps, "prompts_per_step": 8, "num_generations": 8,
-                         "max_new_tokens": 128, "beta": 0.04, "loss_type": "dapo", "micro_batch_size": 16,
+                         "max_new_tokens": 128, "beta": 0.04, "loss_type": "dapo", "micro_batch_size": args.micro_batch,
                          "checkpoint_every": 0, "log_every": 1, "optim": {"learning_rate": LR}}}
     else:
         cfg = {**common, "algorithm": "dpo", "data": {"path": str(work / "pairs.jsonl")},
-               "train": {"steps": args.dpo_steps, "batch_size": 4, "beta": 0.1, "eval_pairs": 4,
+               "train": {"steps": args.dpo_steps, "batch_size": args.dpo_batch, "beta": 0.1, "eval_pairs": 4,
                          "precompute_ref": precompute_ref, "checkpoint_every": 0, "log_every": 1,
                          "optim": {"learning_rate": LR}}}
     s = run(cfg, quiet=True)
@@ -157,22 +174,23 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
             if logs and "completions/mean_length" in logs and steps:
                 steps[-1]["completion_length"] = logs["completions/mean_length"]
 
-    tok = load_tokenizer(str(work / "model"))
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32)
+    tok = load_tokenizer(model_dir(work, args))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_dir(work, args), dtype=torch.float32)
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     common = dict(output_dir=str(out), use_cpu=True, bf16=False, learning_rate=LR, logging_steps=1, report_to=[],
                   save_strategy="no", gradient_checkpointing=True, seed=0, disable_tqdm=True,
                   dataloader_num_workers=0)
     if algo == "grpo":
         rows = [json.loads(x) for x in (work / "prompts.jsonl").read_text().splitlines()]
-        cfg = trl.GRPOConfig(**common, max_steps=args.grpo_steps, per_device_train_batch_size=16,
-                             gradient_accumulation_steps=4, num_generations=8, max_completion_length=128,
-                             beta=0.04, loss_type="dapo", temperature=1.0)
+        cfg = trl.GRPOConfig(**common, max_steps=args.grpo_steps, per_device_train_batch_size=args.micro_batch,
+                             gradient_accumulation_steps=64 // args.micro_batch, num_generations=8,
+                             max_completion_length=128, beta=0.04, loss_type="dapo", temperature=1.0)
         tr = trl.GRPOTrainer(model=model, reward_funcs=char_reward, args=cfg, train_dataset=Dataset.from_list(rows),
                              processing_class=tok, peft_config=peft, callbacks=[Timer()])
     else:
         rows = [json.loads(x) for x in (work / "pairs.jsonl").read_text().splitlines()][4:]  # as lowalign: 4 held out
-        cfg = trl.DPOConfig(**common, max_steps=args.dpo_steps, per_device_train_batch_size=4,
+        cfg = trl.DPOConfig(**common, max_steps=args.dpo_steps, per_device_train_batch_size=args.dpo_batch,
                             gradient_accumulation_steps=1, beta=0.1, max_length=None, precompute_ref_log_probs=False)
         tr = trl.DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             peft_config=peft, callbacks=[Timer()])
@@ -203,7 +221,9 @@ def run_one(setup: str, work: Path, args, rep: int) -> dict:
 
     out = work / "runs" / f"{setup}-{rep}"
     cmd = [sys.executable, __file__, "--worker", setup, "--work", str(work), "--out", str(out),
-           "--threads", str(args.threads), "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps)]
+           "--threads", str(args.threads), "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps),
+           "--micro-batch", str(args.micro_batch), "--dpo-batch", str(args.dpo_batch)]
+    cmd += ["--model", args.model] if args.model else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
@@ -262,7 +282,9 @@ def report(results: list[dict], args) -> None:
         trl_v = "not installed"
     import peft
 
-    print(f"\nQwen2-style random weights, vocab 151936, hidden {args.hidden}, {args.layers} layers, fp32, LoRA r16 "
+    what = (f"{args.model}" if args.model else
+            f"Qwen2-style random weights, vocab 151936, hidden {args.hidden}, {args.layers} layers")
+    print(f"\n{what}, fp32, GRPO micro-batch {args.micro_batch}, DPO batch {args.dpo_batch}, LoRA r16 "
           f"on {'/'.join(TARGETS)}, gradient checkpointing, {args.threads} torch threads; {args.reps} rep(s), "
           f"GRPO {args.grpo_steps} steps, DPO {args.dpo_steps} steps. torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}, TRL {trl_v}; "
@@ -312,6 +334,11 @@ def main() -> None:
     ap.add_argument("--only", choices=["grpo", "dpo"], help="one algorithm")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--model", default=None, help="a real model (directory, .gguf, package:...) instead of the "
+                                                  "random 152k-vocabulary one")
+    ap.add_argument("--micro-batch", type=int, default=16, choices=[1, 2, 4, 8, 16, 32, 64],
+                    help="GRPO micro-batch for both tools (64 completions per step)")
+    ap.add_argument("--dpo-batch", type=int, default=None, help="DPO pairs per step (default: 4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write every run's numbers to this file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -327,6 +354,8 @@ def main() -> None:
             r = trl_worker(algo, work, out, args)
         print(json.dumps(r))
         return
+    if args.dpo_batch is None:
+        args.dpo_batch = 4
     if args.quick:
         args.reps, args.grpo_steps, args.dpo_steps = 1, 2, 4
     try:
@@ -337,6 +366,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prepare(work, args)
+        if args.model:
+            model_dir(work, args)  # convert a GGUF once, before the workers
         for rep in range(args.reps):
             for algo in ([args.only] if args.only else ["dpo", "grpo"]):
                 order = SETUPS[algo] if rep % 2 == 0 else SETUPS[algo][::-1]  # alternate who goes first

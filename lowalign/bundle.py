@@ -174,6 +174,7 @@ class ModelBundle:
         self._role = REFERENCE
         self._adapter: str | None = None  # the active adapter (None: adapters disabled)
         self.source: str | None = None  # the directory (or hub id) the base was loaded from
+        self.rows_pinned = False  # inside row_scales: each batch row is one variant, rows cannot be dropped
 
     # ---- loading --------------------------------------------------------------------------------
 
@@ -359,6 +360,7 @@ class ModelBundle:
         ``base(x) + h B^T`` as one addmm, where peft's forward would add a mul and an add over the layer's
         whole (rows, d_out) output; any other module keeps peft's forward with a hook scaling ``A x``."""
         patched, handles = [], []
+        self.rows_pinned = True  # every forward inside has exactly these rows: generation must not drop any
         try:
             for mod_name, m in self.base.named_modules():
                 if mod_name in scales and hasattr(m, "lora_A") and name in getattr(m, "lora_A", {}):
@@ -373,6 +375,7 @@ class ModelBundle:
                 raise KeyError(f"row_scales: no LoRA module {sorted(missing)[:3]} of adapter '{name}'")
             yield self
         finally:
+            self.rows_pinned = False
             for m in patched:
                 del m.forward  # the class's (peft's) forward again
             for h in handles:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,23 @@ def row_seed(seed: int, row: int) -> int:
     return (x ^ (x >> 31)) % 2**63
 
 
+def warpers(temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
+    """transformers' logits warpers (temperature, top-k, top-p, in its sampler's order) as one callable."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    warp = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        warp.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        warp.append(TopPLogitsWarper(top_p))
+    return LogitsProcessorList(warp)
+
+
 class RowSeededSampler:
     """A logits processor that samples each row from its own random stream, so a completion depends only
     on its prompt, the weights and its row seed, never on which other rows share the batch (rank shards,
@@ -76,75 +94,81 @@ class RowSeededSampler:
 
     def __init__(self, seeds: list[int], prompt_len: int, max_new_tokens: int, *, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0):
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
-
         self.u = torch.stack([1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s),
                                                dtype=torch.float64) for s in seeds])  # (B, T) in (0, 1]
         self.prompt_len = prompt_len
-        warp = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-        if top_k:
-            warp.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            warp.append(TopPLogitsWarper(top_p))
-        self.warp = LogitsProcessorList(warp)
+        self.warp = warpers(temperature, top_p, top_k)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        t = input_ids.shape[1] - self.prompt_len
-        w = self.warp(input_ids, scores).float()
+    def pick(self, scores: torch.Tensor, t: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The (n,) tokens of new-token step ``t`` for ``rows`` (indices into the seeds; all rows when None),
+        from their (n, vocab) logits."""
+        w = self.warp(None, scores.float())
         # unnormalized cdf = cumsum(exp(w - max)): one [rows, vocab] buffer, exp and cumsum in place
         cdf = torch.sub(w, w.amax(-1, keepdim=True)).exp_()
+        del w
         torch.cumsum(cdf, -1, out=cdf)
-        u = self.u[:, t].to(cdf.device, torch.float32)[:, None] * cdf[:, -1:]
-        tok = torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1)
-        del cdf, w
-        return scores.fill_(float("-inf")).scatter_(1, tok, 0.0)  # HF hands the processor its own fp32 copy
+        u = self.u[:, t] if rows is None else self.u[rows.cpu(), t]
+        u = u.to(cdf.device, torch.float32)[:, None] * cdf[:, -1:]
+        return torch.searchsorted(cdf, u).clamp(max=cdf.shape[-1] - 1).squeeze(1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """As a transformers logits processor: the chosen token is the only finite logit."""
+        tok = self.pick(scores, input_ids.shape[1] - self.prompt_len)
+        return scores.fill_(float("-inf")).scatter_(1, tok[:, None], 0.0)  # HF hands it its own fp32 copy
 
 
 @torch.no_grad()
 def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool = True,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, num_generations: int = 1,
-             row_seeds: list[int] | None = None, share_prefill: bool = True, min_new_tokens: int = 0) -> Rollout:
+             row_seeds: list[int] | None = None, engine: str = "lowalign", min_new_tokens: int = 0) -> Rollout:
     """Sample ``num_generations`` completions per prompt (rows grouped by prompt, contiguous). With
     ``row_seeds`` (one per completion), each row samples from its own seeded stream
-    (:class:`RowSeededSampler`) instead of the global RNG.
+    (:class:`RowSeededSampler`) instead of the global RNG; without, from the global one (``do_sample``) or
+    greedily.
 
-    With ``num_generations > 1`` and ``share_prefill``, each prompt's prefix (all but its last token) runs once
-    (:func:`prefill`) and its KV cache is repeated to the group's rows; generation then feeds only the last
-    prompt token of each row. The unshared path (``share_prefill=False``) computes every row's prompt again:
-    G times the prefill work for the same completions."""
+    ``engine``: ``"lowalign"`` (:func:`decode`: each distinct prompt's prefill once, its KV cache repeated to
+    its group; finished rows leave the batch) or ``"hf"`` (transformers' ``generate`` on every row's prompt:
+    the reference path, and the one used inside :meth:`ModelBundle.row_scales`, where rows cannot be dropped).
+    Greedy and row-seeded completions are the same tokens on both."""
     tok = bundle.tokenizer
     model = bundle.causal_lm
     ids, mask = encode_prompts(tok, prompts, bundle.device)
+    n_rows = ids.shape[0] * num_generations
+    if row_seeds is not None and do_sample and len(row_seeds) != n_rows:
+        raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {n_rows} completions")
+    sampler = (RowSeededSampler(row_seeds, ids.shape[1], max_new_tokens, temperature=temperature, top_p=top_p,
+                                top_k=top_k) if do_sample and row_seeds is not None else None)
     was_training = model.training
     model.eval()
-    kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-              use_cache=True)
-    if min_new_tokens:  # benchmarks: every row does the same work
-        kw["min_new_tokens"] = min_new_tokens
-    if num_generations > 1:
-        if share_prefill and ids.shape[1] > 1:
-            kw[cache_kwarg(model)] = prefill(model, ids[:, :-1], mask[:, :-1], repeats=num_generations)
-        ids = ids.repeat_interleave(num_generations, 0)
-        mask = mask.repeat_interleave(num_generations, 0)
-    if do_sample and row_seeds is not None:
-        if len(row_seeds) != ids.shape[0]:
-            raise ValueError(f"row_seeds: {len(row_seeds)} seeds for {ids.shape[0]} completions")
-        sampler = RowSeededSampler(row_seeds, ids.shape[1], max_new_tokens, temperature=temperature, top_p=top_p,
-                                   top_k=top_k)
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None, logits_processor=[sampler])
-    elif do_sample:
-        kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    if engine == "lowalign" and not getattr(bundle, "rows_pinned", False):
+        if sampler is not None:
+            pick = sampler.pick
+        elif do_sample:
+            warp = warpers(temperature, top_p, top_k)
+
+            def pick(scores, t, rows):
+                return torch.multinomial(torch.softmax(warp(None, scores.float()), -1), 1).squeeze(1)
+        else:
+            def pick(scores, t, rows):
+                return scores.argmax(-1)
+        comp = decode(model, ids, mask, groups=num_generations, max_new_tokens=max_new_tokens, pick=pick,
+                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=min_new_tokens)
+        ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
+    elif engine in ("lowalign", "hf"):
+        ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
+        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                  use_cache=True, do_sample=do_sample and sampler is None, temperature=None, top_p=None, top_k=None)
+        if min_new_tokens:  # benchmarks: every row does the same work
+            kw["min_new_tokens"] = min_new_tokens
+        if sampler is not None:
+            kw["logits_processor"] = [sampler]
+        elif do_sample:
+            kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+        comp = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
     else:
-        kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+        raise ValueError(f"engine: '{engine}' is not one of lowalign, hf")
     if was_training:
         model.train()
-    comp = out[:, ids.shape[1]:]
     if comp.shape[1] == 0:
         comp = torch.full((ids.shape[0], 1), tok.eos_token_id, device=ids.device, dtype=ids.dtype)
     cmask = completion_mask_from_ids(comp, tok.eos_token_id)
@@ -154,28 +178,62 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
 
 
 def cache_kwarg(module) -> str:
-    """The keyword a model's forward (and so its generate) takes a KV cache by: ``cache`` in transformers 5.2x,
-    ``past_key_values`` before."""
-    import inspect
-
+    """The keyword a model's forward takes a KV cache by: ``cache`` in transformers 5.2x, ``past_key_values``
+    before."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
-def prefill(model, ids: torch.Tensor, mask: torch.Tensor, *, repeats: int = 1):
-    """The KV cache of left-padded ``ids`` (B, P) under the active adapter, each row's cache repeated
-    ``repeats`` times (rows grouped, as ``repeat_interleave``): B prompts computed once for B * repeats
-    completions. Positions are the ones generation gives the same rows (the mask's running count), so the cache
-    is what generation would have built for each row; only the backbone runs (no logits)."""
+def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new_tokens: int, pick, eos_id: int,
+           pad_id: int, min_new_tokens: int = 0) -> torch.Tensor:
+    """Completions (B * groups, T) of the left-padded prompts ``ids`` (B, P), ``groups`` per prompt (rows
+    grouped), T <= max_new_tokens (the step at which the last row ended), pad after each row's EOS.
+
+    1. Prefill: each distinct prompt once, its KV cache and last-position logits repeated ``groups`` times.
+    2. Decode: step t picks ``pick(logits (n, vocab), t, rows)`` for the n rows still running (``rows``: their
+       indices among the B * groups), EOS forbidden while t < ``min_new_tokens``; rows that emit EOS leave the
+       batch (their cache rows are dropped), so later steps compute only unfinished rows.
+
+    Positions are the mask's running count (as transformers' generate gives left-padded rows); only the last
+    position's logits are computed. The same forward as ``generate`` row by row, so greedy and row-seeded
+    tokens equal those of transformers' ``generate`` on the repeated prompts."""
     from transformers import DynamicCache
 
+    kw = {"use_cache": True}
+    key = cache_kwarg(model)
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kw["logits_to_keep"] = 1
     cache = DynamicCache(config=model.config)
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    decoder = model.get_decoder()
-    decoder(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kwarg(decoder): cache})
-    if repeats > 1:
-        cache.batch_repeat_interleave(repeats)
-    return cache
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw, **{key: cache}).logits[:, -1]
+    if groups > 1:
+        cache.batch_repeat_interleave(groups)
+        logits, mask = logits.repeat_interleave(groups, 0), mask.repeat_interleave(groups, 0)
+        pos = pos.repeat_interleave(groups, 0)
+    n = mask.shape[0]
+    out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=ids.device)
+    rows = torch.arange(n, device=ids.device)
+    last = pos[:, -1]
+    steps = 0
+    for t in range(max_new_tokens):
+        scores = logits.float()
+        if t < min_new_tokens:
+            scores[:, eos_id] = float("-inf")
+        nxt = pick(scores, t, rows)
+        out[rows, t] = nxt
+        steps = t + 1
+        done = nxt == eos_id
+        if steps == max_new_tokens or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().flatten()
+            cache.batch_select_indices(keep)
+            rows, nxt, mask, last = rows[keep], nxt[keep], mask[keep], last[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        last = last + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
+                       **{key: cache}).logits[:, -1]
+    return out[:, :steps]
 
 
 def encode_completions(tok, prompts: list[str], completions: list[str], device) -> Rollout:

@@ -190,8 +190,8 @@ def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
     seeds = [row_seed(7, i) for i in range(len(prompts) * 4)]
     with b.use("policy"):
         for kw in (dict(do_sample=False), dict(row_seeds=seeds)):  # sampled last: its rollouts are scored below
-            shared, plain = (generate(b, prompts, max_new_tokens=6, num_generations=4, share_prefill=s, **kw)
-                             for s in (True, False))
+            shared, plain = (generate(b, prompts, max_new_tokens=6, num_generations=4, engine=e, **kw)
+                             for e in ("lowalign", "hf"))
             assert torch.equal(shared.prompt_ids, plain.prompt_ids)
             assert torch.equal(shared.completion_ids, plain.completion_ids)
             assert torch.equal(shared.completion_mask, plain.completion_mask)
