@@ -1,0 +1,153 @@
+"""What nf4 costs a small model, and where: held-out accuracy of grpo_smollm2's model under several ways of
+quantizing it, and whether bitsandbytes' 4-bit path computes what its dequantized weights compute.
+
+    python benchmarks/nf4_error.py                       # every mode below (~10 min on 2 cores)
+    python benchmarks/nf4_error.py float32 nf4_torch loftq_64 grads
+
+Modes (greedy accuracy on the first ``--rows`` held-out chat problems of ``recipes/grpo_smollm2.yaml``, one
+checker, 16 new tokens):
+
+* ``float32``: the converted GGUF as loaded.
+* ``nf4_torch``: every block linear quantized to nf4 and back in plain torch (``quantize_4bit`` /
+  ``dequantize_4bit``, block 64), so no 4-bit kernel runs; ``nf4_torch_block32``: blocks of 32;
+  ``nf4_keep_attention`` / ``nf4_keep_down`` / ``nf4_keep_first_last``: those layers left in float32.
+* ``nf4_bnb``: loaded with ``model.quantization: nf4`` (bitsandbytes' kernels).
+* ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch).
+* ``grads``: an nf4 bundle with a LoftQ adapter next to a float32 bundle holding the dequantized nf4 weights and
+  the same adapter: the largest difference of their log-probs and of the LoRA gradients of a policy-gradient
+  loss through lowalign's fused log-prob path (and eval vs train mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
+         "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "grads")
+
+
+def nf4(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    import bitsandbytes.functional as F
+
+    q, st = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+    return F.dequantize_4bit(q, st, quant_type="nf4")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("modes", nargs="*", default=list(MODES), choices=MODES)
+    ap.add_argument("--rows", type=int, default=200)
+    args = ap.parse_args()
+
+    from lowalign import api
+    from lowalign.bundle import ModelBundle
+    from lowalign.data import prepare_prompts, render_rows
+    from lowalign.evaluation import heldout_eval
+
+    cfg = api.load_config(REPO / "recipes" / "grpo_smollm2.yaml")
+    data = api.load_data(cfg, None)
+    b = ModelBundle.load(cfg.model)
+    prepare_prompts(data, b.tokenizer, cfg.data)
+    rows = render_rows(data.eval_rows_all[:args.rows], data.render)
+    orig = {n: p.detach().clone() for n, p in b.base.named_parameters()}
+    linears = [(n, m) for n, m in b.base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    last = b.base.config.num_hidden_layers - 1
+
+    def accuracy(bundle) -> float:
+        return heldout_eval(bundle, rows, checker=data.checker, batch_size=100, max_new_tokens=16,
+                            role="reference")["accuracy"]
+
+    @torch.no_grad()
+    def set_weights(fn) -> None:
+        for n, p in b.base.named_parameters():
+            p.copy_(orig[n])
+        for n, m in linears:
+            m.weight.copy_(fn(n, orig[n + ".weight"]))
+
+    def loftq(r: int):
+        def fn(n, w):
+            q = nf4(w)
+            u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+            return q + (u[:, :r] * s[:r]) @ vh[:r]
+        return fn
+
+    keep = {"nf4_keep_attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "nf4_keep_down": ("down_proj",),
+            "nf4_keep_first_last": ("layers.0.", f"layers.{last}.")}
+    print("| mode | held-out accuracy | s |\n|---|---|---|")
+    for mode in args.modes:
+        t0 = time.time()
+        if mode == "grads":
+            grads(cfg, data)
+            continue
+        if mode == "nf4_bnb":
+            acc = accuracy(ModelBundle.load(dataclasses.replace(cfg.model, quantization="nf4")))
+        else:
+            if mode == "float32":
+                set_weights(lambda n, w: w)
+            elif mode == "nf4_torch":
+                set_weights(lambda n, w: nf4(w))
+            elif mode == "nf4_torch_block32":
+                set_weights(lambda n, w: nf4(w, 32))
+            elif mode in keep:
+                set_weights(lambda n, w, k=keep[mode]: w if any(x in n for x in k) else nf4(w))
+            else:
+                set_weights(loftq(int(mode.split("_")[1])))
+            acc = accuracy(b)
+        print(f"| {mode} | {acc:.3f} | {time.time() - t0:.0f} |", flush=True)
+
+
+def grads(cfg, data) -> None:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig
+    from lowalign.data import prepare_prompts, render_rows
+    from lowalign.generation import generate, row_seed
+    from lowalign.logprobs import token_logprobs
+
+    bq = ModelBundle.load(dataclasses.replace(cfg.model, quantization="nf4"))
+    bq.add_adapter("policy", LoraConfig(r=16, alpha=32, init="loftq"))
+    bf = ModelBundle.load(cfg.model)
+    bf.add_adapter("policy", LoraConfig(r=16, alpha=32))
+    quantized = dict(bq.base.named_modules())
+    with torch.no_grad():
+        for n, m in bf.base.named_modules():
+            if isinstance(m, torch.nn.Linear) and isinstance(quantized.get(n), bnb.nn.Linear4bit):
+                m.weight.copy_(F.dequantize_4bit(quantized[n].weight.data, quantized[n].weight.quant_state).float())
+        pq = dict(bq.base.named_parameters())
+        for n, p in bf.base.named_parameters():
+            if "lora_" in n:
+                p.copy_(pq[n])
+    prepare_prompts(data, bq.tokenizer, cfg.data)
+    rows = render_rows(data.eval_rows_all[:8], data.render)
+    with bq.use("policy"):
+        roll = generate(bq, [r["prompt"] for r in rows], max_new_tokens=16, num_generations=4,
+                        row_seeds=[row_seed(0, i) for i in range(32)])
+    adv = torch.randn(32, 1, generator=torch.Generator().manual_seed(0))
+    lps, gs = [], []
+    for b in (bq, bf):
+        b.base.train()
+        with b.use("policy"):
+            lp = token_logprobs(b, roll.input_ids, roll.attention_mask, roll.target_mask).logps
+            (-(lp * adv).sum() / roll.target_mask.sum()).backward()
+        lps.append(lp.detach())
+        gs.append({n: p.grad.clone() for n, p in b.base.named_parameters() if p.grad is not None})
+    with bq.use("policy"), bq.eval_mode(), torch.no_grad():
+        ev = token_logprobs(bq, roll.input_ids, roll.attention_mask, roll.target_mask).logps
+    worst = max(((gs[0][n] - gs[1][n]).norm() / (gs[1][n].norm() + 1e-12)).item() for n in gs[1])
+    print(f"\ngrads: nf4 vs float32 with the dequantized weights: log-prob max |diff| "
+          f"{(lps[0] - lps[1]).abs().max().item():.3g}, LoRA gradients worst relative difference {worst:.3g} over "
+          f"{len(gs[1])} tensors; nf4 eval vs train mode log-probs max |diff| {(ev - lps[0]).abs().max().item():.3g}")
+
+
+if __name__ == "__main__":
+    main()
