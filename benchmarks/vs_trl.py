@@ -28,7 +28,8 @@ gradient checkpointing, dropout off, the same learning rate, torch threads and s
 memory picks the smaller.
 
 Each run is its own process; tools alternate in every repetition. Peak memory is the larger of the peak RSS
-the worker's kernel counter reports (``VmHWM``; lowalign's per-phase peaks come from ``--profile-memory``)
+the worker's kernel counter reports (``VmHWM``; lowalign's per-phase peaks come from ``--profile-memory``, off by
+default: its phase resets slow the phase after them)
 and the whole process tree's RSS sampled every 50 ms. Step times are per optimizer step (a TRL callback;
 lowalign's ``metrics.jsonl``), the median of the steps after the first, with lowalign's own split into
 generation / scoring (rewards, reference and old log-probs) / training (forward, backward, optimizer) and
@@ -110,7 +111,8 @@ def model_dir(work: Path, args) -> str:
 def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool = True) -> dict:
     from lowalign.api import run
 
-    common = {"seed": 0, "output_dir": str(out), "threads": args.threads, "profile_memory": True,
+    common = {"seed": 0, "output_dir": str(out), "threads": args.threads,
+              "profile_memory": args.profile_memory,
               "model": {"name_or_path": model_dir(work, args), "dtype": "float32", "gradient_checkpointing": True,
                         "device": "cpu"},
               "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}, "eval": {"num_examples": 0}}
@@ -130,9 +132,10 @@ def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool
     steps = [{"step_s": r["time/step_s"], "generate_s": r.get("time/generate_s"), "score_s": r.get("time/score_s"),
               "train_s": r.get("time/train_s"),
               "completion_length": r.get("completion_length")} for r in rows]
-    phases = s["memory_by_phase"]
-    return {"peak_bytes": s["peak_memory_bytes"], "after_load_bytes": phases["after_load_mib"] * 2**20,
-            "steps": steps, "setup_s": s.get("time/objective_setup_s"), "phases_mib": phases["peak_mib"]}
+    phases = s.get("memory_by_phase") or {}
+    return {"peak_bytes": max(s.get("peak_memory_bytes") or 0, _status("VmHWM")),
+            "after_load_bytes": phases["after_load_mib"] * 2**20 if phases else None,
+            "steps": steps, "setup_s": s.get("time/objective_setup_s"), "phases_mib": phases.get("peak_mib")}
 
 
 def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
@@ -223,6 +226,7 @@ def run_one(setup: str, work: Path, args, rep: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", setup, "--work", str(work), "--out", str(out),
            "--threads", str(args.threads), "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps),
            "--micro-batch", str(args.micro_batch), "--dpo-batch", str(args.dpo_batch)]
+    cmd += ["--profile-memory"] if args.profile_memory else []
     cmd += ["--model", args.model] if args.model else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
@@ -341,6 +345,9 @@ def main() -> None:
     ap.add_argument("--dpo-batch", type=int, default=None, help="DPO pairs per step (default: 4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", help="also write every run's numbers to this file")
+    ap.add_argument("--profile-memory", action="store_true",
+                    help="lowalign's per-phase peaks (its phase resets hand the heap back to the OS, which slows "
+                         "the next phase: step times are then not comparable)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--work", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
