@@ -280,10 +280,12 @@ class ModelBundle:
                 and isinstance(m.get_base_layer(), bnb.nn.Linear4bit)]
         fixed = 0
         for mod_name, m in tqdm(mods, desc="loftq init", unit="layer", leave=False):
-            w = read(mod_name.split("base_model.model.", 1)[-1] + ".weight")
+            w = read(mod_name + ".weight")  # the LoRA layers sit in the base's own modules: its names
+            if w is None:
+                continue
             layer = m.get_base_layer()
             q = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
-            if w is None or w.shape != q.shape:
+            if w.shape != q.shape:
                 continue
             u, sv, vh = torch.linalg.svd(w.to(q.device) - q, full_matrices=False)
             r, scale = m.r[name], float(m.scaling[name])

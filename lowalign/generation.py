@@ -140,7 +140,7 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
                                 top_k=top_k) if do_sample and row_seeds is not None else None)
     was_training = model.training
     model.eval()
-    if engine == "lowalign" and not getattr(bundle, "rows_pinned", False):
+    if engine == "lowalign" and not bundle.rows_pinned:
         if sampler is not None:
             pick = sampler.pick
         elif do_sample:
@@ -199,21 +199,22 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
     tokens equal those of transformers' ``generate`` on the repeated prompts."""
     from transformers import DynamicCache
 
+    from lowalign.bundle import position_ids_from_mask
+
     kw = {"use_cache": True}
     key = cache_kwarg(model)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1
     cache = DynamicCache(config=model.config)
-    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    pos = position_ids_from_mask(mask)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw, **{key: cache}).logits[:, -1]
+    last = pos[:, -1]
     if groups > 1:
         cache.batch_repeat_interleave(groups)
-        logits, mask = logits.repeat_interleave(groups, 0), mask.repeat_interleave(groups, 0)
-        pos = pos.repeat_interleave(groups, 0)
+        logits, mask, last = (x.repeat_interleave(groups, 0) for x in (logits, mask, last))
     n = mask.shape[0]
     out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=ids.device)
     rows = torch.arange(n, device=ids.device)
-    last = pos[:, -1]
     steps = 0
     for t in range(max_new_tokens):
         scores = logits.float()

@@ -277,7 +277,7 @@ def test_loftq_start_is_the_best_rank_r_correction_of_the_nf4_error():
     names = [n for n, *_ in b.lora_factors("policy")]
     assert names
     for name in names:
-        w = full[name.split("base_model.model.", 1)[-1] + ".weight"].float()
+        w = full[name + ".weight"].float()
         q = b.base_weight(name)
         tail = torch.linalg.svdvals(w - q)[4:]  # Eckart-Young: the best rank-4 fit leaves these
         err = (w - _effective_weight(b, name)).norm()
@@ -285,11 +285,10 @@ def test_loftq_start_is_the_best_rank_r_correction_of_the_nf4_error():
         assert err < (w - q).norm()
     # full rank: the policy computes the full-precision weight itself
     wide = ModelBundle.load(ModelConfig(quantization="nf4"))
-    d = min(full[names[0].split("base_model.model.", 1)[-1] + ".weight"].shape)
+    d = min(full[names[0] + ".weight"].shape)
     wide.add_adapter("policy", LoraConfig(r=d, alpha=d, init="loftq", target_modules=[names[0].split(".")[-1]]))
     name = next(n for n, *_ in wide.lora_factors("policy"))
-    torch.testing.assert_close(_effective_weight(wide, name), full[name.split("base_model.model.", 1)[-1] + ".weight"],
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(_effective_weight(wide, name), full[name + ".weight"], rtol=0, atol=1e-4)
 
 
 def test_loftq_reference_is_the_frozen_start():
