@@ -567,6 +567,49 @@ class ModelBundle:
             self.heads[h].requires_grad_(False)
         self.freeze_adapter(name)
 
+    # ---- export ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def dequantize_base(self) -> int:
+        """Replace every bitsandbytes 4-bit linear of the base with a full-precision ``nn.Linear`` holding its
+        dequantized weight: the model an nf4 run trained its adapter against, in full precision (export merges
+        there, never into 4-bit weights). Call before any adapter is added; returns how many were replaced."""
+        if self.peft is not None:
+            raise RuntimeError("dequantize_base: adapters are attached already")
+        import bitsandbytes as bnb
+
+        n = 0
+        for name, mod in list(self.base.named_modules()):
+            if not isinstance(mod, bnb.nn.Linear4bit):
+                continue
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state).to(self.dtype)
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, dtype=self.dtype,
+                            device=w.device)
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias.to(self.dtype))
+            parent, _, child = name.rpartition(".")
+            setattr(self.base.get_submodule(parent) if parent else self.base, child, lin)
+            n += 1
+        self.base.requires_grad_(False)
+        self.base.hf_quantizer = None  # plain weights now: transformers refuses to save a quantized model
+        self.base.is_loaded_in_4bit = False
+        if hasattr(self.base.config, "quantization_config"):
+            del self.base.config.quantization_config
+        return n
+
+    @torch.no_grad()
+    def merged(self, name: str) -> nn.Module:
+        """The base with adapter ``name`` merged into its weights (W + scale B A), every other adapter
+        removed: a plain transformers model. The bundle is spent afterwards."""
+        if name not in self.adapter_configs:
+            raise KeyError(f"unknown adapter '{name}'; have: {list(self.adapter_configs)}")
+        self._activate(name)
+        model = self.peft.merge_and_unload(adapter_names=[name])
+        self.peft = None
+        self.adapter_configs.clear()
+        return model
+
     # ---- saving ---------------------------------------------------------------------------------
 
     def save_adapter(self, name: str, directory: str | Path) -> Path:

@@ -1,4 +1,4 @@
-"""`lowalign run | validate | plan | bon | report | ls | cp`: the command-line recipe runner."""
+"""`lowalign run | validate | plan | bon | report | export | ls | cp`: the command-line recipe runner."""
 
 from __future__ import annotations
 
@@ -74,6 +74,19 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", default=None, help="folder to write (default: RUN_DIR/report for one run, "
                                                 "runs/compare-<time> for several)")
     rp.add_argument("--samples", type=int, default=5, help="sample completions shown per run")
+    ex = sub.add_parser("export", help="a run's policy merged into its base: a transformers directory or a GGUF file")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or one of its checkpoints/step_*)")
+    ex.add_argument("--out", required=True, help="directory (merged) or .gguf file (gguf) to write")
+    ex.add_argument("--format", default="merged", choices=["merged", "gguf"],
+                    help="merged: safetensors + config + tokenizer for from_pretrained; gguf: one file for "
+                         "llama.cpp, Ollama, LM Studio (default merged)")
+    ex.add_argument("--dtype", default=None, choices=["f32", "f16", "bf16"],
+                    help="float type of the weights (default: the source's)")
+    ex.add_argument("--quant", default=None, help="gguf only: q8_0, q5_1, q5_0, q4_1 or q4_0 for the matrices "
+                                                  "(default: the source GGUF's type)")
+    ex.add_argument("--role", default="policy", help="which adapter of the run (reward, value: merged, with the "
+                                                     "head file beside it)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing output (an earlier export)")
     sub.add_parser("ls", help="list the built-in recipes")
     c = sub.add_parser("cp", help="copy a built-in recipe to edit it")
     c.add_argument("name")
@@ -119,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"report: {write_report(args.run_dirs, args.out, args.samples)}")
             return 0
+        if args.cmd == "export":
+            from lowalign.export import export
+
+            export(args.run_dir, args.out, format=args.format, dtype=args.dtype, quant=args.quant, role=args.role,
+                   overwrite=args.overwrite)
+            return 0
         if args.cmd == "bon":
             from lowalign.bon import best_of_n
 
@@ -140,11 +159,12 @@ def main(argv: list[str] | None = None) -> int:
         import errno
 
         from lowalign.data import DataError
+        from lowalign.export import ExportError
         from lowalign.report import ReportError
         from lowalign.rewards import RewardError
         from lowalign.runtime import CheckpointError, RunLockedError
 
-        if isinstance(e, (DataError, RewardError, CheckpointError, RunLockedError, ReportError)):
+        if isinstance(e, (DataError, RewardError, CheckpointError, RunLockedError, ReportError, ExportError)):
             print(f"error: {e}", file=sys.stderr)
             return 2
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT):

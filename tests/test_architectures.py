@@ -33,6 +33,11 @@ IDS = [[84, 61, 35, 55, 58, 46, 54, 59, 64, 35, 68, 61], [84, 61, 35, 52, 46, 53
 
 @pytest.fixture(scope="module")
 def arch_dir(tmp_path_factory):
+    return arch_dirs(tmp_path_factory)
+
+
+def arch_dirs(tmp_path_factory):
+    """``get(name)``: the directory of ARCHS[name] saved with random weights and the byte tokenizer (once)."""
     made = {}
 
     def get(name):

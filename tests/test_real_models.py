@@ -74,3 +74,37 @@ def test_dpo_smollm2_short_form(tmp_path):
         assert p["prompt"].endswith("<|im_start|>assistant\n")
     s = summary(out)
     assert s["final"]["accuracy"] == s["final"]["reward/correctness_reward"]
+
+
+@pytest.mark.slow
+def test_smollm2_exports_to_a_gguf_with_its_tokenizer_and_chat_template(tmp_path):
+    """The real model's export: the GGUF default is the source's type (Q4_1); a q8_0 file carries the source's
+    tokenizer and chat template (transformers rebuilds the same tokenizer from it) and computes what the
+    adapter model computes, up to q8_0 rounding."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowalign import export as E
+
+    from .test_export import _fake_run
+
+    b = _fake_run(tmp_path / "run", "package:smollm2-135m-instruct", noise=0.01)
+    assert E.plan_export(tmp_path / "run", tmp_path / "d.gguf", format="gguf").type == "q4_1"
+    out = E.export(tmp_path / "run", tmp_path / "m.gguf", format="gguf", quant="q8_0")
+    src = gguf.GGUFReader(str(gguf_source.packaged_gguf("package:smollm2-135m-instruct")))
+    mine = gguf.GGUFReader(str(out))
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "tokenizer.ggml.eos_token_id"):
+        assert mine.fields[key].contents() == src.fields[key].contents(), key
+    tok = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+    assert tok.chat_template == b.tokenizer.chat_template
+    chat = b.tokenizer.apply_chat_template([{"role": "user", "content": "What is 13 + 54?"}], tokenize=False,
+                                           add_generation_prompt=True) + "13 + 54 = 67"
+    ids = b.tokenizer(chat, return_tensors="pt").input_ids
+    assert tok(chat, return_tensors="pt").input_ids.tolist() == ids.tolist()
+    with torch.no_grad(), b.use("policy"):
+        want = b.base(input_ids=ids).logits.float()
+        got = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
+                                                   dtype=torch.float32)(input_ids=ids).logits.float()
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+    assert (got.log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1.5  # measured 1.09 (a tail token)
