@@ -49,7 +49,7 @@ def main() -> None:
 
     from lowalign import config as C
     from lowalign.api import config_from_dict
-    from lowalign.export import FLOATS, export
+    from lowalign.exporter import FLOATS, export
 
     run = Path(args.run_dir)
     cfg = config_from_dict(C.load_raw(run / "config.yaml"))

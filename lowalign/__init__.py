@@ -31,4 +31,12 @@ def write_report(run_dirs, out=None, **kw):
     return _write([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs, out, **kw)
 
 
-__all__ = ["run", "complete", "write_report", "__version__"]
+def export(run_dir, out, **kw):
+    """A run's adapter merged into its base: a transformers directory (``format="merged"``) or a GGUF file
+    (``format="gguf"``, ``quant="q8_0"``, ...); returns the written path (see :func:`lowalign.exporter.export`)."""
+    from lowalign.exporter import export as _export
+
+    return _export(run_dir, out, **kw)
+
+
+__all__ = ["run", "complete", "write_report", "export", "__version__"]

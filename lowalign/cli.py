@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"report: {write_report(args.run_dirs, args.out, args.samples)}")
             return 0
         if args.cmd == "export":
-            from lowalign.export import export
+            from lowalign.exporter import export
 
             export(args.run_dir, args.out, format=args.format, dtype=args.dtype, quant=args.quant, role=args.role,
                    overwrite=args.overwrite)
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         import errno
 
         from lowalign.data import DataError
-        from lowalign.export import ExportError
+        from lowalign.exporter import ExportError
         from lowalign.report import ReportError
         from lowalign.rewards import RewardError
         from lowalign.runtime import CheckpointError, RunLockedError

@@ -84,9 +84,9 @@ def test_smollm2_exports_to_a_gguf_with_its_tokenizer_and_chat_template(tmp_path
     import gguf
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowalign import export as E
+    from lowalign import exporter as E
 
-    from .test_export import _fake_run
+    from .test_exporter import _fake_run
 
     b = _fake_run(tmp_path / "run", "package:smollm2-135m-instruct", noise=0.01)
     assert E.plan_export(tmp_path / "run", tmp_path / "d.gguf", format="gguf").type == "q4_1"

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lowalign import export as E
+from lowalign import exporter as E
 
 from .algorithms.helpers import cli
 from .test_architectures import arch_dirs
@@ -258,7 +258,9 @@ def test_bad_inputs_are_refused_before_anything_is_written(tiny_run, tmp_path, m
     refused("exists; choose another path or pass --overwrite", tiny_run, theirs)
     refused("not a model", tiny_run, theirs, overwrite=True)
     assert (theirs / "notes.txt").read_text() == "mine"
-    E.export(tiny_run, out)
+    import lowalign
+
+    assert lowalign.export(tiny_run, out) == out  # the Python API
     E.export(tiny_run, out, overwrite=True, dtype="bf16")
     assert json.loads((out / E.MARKER).read_text())["type"] == "bf16"
     # too little disk, from the estimated size
