@@ -141,9 +141,9 @@ def load_data(cfg: C.RunConfig, tokenizer):
     """Prompt rows (or the built-in task) for most algorithms; for preference algorithms with a file or
     hub source, the validated pairs or KTO's feedback rows (``tokenizer``, the run's, renders chat templates
     and measures lengths)."""
-    from lowalign.data import PromptData, load_prompt_data
+    from lowalign.data import PromptData, is_builtin, load_prompt_data
 
-    builtin = cfg.data.path is None and cfg.data.source.startswith("builtin:")
+    builtin = is_builtin(cfg.data)
     kind = data_kind(cfg)
     if kind == "ratings" and builtin:
         raise C.ConfigError("train.attributes: names the score columns of a rating file; set data.path (the "
@@ -153,7 +153,7 @@ def load_data(cfg: C.RunConfig, tokenizer):
 
         from lowalign.preference import load_file_feedback, load_file_pairs, load_file_ratings
 
-        n_eval = getattr(cfg.train, "eval_pairs", 500)
+        n_eval = getattr(cfg.train, "eval_pairs", None) or getattr(cfg.train, "eval_lists", 500)
         load = {"preferences": load_file_pairs, "feedback": load_file_feedback,
                 "ratings": partial(load_file_ratings, columns=getattr(cfg.train, "attributes", []))}[kind]
         return PromptData(None, [], None, pairs=load(cfg.data, tokenizer, cfg.seed, n_eval))

@@ -143,6 +143,11 @@ def _normalize(rows: list[dict], cfg: DataConfig, where: str) -> list[dict]:
     return out
 
 
+def is_builtin(cfg: DataConfig) -> bool:
+    """Whether the run reads the built-in task (no file, no hub set)."""
+    return cfg.path is None and cfg.source.startswith("builtin:")
+
+
 def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
     """Read and validate rows (cheap: no model, no tokenizer)."""
     fmt = resolve_format(cfg.answer_format, cfg.chat_template)

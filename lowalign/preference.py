@@ -278,22 +278,19 @@ def load_file_feedback(cfg, tokenizer, seed: int, n_eval: int) -> PreferenceData
 
 
 @torch.no_grad()
-def rating_rows(task: ArithmeticTask, n_prompts: int, seed: int, bundle=None, samples: int = 4,
-                max_new_tokens: int = 6) -> list[dict]:
-    """A rating file's rows for the arithmetic task: per training prompt, the right answer (sometimes with
-    a format slip), a near miss, a rambling answer (digits past its end), a cut-short one, an empty one and,
-    given a ``bundle``, ``samples`` completions sampled from its model (the distribution a policy starts from), each
-    scored by the task's attribute functions under the column names ``correctness``, ``format``, ``length``
-    (the answer column kept too). Every kind of wrong answer a policy can drift to should be rated, or a
-    learned reward will rate it high (reward hacking)."""
+def candidate_completions(rows: list[dict], seed: int, bundle=None, samples: int = 4, max_new_tokens: int = 6,
+                          role: str = "reference") -> list[list[str]]:
+    """Per task row, completions worth scoring: the right answer (sometimes with a format slip), a near miss, a
+    rambling answer (digits past its end), a cut-short one, an empty one and, given a ``bundle``, ``samples``
+    completions sampled in ``role`` (the distribution a policy starts from). Every kind of wrong answer a policy
+    can drift to should be scored, or a learned reward will rate it high (reward hacking)."""
     from lowalign.generation import generate
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    rows = task.train_rows(n_prompts, seed=seed)
     sampled = [[] for _ in rows]
     if bundle is not None:
-        with bundle.use("reference"), bundle.eval_mode():
+        with bundle.use(role), bundle.eval_mode():
             per_call = max(1, SAMPLE_ROWS_PER_CALL // samples)
             for s in range(0, len(rows), per_call):
                 chunk = rows[s:s + per_call]
@@ -308,8 +305,19 @@ def rating_rows(task: ArithmeticTask, n_prompts: int, seed: int, bundle=None, sa
         stem = rng.choice([r["answer"], miss])  # a rambling answer: digits past the end, repeated or random
         tail = stem[-1] * rng.randint(1, 5) if rng.random() < 0.5 else str(rng.randint(0, 99999))
         short = r["answer"][:rng.randint(1, len(r["answer"]) - 1)] if len(r["answer"]) > 1 else str(rng.randint(0, 9))
-        comps = [r["answer"] + (rng.choice([" ", "?", "!"]) if rng.random() < 0.15 else ""), miss, stem + tail,
-                 short, "", *own]  # a cut-short answer and an empty one (EOS at once) are wrong too
+        out.append([r["answer"] + (rng.choice([" ", "?", "!"]) if rng.random() < 0.15 else ""), miss, stem + tail,
+                    short, "", *own])  # a cut-short answer and an empty one (EOS at once) are wrong too
+    return out
+
+
+def rating_rows(task: ArithmeticTask, n_prompts: int, seed: int, bundle=None, samples: int = 4,
+                max_new_tokens: int = 6) -> list[dict]:
+    """A rating file's rows for the arithmetic task: per training prompt, :func:`candidate_completions`, each
+    scored by the task's attribute functions under the column names ``correctness``, ``format``, ``length``
+    (the answer column kept too)."""
+    rows = task.train_rows(n_prompts, seed=seed)
+    out = []
+    for r, comps in zip(rows, candidate_completions(rows, seed, bundle, samples, max_new_tokens)):
         scores = attributes([(r["prompt"], c, r["answer"]) for c in comps])
         for c, sc in zip(comps, scores.tolist()):
             out.append({"prompt": r["prompt"], "response": c, "answer": r["answer"],

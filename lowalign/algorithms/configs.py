@@ -113,6 +113,28 @@ class DPOConfig(PreferenceConfig):
 
 
 @dataclass
+class ListwiseConfig:
+    """What the listwise objectives' ``train:`` section has (PRO, RRHF): batches of ranked lists, n scored
+    responses per prompt."""
+
+    steps: int = F(150, "Optimizer steps.", ge=1)
+    batch_size: int = F(8, "Lists (prompts, each with all its scored responses) per step.", ge=1)
+    num_lists: int = F(1000, "Built-in task: training prompts, each a list of the right answer, a near miss, a "
+                             "rambling, a cut-short and an empty answer, and `onpolicy_samples` of the model's own "
+                             "samples, scored by the recipe's rewards.", ge=1)
+    onpolicy_samples: int = F(4, "Built-in task: the starting policy's samples added to each list.", ge=0)
+    max_new_tokens: int = F(6, "Generation budget of those samples.", ge=1)
+    eval_lists: int = F(200, "Held-out lists (held-out prompts) for the held-out ranking accuracy.", ge=1)
+    attributes: list[str] = F(factory=list, help="A rating file (data.path): its numeric score columns; a "
+                                                 "response's score is their sum weighted by attribute_weights.")
+    attribute_weights: list[float] = F(factory=list, help="Weights of `attributes` (default: 1 each).")
+    optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
+    checkpoint_every: int = F(50, "Save a checkpoint every N steps (0: only at the end).", ge=0)
+    keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)
+    log_every: int = F(10, "Print a progress line every N steps when not on a terminal.", ge=1)
+
+
+@dataclass
 class RewardModelConfig:
     steps: int = F(300, "Optimizer steps.", ge=1)
     batch_size: int = F(32, "Pairs (bradley_terry) or pairs' completions (regression) per step.", ge=1)

@@ -23,6 +23,11 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
                                       "train.batch_size=8"], ["policy"], ("loss", "grad_norm", *keys))
        for a, keys in (("orpo", ("nll/chosen", "log_odds_ratio")), ("simpo", ("rewards/margin",)),
                        ("kto", ("kl", "rewards/desirable")), ("tdpo", ("kl/rejected", "rewards/margin")))},
+    # the listwise objectives on the same loop, over ranked lists
+    **{a: (f"recipes/{a}_tiny.yaml", ["train.steps=12", "train.num_lists=48", "train.eval_lists=8",
+                                      "train.batch_size=4"], ["policy"], ("loss", "grad_norm", "ranking_accuracy",
+                                                                          "nll/best"))
+       for a in ("pro", "rrhf")},
     # ReMax, REINFORCE++, RAFT and SuperHF run on GRPO's sampling loop (GRPO's resume test is in algorithms/)
     **{a: (f"recipes/{r}.yaml", ["train.steps=12", "train.prompts_per_step=8"], ["policy"],
            ("loss", "grad_norm", "reward", key))
