@@ -43,6 +43,7 @@ from lowalign.config import ConfigError, F
 from lowalign.distributed import SINGLE, Dist
 from lowalign.generation import generate
 from lowalign.logprobs import logprobs_from_hidden
+from lowalign.losses.filtering import policy_filter_mask, r_squared
 from lowalign.losses.ppo import (
     RunningMoments,
     adaptive_kl_coef,
@@ -89,6 +90,12 @@ class PPOConfig:
                                         "without EOS (0: off).", ge=0)
     reward_norm: bool = F(False, "Normalize scores by the running mean/std of all scores seen so far.")
     whiten_advantages: bool = F(True, "Whiten advantages over the batch's valid tokens.")
+    filter: Literal["none", "best_of_n", "best_random", "best_worst"] = F(
+        "none", "PF-PPO (arXiv 2409.06957): of each prompt's num_generations samples, update only on the best "
+        "(best_of_n), the best and one other at random (best_random), or the best and the worst (best_worst), "
+        "ranked by the score. Logs filter/* (the kept samples' reward) and, when the rewards hold a learned "
+        "adapter and the rows an answer, filter/r2: the R^2 of the learned reward against the checker's score "
+        "on the kept samples.")
     value_learning_rate: float = F(0.0, "Learning rate of the critic's adapter and head (0: optim.learning_rate).",
                                    ge=0)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule (one scheduler step per PPO step).")
@@ -105,12 +112,25 @@ def check(cfg) -> None:
         raise ConfigError("rewards: PPO needs at least one reward source (a function or a reward adapter)")
     if B < 2:
         raise ConfigError("train.prompts_per_step: a batch of at least 2 sequences is needed to whiten advantages")
+    if tc.filter != "none":
+        if tc.num_generations < 2:
+            raise ConfigError(f"train.filter: {tc.filter} chooses among each prompt's samples: set "
+                              "train.num_generations >= 2")
+        B = tc.prompts_per_step * kept_per_prompt(tc)
+        if B < 2:
+            raise ConfigError("train.prompts_per_step: the filter keeps fewer than 2 sequences to whiten")
     if B % tc.num_mini_batches:
+        per = "the samples train.filter keeps" if tc.filter != "none" else "num_generations"
         raise ConfigError(f"train.num_mini_batches: {tc.num_mini_batches} does not divide the batch of {B} "
-                          f"(prompts_per_step x num_generations)")
+                          f"(prompts_per_step x {per})")
     mb = B // tc.num_mini_batches
     if tc.micro_batch_size and mb % tc.micro_batch_size:
         raise ConfigError(f"train.micro_batch_size: {tc.micro_batch_size} does not divide the minibatch of {mb}")
+
+
+def kept_per_prompt(tc) -> int:
+    """Samples per prompt the update trains on: all of them, or what train.filter keeps."""
+    return {"none": tc.num_generations, "best_of_n": 1}.get(tc.filter, 2)
 
 
 @dataclass
@@ -204,6 +224,13 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
         rb = rewards(prompts, roll.texts, row_columns(rows, G))
     ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
     scores = rb.total - tc.missing_eos_penalty * (~ended).float()
+    filtered = {}
+    if tc.filter != "none":  # PF-PPO: the update sees only the kept samples
+        noise = torch.rand(tc.prompts_per_step * G, generator=torch.Generator().manual_seed(seed + 31))
+        keep = policy_filter_mask(scores, G, tc.filter, noise[a:a + len(scores)])
+        filtered = filter_metrics(d, rb, rewards, scores, keep, roll.texts, row_columns(rows, G), data.checker)
+        roll, scores, ended = roll.select(keep.to(roll.completion_ids.device)), scores[keep], ended[keep]
+        a = d.bounds(tc.prompts_per_step)[0] * kept_per_prompt(tc)
     if tc.reward_norm:
         state.moments.update(d.gather(scores))
         scores = (scores - state.moments.mean) / (state.moments.std + 1e-8)
@@ -256,9 +283,25 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
          "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "completion_length": d.gather(cmask.sum(1)).mean().item(),
          "eos_fraction": d.gather(ended.float()).mean().item(),
-         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3)}
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **filtered}
     if tc.adaptive_kl:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B_all)
+    return m
+
+
+def filter_metrics(d: Dist, rb, rewards: RewardSources, scores, keep, texts, columns, checker) -> dict:
+    """PF-PPO's numbers over the whole batch: the kept samples' score (mean, std) next to all samples', the
+    share kept and, when the rewards hold a learned adapter and the rows an answer, ``filter/r2``: the R^2
+    between the learned reward and the checker's score on the kept samples (the paper's criterion for how far
+    the learned reward can be trusted where the update looks)."""
+    every, kept = d.gather(scores.float()), d.gather(scores.float()[keep])
+    m = {"filter/score_kept_mean": kept.mean().item(), "filter/score_kept_std": kept.std().item(),
+         "filter/score_all_mean": every.mean().item(), "filter/kept_fraction": len(kept) / len(every)}
+    learned = [(n, w) for n, w, _fn, adapter in rewards.sources if adapter is not None]
+    if learned and checker is not None and "answer" in columns:
+        lr = sum(w * rb.parts[n].float() for n, w in learned)
+        truth = torch.tensor([float(checker(t, a)) for t, a in zip(texts, columns["answer"])])
+        m["filter/r2"] = float(r_squared(d.gather(lr[keep]), d.gather(truth[keep])))
     return m
 
 

@@ -6,6 +6,12 @@
     filtered_sft_loss   token-mean NLL of the kept completions, plus ``kl_coef`` times a per-token
                         KL(policy || reference) estimate on the same tokens (0 for RAFT; SuperHF's KL prior,
                         Mukobi et al. 2023, arXiv 2310.16763)
+    policy_filter_mask  PF-PPO's filters: per prompt, the best sample (best_of_n), the best and one other at
+                        random (best_random), or the best and the worst (best_worst) of N, kept for the PPO
+                        update (Shen and Zhang 2024, "Policy Filtration in RLHF to Fine-Tune LLM for Code
+                        Generation", arXiv 2409.06957)
+    r_squared           squared Pearson correlation: the R^2 of the best linear fit of one score by another
+                        (PF-PPO's measure of how far a learned reward can be trusted)
 """
 
 from __future__ import annotations
@@ -69,3 +75,46 @@ def filtered_sft_loss(logps: torch.Tensor, mask: torch.Tensor, ref_logps: torch.
         return LossOutput(nll, {"nll": nll.detach(), "kl": torch.zeros(())})
     kl = masked_mean(kl_from_logps(logps, ref_logps.detach(), kl_estimator), m)
     return LossOutput(nll + kl_coef * kl, {"nll": nll.detach(), "kl": kl.detach()})
+
+
+PF_FILTERS = ("best_of_n", "best_random", "best_worst")
+
+
+def policy_filter_mask(rewards: torch.Tensor, group_size: int, mode: str, noise: torch.Tensor) -> torch.Tensor:
+    """PF-PPO's sample filter: which of each prompt's ``group_size`` samples the PPO update keeps.
+
+        best_of_n    the highest reward (ties: the earlier sample)                   1 per prompt
+        best_random  the highest, and the other sample with the largest ``noise``    2 per prompt
+        best_worst   the highest, and the lowest (ties: the later sample)            2 per prompt
+
+    Args:
+        rewards: (P * G,) rewards, groups of ``group_size`` contiguous per prompt.
+        noise: (P * G,) numbers that pick best_random's second sample (uniforms drawn from the step's seed for
+            the whole batch, so the choice does not depend on how the batch is split over processes).
+    Returns:
+        (P * G,) bool mask of the kept samples.
+
+    Worked example: rewards [0.2, 0.9, 0.5, | 1, 0, 0], G = 3, noise [.1, .2, .3, | .9, .5, .8]
+    -> best_of_n [F, T, F, | T, F, F]; best_random [F, T, T, | T, F, T]; best_worst [T, T, F, | T, F, T].
+    """
+    if mode not in PF_FILTERS:
+        raise ValueError(f"unknown filter '{mode}'; have {PF_FILTERS}")
+    if group_size < 2 and mode != "best_of_n":
+        raise ValueError(f"{mode} keeps 2 samples per prompt: group_size must be >= 2, got {group_size}")
+    g = rewards.float().view(-1, group_size)
+    best = torch.sort(g, dim=1, descending=True, stable=True).indices[:, 0]
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, best[:, None], True)
+    if mode == "best_random":
+        z = noise.float().view(-1, group_size).masked_fill(keep, float("-inf"))
+        keep.scatter_(1, z.argmax(1, keepdim=True), True)
+    elif mode == "best_worst":  # the lowest; among equals the latest (never the best itself when all tie)
+        worst = group_size - 1 - torch.sort(g.flip(1), dim=1, stable=True).indices[:, 0]
+        keep.scatter_(1, worst[:, None], True)
+    return keep.view(-1)
+
+
+def r_squared(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Pearson correlation of (n,) ``x`` and ``y``: the R^2 of the least-squares line y ~ a x + b;
+    NaN when either is constant."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    return ((x * y).sum() ** 2 / ((x * x).sum() * (y * y).sum())).float()

@@ -172,3 +172,40 @@ def test_split_backward_equals_joint_backward():
     assert sum(g.abs().sum() for g in split) > 0
     for g, p in zip(split, params):
         torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_pf_ppo_updates_on_the_kept_samples_and_logs_the_filter(tmp_path):
+    out = tmp_path / "pf"
+    cli("run", "recipes/pfppo_tiny.yaml", "train.steps=3", "train.prompts_per_step=8", *SMALL, f"output_dir={out}")
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["filter/kept_fraction"] == 0.5  # best + one random of 4
+        assert r["filter/score_kept_mean"] >= r["filter/score_all_mean"] - 1e-6  # the best is always kept
+        assert r["score"] == pytest.approx(r["filter/score_kept_mean"])  # PPO's score is the kept samples'
+    p = cli("validate", "recipes/pfppo_tiny.yaml", "train.num_generations=1", check=False)
+    assert p.returncode == 2 and "train.filter: best_random chooses among each prompt's samples" in p.stderr
+    p = cli("validate", "recipes/pfppo_tiny.yaml", "train.prompts_per_step=3", "train.num_mini_batches=4",
+            check=False)
+    assert p.returncode == 2 and "does not divide the batch of 6 (prompts_per_step x the samples" in p.stderr
+
+
+def test_pf_ppo_r2_of_a_learned_reward_against_the_checker():
+    from types import SimpleNamespace
+
+    from lowalign.algorithms.ppo import filter_metrics
+    from lowalign.distributed import SINGLE
+    from lowalign.losses.filtering import r_squared
+    from lowalign.rewards import RewardBatch
+
+    learned = torch.tensor([0.9, 0.1, 0.8, 0.3, 0.2, 0.7])
+    texts, answers = ["5", "4", "7", "1", "2", "3"], ["5", "5", "7", "7", "2", "2"]  # right: rows 0, 2, 4
+    rb = RewardBatch(learned, {"rm": learned})
+    rewards = SimpleNamespace(sources=[("rm", 1.0, None, "reward")])
+    keep = torch.tensor([True, True, True, False, True, False])
+    m = filter_metrics(SINGLE, rb, rewards, learned, keep, texts, {"answer": answers}, lambda t, a: t == a)
+    truth = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    assert m["filter/r2"] == pytest.approx(r_squared(learned[keep], truth).item())
+    assert m["filter/kept_fraction"] == pytest.approx(4 / 6)
+    fn_only = SimpleNamespace(sources=[("correctness", 1.0, print, None)])  # no learned reward: no R^2
+    assert "filter/r2" not in filter_metrics(SINGLE, rb, fn_only, learned, keep, texts, {"answer": answers}, None)

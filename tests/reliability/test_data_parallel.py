@@ -30,6 +30,7 @@ CASES = {  # name: (recipe, overrides); every one splits its step batch in two
                                         "train.batch_size=8"]),
     "reinforce_pp": ("recipes/reinforcepp_tiny.yaml", ROLLOUT),
     "raft": ("recipes/raft_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8"]),
+    "pfppo": ("recipes/pfppo_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2"]),
     "ppo": ("recipes/ppo_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2",
                                       "train.ppo_epochs=2", "train.reward_norm=true"]),
 }

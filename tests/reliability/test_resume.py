@@ -33,6 +33,8 @@ CASES = {  # name: (recipe, overrides, adapters, deterministic metric keys)
            ("loss", "grad_norm", "reward", key))
        for a, r, key in (("remax", "remax_tiny", "reward_greedy"), ("reinforce_pp", "reinforcepp_tiny", "reward_kl"),
                          ("raft", "raft_tiny", "kept"), ("superhf", "superhf_tiny", "kl"))},
+    "pfppo": ("recipes/pfppo_tiny.yaml", ["train.steps=12", "train.prompts_per_step=8"], ["policy", "value"],
+              ("loss", "grad_norm", "reward", "filter/score_kept_mean", "value_loss")),
     "essa": ("recipes/es_tiny.yaml", ["train.generations=12", "train.population_size=4",
                                       "train.prompts_per_generation=8", "eval.batch_size=8"],
              ["policy"], ("fitness/mean", "fitness/std", "update_norm", "theta_norm", "sigma")),
