@@ -52,6 +52,11 @@ def check_config(cfg: C.RunConfig) -> None:
     for i, r in enumerate(cfg.rewards):
         if r.fn is not None:
             import_reward(r.fn, f"rewards[{i}].fn")
+        if r.dpo_adapter is not None:
+            if cfg.algorithm != "ppo":
+                raise C.ConfigError(f"rewards[{i}].dpo_adapter: a per-token reward (RTO) is for algorithm: ppo, not "
+                                    f"'{cfg.algorithm}'")
+            C.saved_adapter_dir(r.dpo_adapter, f"rewards[{i}].dpo_adapter")
     if cfg.model.backend == "unsloth":
         from lowalign.bundle import check_unsloth_available
 

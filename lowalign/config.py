@@ -136,7 +136,11 @@ class RewardSpec:
     fn: str | None = F(None, "Import path 'package.module:function' of a reward function.")
     adapter: str | None = F(None, "Name of a trained reward adapter (learned reward), loaded from `path`.")
     path: str | None = F(None, "Run directory (or its adapters/ folder) of a reward_model run.", path=True)
-    weight: float = F(1.0, "Weight in the weighted sum of rewards.")
+    dpo_adapter: str | None = F(None, "RTO (PPO only): a DPO run (or a saved adapter folder) whose implicit reward "
+                                      "of each generated token, weight x (log pi_dpo - log pi_ref), is added to "
+                                      "that token's reward; the DPO adapter is one more frozen role on the base.",
+                                path=True)
+    weight: float = F(1.0, "Weight in the weighted sum of rewards (a dpo_adapter's: its beta).")
     name: str | None = F(None, "Name in logs (defaults to the function or adapter name).")
     attribute_weights: dict[str, float] | None = F(
         None, "Multi-attribute reward adapter: weight of each attribute by name (attributes left out weigh 0; "
@@ -399,6 +403,17 @@ def _check_paths(obj, where: str) -> None:
             _check_paths(r, f"rewards[{i}]")
 
 
+def saved_adapter_dir(path: str, where: str) -> Path:
+    """A run directory's saved policy adapter (adapters/policy), or the adapter folder ``path`` itself; a
+    ``ConfigError`` naming ``where`` when neither holds one."""
+    p = Path(path).expanduser()
+    for d in (p / "adapters" / "policy", p):
+        if (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file():
+            return d
+    raise ConfigError(f"{where}: {p} holds no saved adapter (adapters/policy/adapter_model.safetensors of a "
+                      "finished run, or an adapter folder)")
+
+
 def looks_local(name: str) -> bool:
     """A name only a filesystem path has: absolute, ``./``, ``../``, ``~``, or more than one ``/`` (a hub id is
     ``owner/name`` or a bare ``name``)."""
@@ -427,8 +442,8 @@ def _check_semantics(cfg: RunConfig) -> None:
         if name not in BUILTINS:
             raise ConfigError(f"model.name_or_path: unknown built-in '{name}'.{_suggest(name, BUILTINS)}")
     for i, r in enumerate(cfg.rewards):
-        if (r.fn is None) == (r.adapter is None):
-            raise ConfigError(f"rewards[{i}]: give exactly one of 'fn' or 'adapter'")
+        if sum(x is not None for x in (r.fn, r.adapter, r.dpo_adapter)) != 1:
+            raise ConfigError(f"rewards[{i}]: give exactly one of 'fn', 'adapter' or 'dpo_adapter'")
         if r.adapter is not None and r.path is None:
             raise ConfigError(f"rewards[{i}].path: a learned reward needs the reward_model run that trained it")
         if r.attribute_weights is not None and r.adapter is None:

@@ -62,6 +62,8 @@ class RewardSources:
             raise ConfigError("rewards: at least one reward source is needed")
         self.sources = []
         for i, s in enumerate(specs):
+            if getattr(s, "dpo_adapter", None) is not None:  # a token-level reward (RTO): PPO adds it per token
+                continue
             if s.fn is not None:
                 fn = import_reward(s.fn, f"rewards[{i}].fn")
                 if checker is not None and _takes_checker(fn):  # the run's answer checker (data.answer_format)

@@ -39,7 +39,7 @@ from lowalign.algorithms.common import (
 )
 from lowalign.algorithms.configs import OptimConfig
 from lowalign.algorithms.grpo import reward_metrics, shard_prompts
-from lowalign.config import ConfigError, F
+from lowalign.config import ConfigError, F, saved_adapter_dir
 from lowalign.distributed import SINGLE, Dist
 from lowalign.generation import generate
 from lowalign.logprobs import logprobs_from_hidden
@@ -47,6 +47,7 @@ from lowalign.losses.filtering import policy_filter_mask, r_squared
 from lowalign.losses.ppo import (
     RunningMoments,
     adaptive_kl_coef,
+    dpo_token_rewards,
     explained_variance,
     gae,
     kl_shaped_rewards,
@@ -142,10 +143,11 @@ class Roles:
     value: object
     reference: object
     critic: str  # "separate" | "shared"
+    dpo: tuple = ()  # RTO: (frozen DPO adapter on the reference's base, beta) per dpo_adapter reward
 
     @classmethod
-    def shared(cls, bundle, critic: str) -> Roles:
-        return cls(bundle, bundle, bundle, critic)
+    def shared(cls, bundle, critic: str, dpo: tuple = ()) -> Roles:
+        return cls(bundle, bundle, bundle, critic, dpo)
 
 
 @dataclass
@@ -243,6 +245,11 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
         ref_lp, _ = _forward(roles.reference, "reference", roll, everything, tc, logps=True, values=False)
         token_rewards, kl = kl_shaped_rewards(scores.to(cmask.device), old_lp, ref_lp, cmask, state.kl_coef,
                                               tc.kl_estimator)
+        dense = torch.zeros_like(cmask)
+        for name, beta in roles.dpo:  # RTO: each DPO policy's implicit reward of every sampled token
+            dpo_lp, _ = _forward(roles.reference, name, roll, everything, tc, logps=True, values=False)
+            dense += dpo_token_rewards(dpo_lp, ref_lp, cmask, beta)
+        token_rewards = token_rewards + dense
         adv, ret = gae(token_rewards, old_v, cmask, tc.gamma, tc.lam)
         if tc.whiten_advantages:  # over every rank's tokens
             adv = d.on_whole_batch(lambda x, m: whiten(x, m) * m, adv, cmask)
@@ -283,7 +290,8 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
          "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "completion_length": d.gather(cmask.sum(1)).mean().item(),
          "eos_fraction": d.gather(ended.float()).mean().item(),
-         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **filtered}
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **filtered,
+         **({"rto/dense_reward": d.gather(dense.sum(1)).mean().item()} if roles.dpo else {})}
     if tc.adaptive_kl:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B_all)
     return m
@@ -314,6 +322,21 @@ def add_critic(bundle, cfg) -> list:
     return (bundle.adapter_parameters(VALUE) if cfg.train.critic == "separate" else []) + list(head.parameters())
 
 
+def add_dpo_roles(bundle, cfg) -> tuple:
+    """RTO: each ``rewards: [{dpo_adapter: <DPO run>}]`` becomes a frozen adapter on the same base (the fifth
+    role); returns (adapter name, beta) pairs."""
+    from lowalign.bundle import saved_lora_config
+
+    roles = []
+    for i, spec in enumerate(cfg.rewards):
+        if spec.dpo_adapter is not None:
+            name, d = f"dpo{i}", saved_adapter_dir(spec.dpo_adapter, f"rewards[{i}].dpo_adapter")
+            bundle.add_adapter(name, saved_lora_config(d), init_from=str(d))
+            bundle.freeze_adapter(name)
+            roles.append((name, spec.weight))
+    return tuple(roles)
+
+
 def param_groups(bundle, cfg, vparams) -> list[dict]:
     tc = cfg.train
     vlr = tc.value_learning_rate or tc.optim.learning_rate
@@ -324,6 +347,7 @@ def train(ctx) -> dict:
     cfg, tc, bundle = ctx.cfg, ctx.cfg.train, ctx.bundle
     add_policy(ctx)
     vparams = add_critic(bundle, cfg)
+    dpo = add_dpo_roles(bundle, cfg)
     rewards = reward_sources(ctx)
     groups = param_groups(bundle, cfg, vparams)
     params = [p for g in groups for p in g["params"]]
@@ -332,7 +356,7 @@ def train(ctx) -> dict:
     start, baseline = start_or_resume(ctx, adapters, opt, sched)
     extra = (ctx.resumed_state or {}).get("extra") or {}
     state = PPOState(extra.get("kl_coef", tc.kl_coef), RunningMoments(**extra.get("moments", {})))
-    roles = Roles.shared(bundle, tc.critic)
+    roles = Roles.shared(bundle, tc.critic, dpo)
     bundle.base.train()
     fields = ("reward", "kl", "value_loss", "explained_variance")
     t_start = time.time()

@@ -101,6 +101,24 @@ def kl_shaped_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torc
     return rewards, kl
 
 
+def dpo_token_rewards(dpo_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                      beta: float) -> torch.Tensor:
+    """RTO's dense reward (Zhong et al. 2024, "DPO Meets PPO: Reinforced Token Optimization for RLHF", arXiv
+    2404.18922, eq. 4.2): a DPO policy's implicit reward of each generated token.
+
+        r_t = beta * (log pi_dpo(y_t | x, y_<t) - log pi_ref(y_t | x, y_<t))
+
+    Args:
+        dpo_logps, ref_logps, mask: (B, T) log-probs of the sampled tokens under the DPO policy and the
+            reference; mask 1 on completion tokens.
+    Returns:
+        (B, T), 0 where mask is 0; exactly 0 everywhere when the DPO policy is the reference.
+
+    Worked example: dpo [[-1, -2]], ref [[-1.5, -1]], beta 0.1 -> [[0.05, -0.1]].
+    """
+    return beta * (dpo_logps.float() - ref_logps.float()) * mask.float()
+
+
 @dataclass
 class PPOLossOutput:
     """Named results of :func:`ppo_loss`; ``loss`` carries gradients, the rest are detached."""

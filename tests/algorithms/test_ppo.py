@@ -209,3 +209,85 @@ def test_pf_ppo_r2_of_a_learned_reward_against_the_checker():
     assert m["filter/kept_fraction"] == pytest.approx(4 / 6)
     fn_only = SimpleNamespace(sources=[("correctness", 1.0, print, None)])  # no learned reward: no R^2
     assert "filter/r2" not in filter_metrics(SINGLE, rb, fn_only, learned, keep, texts, {"answer": answers}, None)
+
+
+def rto_recipe(tmp_path, dpo_dir, noise: float, name="rto.yaml"):
+    """ppo_tiny plus a dpo_adapter reward: a saved adapter with random B of size ``noise`` (0: the reference
+    itself) standing in for a DPO run's policy."""
+    import yaml
+
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", dtype="float32"))
+    b.add_adapter("policy", LoraConfig(r=8, alpha=16))
+    torch.manual_seed(3)
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, noise) if noise else B.data.zero_()
+    b.save_adapter("policy", dpo_dir / "adapters" / "policy")
+    raw = yaml.safe_load(open("recipes/ppo_tiny.yaml"))
+    raw["rewards"] = [{"dpo_adapter": str(dpo_dir), "weight": 0.5}, *raw["rewards"]]
+    f = tmp_path / name
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+def test_rto_with_the_reference_as_its_dpo_policy_is_ppo(tmp_path):
+    """The dense reward beta (log pi_dpo - log pi_ref) is exactly 0 when the DPO adapter computes the reference
+    (B = 0): the run equals plain PPO, metric for metric and weight for weight."""
+    recipe = rto_recipe(tmp_path, tmp_path / "dpo_zero", noise=0.0)
+    args = ["train.steps=3", *SMALL, "train.checkpoint_every=0"]
+    cli("run", recipe, *args, f"output_dir={tmp_path / 'rto'}")
+    cli("run", "recipes/ppo_tiny.yaml", *args, f"output_dir={tmp_path / 'ppo'}")
+    ma, mb = metrics(tmp_path / "rto"), metrics(tmp_path / "ppo")
+    assert all(r["rto/dense_reward"] == 0.0 for r in ma)
+    for ra, rb in zip(ma, mb):
+        assert {k: ra[k] for k in DETERMINISTIC_KEYS} == {k: rb[k] for k in DETERMINISTIC_KEYS}
+    assert same_adapters(tmp_path / "rto", tmp_path / "ppo", "policy")
+    assert same_adapters(tmp_path / "rto", tmp_path / "ppo", "value")
+
+
+def test_rto_runs_five_roles_on_one_base_and_resumes_exactly(tmp_path):
+    recipe = rto_recipe(tmp_path, tmp_path / "dpo", noise=0.05)
+    args = [str(recipe), "train.steps=6", "train.checkpoint_every=2", *SMALL]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cli("run", *args, f"output_dir={full}")
+    rows = metrics(full)
+    assert all(r["rto/dense_reward"] != 0.0 for r in rows)
+    mem = summary(full)["memory"]
+    assert {"adapter:policy", "adapter:value", "adapter:dpo0"} <= mem.keys()  # the base itself is counted once
+    kill_after_checkpoint(args, killed, "step_000002", "step_000006")
+    cli("run", str(killed))
+    assert same_adapters(full, killed, "policy") and same_adapters(full, killed, "value")
+    for ra, rb in zip(rows, metrics(killed)):
+        assert {k: ra[k] for k in (*DETERMINISTIC_KEYS, "rto/dense_reward")} == \
+            {k: rb[k] for k in (*DETERMINISTIC_KEYS, "rto/dense_reward")}
+
+
+@pytest.mark.parametrize("reward,message", [
+    ({"dpo_adapter": "recipes"}, r"rewards\[0\]\.dpo_adapter: recipes holds no saved adapter"),
+    ({"dpo_adapter": "recipes", "fn": "lowalign.tasks.arithmetic:correctness_reward"},
+     r"rewards\[0\]: give exactly one of 'fn', 'adapter' or 'dpo_adapter'"),
+])
+def test_bad_rto_rewards_are_refused_before_anything_loads(tmp_path, reward, message):
+    import re
+
+    import yaml
+
+    raw = yaml.safe_load(open("recipes/ppo_tiny.yaml"))
+    raw["rewards"] = [reward, *raw["rewards"]]
+    f = tmp_path / "r.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    p = cli("validate", f, check=False)
+    assert p.returncode == 2 and re.search(message, p.stderr), p.stderr
+
+
+def test_a_dpo_adapter_reward_outside_ppo_is_refused(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load(open("recipes/grpo_tiny.yaml"))
+    raw["rewards"] = [{"dpo_adapter": str(tmp_path)}, *raw["rewards"]]
+    f = tmp_path / "g.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    p = cli("validate", f, check=False)
+    assert p.returncode == 2 and "dpo_adapter: a per-token reward (RTO) is for algorithm: ppo" in p.stderr

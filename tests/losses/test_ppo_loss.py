@@ -227,3 +227,13 @@ def test_running_moments_equal_moments_of_everything_seen():
     assert rm.std == pytest.approx(allx.std().item(), rel=1e-5)
     rm2 = RunningMoments(**rm.state())
     assert rm2.mean == rm.mean and rm2.std == rm.std
+
+
+def test_rto_dense_reward_worked_example_and_zero_at_the_reference():
+    from lowalign.losses import dpo_token_rewards
+
+    r = dpo_token_rewards(torch.tensor([[-1.0, -2.0, -9.0]]), torch.tensor([[-1.5, -1.0, -3.0]]),
+                          torch.tensor([[1, 1, 0]]), beta=0.1)
+    torch.testing.assert_close(r, torch.tensor([[0.05, -0.1, 0.0]]))
+    lp = torch.randn(3, 5)
+    assert torch.equal(dpo_token_rewards(lp, lp.clone(), torch.ones(3, 5), beta=0.7), torch.zeros(3, 5))

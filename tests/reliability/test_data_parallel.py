@@ -126,3 +126,18 @@ def test_a_batch_that_does_not_split_is_refused_before_anything_loads(tmp_path, 
     with pytest.raises(ConfigError, match=r"train.batch_size: 8 does not split over 3 processes"):
         api.run("recipes/dpo_tiny.yaml", ["train.batch_size=8", f"output_dir={out}"], quiet=True)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_what_one_does_with_a_dpo_token_reward(tmp_path):
+    """RTO: the frozen DPO adapter's dense reward on each rank's rows, the same run as one process."""
+    from ..algorithms.test_ppo import rto_recipe
+
+    recipe = rto_recipe(tmp_path, tmp_path / "dpo", noise=0.05)
+    extra = ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2", *COMMON]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli("run", recipe, *extra, f"output_dir={one}")
+    torchrun(2, "run", recipe, *extra, f"output_dir={two}")
+    assert_same_weights(one, two)
+    assert_same_metrics(one, two)
+    assert all(r["rto/dense_reward"] != 0 for r in metrics(two))
