@@ -68,8 +68,8 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # relative paths in recipes resolve against an empty directory
     raw = C.load_raw(recipe)
     rewards = raw.get("rewards") or []
-    missing = [(f"rewards.{i}.path", rf"rewards\[{i}\]\.path") for i, r in enumerate(rewards)
-               if r.get("path")]  # built by another recipe
+    missing = [(f"rewards.{i}.{k}", rf"rewards\[{i}\]\.{k}") for i, r in enumerate(rewards)
+               for k in ("path", "dpo_adapter") if r.get(k)]  # built by another recipe
     if (raw.get("data") or {}).get("path"):
         missing.append(("data.path", r"data\.path"))  # the user's own file
     if (raw.get("lora") or {}).get("init_from"):
@@ -85,6 +85,11 @@ def test_shipped_recipes_validate_and_show_command(recipe, tmp_path, monkeypatch
             stand_in.mkdir()
             names = list(rewards[int(key.split(".")[1])]["attribute_weights"])
             (stand_in / "reward_meta.json").write_text(json.dumps({"attributes": names}))
+        if key.endswith(".dpo_adapter"):  # a finished DPO run: its saved policy adapter
+            stand_in.unlink()
+            (stand_in / "adapters" / "policy").mkdir(parents=True)
+            for f in ("adapter_config.json", "adapter_model.safetensors"):
+                (stand_in / "adapters" / "policy" / f).write_text("")
         if key == "lora.init_from":  # a PEFT adapter directory of the recipe's rank
             stand_in.unlink()
             stand_in.mkdir()
