@@ -7,6 +7,7 @@ import functools
 import importlib
 import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,28 @@ def import_reward(path: str, where: str = "reward"):
     if not callable(fn):
         raise ConfigError(f"{where}: '{mod_name}' has no callable '{fn_name}'")
     return fn
+
+
+_CONFIDENCE_RE = re.compile(r"confidence(?:\s+level)?\s*(?:is|[:=])?\s*(\d+(?:\.\d+)?)\s*(%|/\s*10(?:0)?\b)?",
+                            re.IGNORECASE)
+
+
+def verbalized_confidence(text: str) -> float | None:
+    """The confidence a completion states, in [0, 1], from its last "Confidence: 0.8"-style phrase ("confidence:
+    80%", "Confidence 8/10", "confidence level is 0.75"; a bare number above 1 is out of 10 up to 10, out of 100
+    above); None when it states none or a number past 100. The
+    default parser of PPO-C (``train.confidence_parser``); any ``fn(text) -> float | None`` plugs in."""
+    found = _CONFIDENCE_RE.findall(text)
+    if not found:
+        return None
+    num, unit = found[-1]
+    v = float(num)
+    unit = unit.replace(" ", "")
+    if unit in ("%", "/100") or (not unit and v > 10):
+        v /= 100
+    elif unit == "/10" or (not unit and v > 1):  # a bare 7 is 7 out of 10
+        v /= 10
+    return v if 0 <= v <= 1 else None
 
 
 def row_columns(rows: list[dict], repeat: int = 1) -> dict[str, list]:

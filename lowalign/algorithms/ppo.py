@@ -20,7 +20,7 @@ moments are saved with each checkpoint, so resume is exact.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -47,6 +47,7 @@ from lowalign.losses.filtering import policy_filter_mask, r_squared
 from lowalign.losses.ppo import (
     RunningMoments,
     adaptive_kl_coef,
+    calibrated_rewards,
     dpo_token_rewards,
     explained_variance,
     gae,
@@ -97,6 +98,13 @@ class PPOConfig:
         "ranked by the score. Logs filter/* (the kept samples' reward) and, when the rewards hold a learned "
         "adapter and the rows an answer, filter/r2: the R^2 of the learned reward against the checker's score "
         "on the kept samples.")
+    confidence_weight: float = F(0.0, "PPO-C (arXiv 2410.09724): each score moves by weight x (c - 1/2) x (score - "
+                                      "the running mean of past scores), c the confidence the completion states "
+                                      "('Confidence: 0.8'); completions stating none keep their score. 0: off.",
+                                 ge=0)
+    confidence_parser: str = F("lowalign.rewards:verbalized_confidence",
+                               "PPO-C: 'module:function' reading a completion's stated confidence, text -> float "
+                               "in [0, 1] or None.")
     value_learning_rate: float = F(0.0, "Learning rate of the critic's adapter and head (0: optim.learning_rate).",
                                    ge=0)
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule (one scheduler step per PPO step).")
@@ -113,6 +121,10 @@ def check(cfg) -> None:
         raise ConfigError("rewards: PPO needs at least one reward source (a function or a reward adapter)")
     if B < 2:
         raise ConfigError("train.prompts_per_step: a batch of at least 2 sequences is needed to whiten advantages")
+    if tc.confidence_weight:
+        from lowalign.rewards import import_reward
+
+        import_reward(tc.confidence_parser, "train.confidence_parser")
     if tc.filter != "none":
         if tc.num_generations < 2:
             raise ConfigError(f"train.filter: {tc.filter} chooses among each prompt's samples: set "
@@ -156,6 +168,7 @@ class PPOState:
 
     kl_coef: float
     moments: RunningMoments
+    past_scores: RunningMoments = field(default_factory=RunningMoments)  # PPO-C's running mean of past scores
 
 
 def _forward(bundle, adapter: str, roll, sl, tc, *, logps: bool, values: bool):
@@ -226,6 +239,22 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
         rb = rewards(prompts, roll.texts, row_columns(rows, G))
     ended = (roll.completion_ids == bundle.tokenizer.eos_token_id).any(1).cpu()
     scores = rb.total - tc.missing_eos_penalty * (~ended).float()
+    calibration = {}
+    if tc.confidence_weight:  # PPO-C: stated confidence pays where the score beats the running mean
+        from lowalign.rewards import import_reward
+
+        parse = import_reward(tc.confidence_parser, "train.confidence_parser")
+        conf = torch.tensor([float("nan") if (c := parse(t)) is None else float(c) for t in roll.texts])
+        everyone = d.gather(scores.float())
+        past = state.past_scores.mean if state.past_scores.count >= 1 else everyone.mean().item()
+        raw, scores = scores, calibrated_rewards(scores, conf, past, tc.confidence_weight)
+        state.past_scores.update(everyone)
+        stated = d.gather(conf)
+        stated = stated[~torch.isnan(stated)]
+        calibration = {"calibration/stated_fraction": len(stated) / len(everyone),
+                       "calibration/shift_mean": d.gather(scores - raw).mean().item(),
+                       "calibration/running_mean": past,
+                       **({"calibration/confidence_mean": stated.mean().item()} if len(stated) else {})}
     filtered = {}
     if tc.filter != "none":  # PF-PPO: the update sees only the kept samples
         noise = torch.rand(tc.prompts_per_step * G, generator=torch.Generator().manual_seed(seed + 31))
@@ -290,7 +319,7 @@ def ppo_step(cfg, data, roles: Roles, step: int, opt, sched, rewards: RewardSour
          "grad_norm": float(gn), "lr": sched.get_last_lr()[0],
          "completion_length": d.gather(cmask.sum(1)).mean().item(),
          "eos_fraction": d.gather(ended.float()).mean().item(),
-         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **filtered,
+         "time/generate_s": round(t_gen, 3), "time/step_s": round(time.time() - t0, 3), **filtered, **calibration,
          **({"rto/dense_reward": d.gather(dense.sum(1)).mean().item()} if roles.dpo else {})}
     if tc.adaptive_kl:
         state.kl_coef = adaptive_kl_coef(state.kl_coef, seq_kl, tc.target_kl, tc.kl_horizon, B_all)
@@ -355,7 +384,8 @@ def train(ctx) -> dict:
     adapters = [POLICY] + ([VALUE] if tc.critic == "separate" else [])
     start, baseline = start_or_resume(ctx, adapters, opt, sched)
     extra = (ctx.resumed_state or {}).get("extra") or {}
-    state = PPOState(extra.get("kl_coef", tc.kl_coef), RunningMoments(**extra.get("moments", {})))
+    state = PPOState(extra.get("kl_coef", tc.kl_coef), RunningMoments(**extra.get("moments", {})),
+                     RunningMoments(**extra.get("past_scores", {})))
     roles = Roles.shared(bundle, tc.critic, dpo)
     bundle.base.train()
     fields = ("reward", "kl", "value_loss", "explained_variance")
@@ -367,7 +397,8 @@ def train(ctx) -> dict:
             m = ppo_step(cfg, ctx.data, roles, step, opt, sched, rewards, state, params, ctx.dist)
             m["elapsed_s"] = round(time.time() - t_start, 2)
             end_step(ctx, tc, step + 1, m, bar, adapters, baseline, opt, sched,
-                     extra={"kl_coef": state.kl_coef, "moments": state.moments.state()})
+                     extra={"kl_coef": state.kl_coef, "moments": state.moments.state(),
+                            "past_scores": state.past_scores.state()})
     tail = ctx.run_dir.read_metrics()[-10:]
     summary_extra = {"steps": tc.steps, "critic": tc.critic, "final_kl_coef": state.kl_coef,
                      "train_reward_last10": sum(r["reward"] for r in tail) / max(1, len(tail))}

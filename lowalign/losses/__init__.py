@@ -13,6 +13,7 @@ from lowalign.losses.listwise import LISTWISE_LOSSES, list_ranking_accuracy, pro
 from lowalign.losses.ppo import (
     PPOLossOutput,
     adaptive_kl_coef,
+    calibrated_rewards,
     dpo_token_rewards,
     gae,
     kl_shaped_rewards,
@@ -31,6 +32,7 @@ from lowalign.losses.preference import (
 
 __all__ = ["AGGREGATIONS", "DPO_LOSSES", "LossOutput", "bradley_terry_loss", "dpo_loss", "grpo_advantages",
            "grpo_loss", "masked_mean", "multi_objective_loss", "PPOLossOutput", "adaptive_kl_coef", "gae",
-           "kl_shaped_rewards", "dpo_token_rewards", "ppo_loss", "whiten", "PREFERENCE_LOSSES", "kto_loss",
-           "kto_reference_point", "orpo_loss", "simpo_loss", "LISTWISE_LOSSES", "list_ranking_accuracy",
-           "pro_loss", "rrhf_loss", "tdpo1_loss", "tdpo2_loss", "within_prompt_ranking_loss"]
+           "kl_shaped_rewards", "dpo_token_rewards", "calibrated_rewards", "ppo_loss", "whiten",
+           "PREFERENCE_LOSSES", "kto_loss", "kto_reference_point", "orpo_loss", "simpo_loss", "LISTWISE_LOSSES",
+           "list_ranking_accuracy", "pro_loss", "rrhf_loss", "tdpo1_loss", "tdpo2_loss",
+           "within_prompt_ranking_loss"]

@@ -119,6 +119,28 @@ def dpo_token_rewards(dpo_logps: torch.Tensor, ref_logps: torch.Tensor, mask: to
     return beta * (dpo_logps.float() - ref_logps.float()) * mask.float()
 
 
+def calibrated_rewards(rewards: torch.Tensor, confidence: torch.Tensor, running_mean: float,
+                       weight: float) -> torch.Tensor:
+    """PPO-C's reward calibration (Leng et al. 2024, "Taming Overconfidence in LLMs: Reward Calibration in
+    RLHF", arXiv 2410.09724): a reward moves away from the running mean of past rewards in proportion to the
+    confidence the completion states, so stated confidence pays only where the answer is better than usual.
+
+        r'_i = r_i + weight * (c_i - 1/2) * (r_i - r_bar)
+
+    Args:
+        rewards: (B,) sequence rewards; confidence: (B,) stated confidence in [0, 1], NaN where the completion
+            states none (its reward is left as it is); running_mean: r_bar, the mean of past rewards.
+    Returns:
+        (B,) adjusted rewards.
+
+    Worked example: rewards [1, 0, 1], confidence [0.9, 0.9, NaN], r_bar 0.5, weight 1
+    -> [1 + 0.4 * 0.5, 0 + 0.4 * -0.5, 1] = [1.2, -0.2, 1].
+    """
+    c = confidence.float().to(rewards.device)
+    adj = weight * (c - 0.5) * (rewards.float() - running_mean)
+    return rewards.float() + torch.where(torch.isnan(c), torch.zeros_like(adj), adj)
+
+
 @dataclass
 class PPOLossOutput:
     """Named results of :func:`ppo_loss`; ``loss`` carries gradients, the rest are detached."""

@@ -90,3 +90,9 @@ def one_grpo_and_one_dpo_step(model: str, out, *extra) -> None:
     cli("run", "recipes/dpo_tiny.yaml", f"model.name_or_path={model}", f"output_dir={out / 'dpo'}",
         "data.pairs=correctness", "data.num_pairs=16", "train.eval_pairs=4", "train.batch_size=4", *STEP, *extra)
     assert metrics(out / "dpo")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def length_confidence(text: str):
+    """A stand-in confidence parser for PPO-C tests (the tiny model states none): the completion's length mod 5,
+    in quarters; None for an empty completion."""
+    return None if not text.strip() else (len(text.strip()) % 5) / 4

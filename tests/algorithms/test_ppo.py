@@ -291,3 +291,30 @@ def test_a_dpo_adapter_reward_outside_ppo_is_refused(tmp_path):
     f.write_text(yaml.safe_dump(raw))
     p = cli("validate", f, check=False)
     assert p.returncode == 2 and "dpo_adapter: a per-token reward (RTO) is for algorithm: ppo" in p.stderr
+
+
+def test_ppo_c_moves_scores_by_stated_confidence_and_resumes_exactly(tmp_path):
+    """PPO-C on the tiny model with a stand-in parser (it states no confidence itself): scores move from the
+    raw rewards, the running mean of past scores is checkpointed, and a killed run resumes to the same end."""
+    keys = (*DETERMINISTIC_KEYS, "score", "calibration/shift_mean", "calibration/running_mean")
+    args = ["recipes/ppo_c_tiny.yaml", "train.steps=6", "train.checkpoint_every=2",
+            "train.confidence_parser=tests.algorithms.helpers:length_confidence", *SMALL]
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    cli("run", *args, f"output_dir={full}")
+    rows = metrics(full)
+    assert all(0 < r["calibration/stated_fraction"] <= 1 for r in rows)
+    assert any(r["calibration/shift_mean"] != 0 for r in rows)
+    assert rows[0]["calibration/running_mean"] == pytest.approx(rows[0]["reward"])  # step 1: its own batch
+    assert rows[1]["calibration/running_mean"] == pytest.approx(rows[0]["reward"])  # then the past batches
+    kill_after_checkpoint(args, killed, "step_000002", "step_000006")
+    cli("run", str(killed))
+    assert same_adapters(full, killed, "policy")
+    assert [{k: r[k] for k in keys} for r in rows] == [{k: r[k] for k in keys} for r in metrics(killed)]
+
+
+def test_ppo_c_on_the_default_parser_and_a_bad_parser(tmp_path):
+    out = tmp_path / "c"
+    cli("run", "recipes/ppo_c_tiny.yaml", "train.steps=2", *SMALL, f"output_dir={out}")
+    assert all(r["calibration/stated_fraction"] == 0 and r["calibration/shift_mean"] == 0 for r in metrics(out))
+    p = cli("validate", "recipes/ppo_c_tiny.yaml", "train.confidence_parser=lowalign.rewards:nope", check=False)
+    assert p.returncode == 2 and "train.confidence_parser: 'lowalign.rewards' has no callable 'nope'" in p.stderr

@@ -237,3 +237,22 @@ def test_rto_dense_reward_worked_example_and_zero_at_the_reference():
     torch.testing.assert_close(r, torch.tensor([[0.05, -0.1, 0.0]]))
     lp = torch.randn(3, 5)
     assert torch.equal(dpo_token_rewards(lp, lp.clone(), torch.ones(3, 5), beta=0.7), torch.zeros(3, 5))
+
+
+def test_ppo_c_calibration_worked_example():
+    from lowalign.losses import calibrated_rewards
+
+    out = calibrated_rewards(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.9, 0.9, float("nan")]), 0.5, 1.0)
+    torch.testing.assert_close(out, torch.tensor([1.2, -0.2, 1.0]))
+    half = calibrated_rewards(torch.tensor([3.0, -1.0]), torch.tensor([0.5, 0.5]), 0.0, 2.0)
+    torch.testing.assert_close(half, torch.tensor([3.0, -1.0]))  # confidence 1/2 moves nothing
+
+
+@pytest.mark.parametrize("text,want", [("67. Confidence: 0.8", 0.8), ("Confidence: 80%", 0.8),
+                                       ("confidence 8/10", 0.8), ("Confidence level is 0.75", 0.75),
+                                       ("Confidence: 7", 0.7), ("Confidence: 45", 0.45), ("67", None),
+                                       ("Confidence: 150", None), ("Confidence: 0.2, no, Confidence: 0.9", 0.9)])
+def test_verbalized_confidence_parser(text, want):
+    from lowalign.rewards import verbalized_confidence
+
+    assert verbalized_confidence(text) == (pytest.approx(want) if want is not None else None)
