@@ -129,6 +129,25 @@ def builtin_pairs(kind: str, task: ArithmeticTask, n: int, seed: int, bundle=Non
     raise ConfigError(f"data.pairs: unknown kind '{kind}' (correctness, onpolicy, mixed)")
 
 
+def confidence_pairs(pairs: list[dict], seed: int, high: tuple[float, float] = (0.8, 1.0),
+                     low: tuple[float, float] = (0.0, 0.3), template: str = " Confidence: {c:.1f}") -> list[dict]:
+    """PPO-M's confidence-augmented pairs (Leng et al. 2024, arXiv 2410.09724): besides each pair (x, y_c, y_r),
+
+        (x, y_c + "Confidence: high", y_c + "Confidence: low")    the better answer, stated confidently, wins
+        (x, y_r + "Confidence: low",  y_r + "Confidence: high")   the worse answer wins only by admitting doubt
+
+    so a reward model learns that stated confidence is worth something only on a good answer. Confidences
+    are drawn per pair from the seeded uniform ranges ``high`` and ``low``. Returns the 3n pairs (originals
+    first), each new one marked ``source: confidence``."""
+    rng = random.Random(seed)
+    out = list(pairs)
+    for p in pairs:
+        hi, lo = template.format(c=rng.uniform(*high)), template.format(c=rng.uniform(*low))
+        out.append({**p, "chosen": p["chosen"] + hi, "rejected": p["chosen"] + lo, "source": "confidence"})
+        out.append({**p, "chosen": p["rejected"] + lo, "rejected": p["rejected"] + hi, "source": "confidence"})
+    return out
+
+
 def eval_pairs(task: ArithmeticTask, n: int, seed: int, render=None) -> list[dict]:
     """Held-out pairs (held-out prompts, near-miss rejections): never seen in training."""
     return correctness_pairs(task, n, seed, rows=render_rows(task.eval_rows(n), render))

@@ -158,6 +158,10 @@ class RewardModelConfig:
     onpolicy_samples: int = F(4, "Samples per prompt for built-in on-policy pairs.", ge=1)
     max_new_tokens: int = F(6, "Generation budget for built-in on-policy pairs.", ge=1)
     eval_pairs: int = F(500, "Held-out pairs for the pairwise accuracy.", ge=1)
+    confidence_pairs: bool = F(False, "PPO-M (arXiv 2410.09724, bradley_terry on pairs): also train on each pair's "
+                                      "chosen answer with a high vs a low stated confidence ('Confidence: 0.9' "
+                                      "wins) and its rejected answer with low vs high (low wins), so the reward "
+                                      "does not pay for confidence alone; held-out: confidence_pairwise_accuracy.")
     optim: OptimConfig = F(factory=OptimConfig, help="Optimizer and schedule.")
     checkpoint_every: int = F(100, "Save a checkpoint every N steps (0: only at the end).", ge=0)
     keep_checkpoints: int = F(2, "How many recent checkpoints to keep.", ge=1)

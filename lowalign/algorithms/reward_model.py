@@ -20,7 +20,7 @@ from lowalign.algorithms.configs import RewardModelConfig
 from lowalign.algorithms.pairs import encode_pairs, pair_batch, run_pairs
 from lowalign.config import ConfigError
 from lowalign.losses import LossOutput, bradley_terry_loss, multi_objective_loss, within_prompt_ranking_loss
-from lowalign.preference import ATTRIBUTES, attributes
+from lowalign.preference import ATTRIBUTES, PreferenceData, attributes, confidence_pairs
 from lowalign.runtime import PHASES, Progress, seed_everything
 
 
@@ -131,6 +131,9 @@ def check(cfg) -> None:
         raise ConfigError("train.attributes: a rating file's scores are regressed; set train.objective=regression")
     if len(set(tc.attributes)) != len(tc.attributes):
         raise ConfigError(f"train.attributes: {tc.attributes} names a column twice")
+    if tc.confidence_pairs and (tc.objective != "bradley_terry" or tc.attributes):
+        raise ConfigError("train.confidence_pairs: PPO-M's confidence pairs train a bradley_terry reward model on "
+                          "pairs (set train.objective=bradley_terry, no train.attributes)")
     if tc.objective == "regression" and len(tc.attribute_weights) != len(names):
         raise ConfigError(f"train.attribute_weights: {len(tc.attribute_weights)} weights for the "
                           f"{len(names)} attributes {list(names)}")
@@ -160,6 +163,11 @@ def train(ctx) -> dict:
             raise ConfigError("train.objective: 'regression' on pairs needs the built-in task's scored attributes; "
                               "for your own scores use a rating file and train.attributes")
         evaluate_fn = lambda c: pairwise_eval(c, data.eval)
+        if tc.confidence_pairs:  # PPO-M
+            data = PreferenceData(confidence_pairs(data.train, cfg.seed), data.eval)
+            held = confidence_pairs(data.eval, cfg.seed + 1)[len(data.eval):]
+            evaluate_fn = lambda c: {**pairwise_eval(c, data.eval), **{
+                f"confidence_{k}": v for k, v in pairwise_eval(c, held).items()}}
     # Bradley-Terry sees only score differences: the heads' biases get no gradient but float noise, which Adam
     # would blow up to lr-sized steps; they stay at 0 (in the regression objective they are fitted)
     heads = [h for k, h in bundle.heads.items() if k == name or k.startswith(f"{name}__")]

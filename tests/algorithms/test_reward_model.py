@@ -79,3 +79,28 @@ def test_rm_on_hh_format_file_with_qwen2(tmp_path, tiny_qwen2_dir):
     s = summary(out)
     assert s["pairs"] == 36 and 0 <= s["final"]["pairwise_accuracy"] <= 1
     assert (out / "adapters" / "reward" / "adapter_model.safetensors").exists()
+
+
+def test_ppo_m_confidence_pairs(tmp_path):
+    """PPO-M: every pair also gives the chosen answer with a high vs a low stated confidence and the rejected
+    one with low vs high; trained and evaluated on those too."""
+    from lowalign.preference import confidence_pairs
+
+    pairs = [{"prompt": "Q: 1+1= A:", "chosen": "2", "rejected": "3", "answer": "2"}]
+    out = confidence_pairs(pairs, seed=0)
+    assert out[0] == pairs[0] and len(out) == 3
+    hi, lo = out[1]["chosen"], out[1]["rejected"]
+    assert hi.startswith("2 Confidence: ") and lo.startswith("2 Confidence: ")
+    assert 0.8 <= float(hi.split(": ")[1]) <= 1.0 and 0.0 <= float(lo.split(": ")[1]) <= 0.3
+    assert out[2]["chosen"].startswith("3 Confidence: 0.") and float(out[2]["chosen"].split(": ")[1]) <= 0.3
+    assert float(out[2]["rejected"].split(": ")[1]) >= 0.8 and out[1]["source"] == "confidence"
+    assert confidence_pairs(pairs, seed=0) == out  # seeded
+
+    run = tmp_path / "ppo_m"
+    cli("run", "recipes/rm_tiny.yaml", f"output_dir={run}", "train.steps=4", "train.confidence_pairs=true", *SMALL)
+    s = summary(run)
+    assert s["pairs"] == 3 * len(json.loads((run / "pairs.json").read_text())["train"])
+    assert {"pairwise_accuracy", "confidence_pairwise_accuracy"} <= s["final"].keys()
+    p = cli("validate", "recipes/rm_tiny.yaml", "train.confidence_pairs=true", "train.objective=regression",
+            check=False)
+    assert p.returncode == 2 and "train.confidence_pairs: PPO-M's confidence pairs" in p.stderr
