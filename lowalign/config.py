@@ -85,6 +85,8 @@ class TaskConfig:
     max_operand: int = F(99, "Largest operand.", ge=1)
     eval_fraction: float = F(0.1, "Share of the problem space held out for evaluation.", gt=0, lt=1)
     split_seed: int = F(1234, "Seed of the fixed train/held-out split.")
+    question: str = F("What is {a} {op} {b}? Reply with just the number.",
+                      "The chat question of each problem (with data.chat_template), a format string of a, op, b.")
 
 
 @dataclass
@@ -112,6 +114,9 @@ class DataConfig:
         "stripped completion is the answer), number (its last number equals the answer), gsm8k (the reference "
         "answer and the completion's are the numbers after '####'); auto: number with chat_template, else exact.")
     prompt_template: str = F("{prompt}", "Python format string that renders a row into the prompt text.")
+    think: bool = F(False, "Completions think first, '<think> ... </think> answer' (RLMT): the answer checker "
+                           "(accuracy, the report, correctness rewards) and learned reward adapters read only the "
+                           "answer after </think> (none while <think> is open).")
     chat_template: bool = F(False, "Wrap each prompt as a user message with the tokenizer's chat template "
                                    "(builtin:arithmetic then asks 'What is 13 + 54? Reply with just the number.').")
     max_prompt_tokens: int = F(256, "Prompts longer than this are an error (or truncated, see below).", ge=1)
@@ -441,6 +446,15 @@ def _check_semantics(cfg: RunConfig) -> None:
 
         if name not in BUILTINS:
             raise ConfigError(f"model.name_or_path: unknown built-in '{name}'.{_suggest(name, BUILTINS)}")
+    t = cfg.data.task
+    bad = [o for o in t.ops if o not in "+-*"]
+    if bad or not t.ops:
+        raise ConfigError(f"data.task.ops: {t.ops!r} has unknown operator(s) {bad}; use some of '+-*'")
+    try:
+        t.question.format(a=1, op="+", b=2)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ConfigError(f"data.task.question: {t.question!r} is not a format string of {{a}}, {{op}}, {{b}} "
+                          f"({type(e).__name__}: {e})") from None
     for i, r in enumerate(cfg.rewards):
         if sum(x is not None for x in (r.fn, r.adapter, r.dpo_adapter)) != 1:
             raise ConfigError(f"rewards[{i}]: give exactly one of 'fn', 'adapter' or 'dpo_adapter'")

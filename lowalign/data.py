@@ -111,6 +111,7 @@ class PromptData:
     task: ArithmeticTask | None = None
     pairs: object = None  # PreferenceData (pairs, or KTO feedback rows), for preference algorithms on files
     render: object = None  # the task's chat template (prompt -> prompt), set by prepare_prompts
+    view: object = None  # completion -> what learned rewards score (data.think: the answer part)
 
     def batch(self, step: int, n: int, seed: int) -> list[dict]:
         """Rows for training step ``step`` (0-based); deterministic in ``(seed, step)``."""
@@ -154,8 +155,8 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
     if cfg.path is None and cfg.source == "builtin:arithmetic":
         t = cfg.task
         task = ArithmeticTask(ops=t.ops, max_operand=t.max_operand, eval_fraction=t.eval_fraction,
-                              split_seed=t.split_seed, question=cfg.chat_template)
-        return PromptData(None, task.eval_rows(), CHECKERS[fmt], task)
+                              split_seed=t.split_seed, question=cfg.chat_template, question_template=t.question)
+        return PromptData(None, task.eval_rows(), _checker(CHECKERS[fmt], cfg), task, view=_view(cfg))
     where = f"data.path={cfg.path}" if cfg.path else f"data.source={cfg.source}"
     rows = _normalize(_read_table(cfg.path, cfg.source, cfg.split, cfg.subset), cfg, where)
     if cfg.eval_path or (cfg.eval_split and cfg.path is None):  # eval_split names a split of a hub source
@@ -171,7 +172,21 @@ def load_prompt_data(cfg: DataConfig, seed: int, n_eval: int) -> PromptData:
         ev = [rows[i] for i in order[:k]]
         rows = [rows[i] for i in sorted(order[k:])]
     has_answer = "answer" in rows[0]  # a prompt-only file (rewards only) has no checker and reports no accuracy
-    return PromptData(rows, ev, CHECKERS[fmt] if has_answer else None)
+    return PromptData(rows, ev, _checker(CHECKERS[fmt], cfg) if has_answer else None, view=_view(cfg))
+
+
+def _checker(checker, cfg: DataConfig):
+    """The answer checker, reading only the answer after </think> when ``data.think`` is on."""
+    from lowalign.tasks.think import AnswerPartChecker
+
+    return AnswerPartChecker(checker) if cfg.think else checker
+
+
+def _view(cfg: DataConfig):
+    """What learned rewards read of a completion: the answer part with ``data.think``, else all of it."""
+    from lowalign.tasks.think import answer_part
+
+    return answer_part if cfg.think else None
 
 
 def render_row(row: dict, render) -> dict:

@@ -78,7 +78,7 @@ class RewardSources:
             the reward and, for a multi-attribute head, each attribute, logged as ``<source>/<attribute>``.
     """
 
-    def __init__(self, specs, scorer=None, checker=None):
+    def __init__(self, specs, scorer=None, checker=None, view=None):
         if not specs:
             from lowalign.config import ConfigError
 
@@ -97,6 +97,7 @@ class RewardSources:
                 name = s.name or f"adapter:{s.adapter}"
                 self.sources.append((name, s.weight, None, s.adapter))
         self.scorer = scorer
+        self.view = view  # completion -> the part learned rewards score (data.think: the answer after </think>)
 
     @property
     def names(self) -> list[str]:
@@ -120,7 +121,8 @@ class RewardSources:
             else:
                 if self.scorer is None:
                     raise RewardError(f"reward '{name}': no scorer for learned reward adapters")
-                vals, attrs = self.scorer(adapter, prompts, completions)
+                seen = [self.view(c) for c in completions] if self.view is not None else completions
+                vals, attrs = self.scorer(adapter, prompts, seen)
                 vals = vals.float().cpu()
                 parts.update({f"{name}/{a}": v.float().cpu() for a, v in attrs.items()})
             parts[name] = vals

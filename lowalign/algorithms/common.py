@@ -67,8 +67,10 @@ def reward_sources(ctx):
             ctx.bundle.load_reward(spec.adapter, spec.path)
         if spec.attribute_weights is not None:
             ctx.bundle.set_attribute_weights(spec.adapter, spec.attribute_weights)
-    checker = getattr(getattr(ctx, "data", None), "checker", None)  # the run's answer checker, for correctness
-    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=checker)
+    data = getattr(ctx, "data", None)
+    checker = getattr(data, "checker", None)  # the run's answer checker, for correctness
+    return RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=checker,
+                         view=getattr(data, "view", None))
 
 
 def evaluate(ctx, role: str = POLICY) -> dict:
@@ -79,7 +81,8 @@ def evaluate(ctx, role: str = POLICY) -> dict:
     e = ctx.cfg.eval
     rewards = None
     if ctx.cfg.rewards:
-        rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=ctx.data.checker)
+        rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=ctx.data.checker,
+                                view=ctx.data.view)
     return heldout_eval(ctx.bundle, ctx.data.eval_rows(e.num_examples), checker=ctx.data.checker, rewards=rewards,
                         batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, role=role, sampled=e.sampled,
                         temperature=e.temperature)

@@ -24,9 +24,12 @@ def render_prompt(a: int, op: str, b: int) -> str:
     return f"Q: {a}{op}{b}= A:"
 
 
-def render_question(a: int, op: str, b: int) -> str:
+QUESTION = "What is {a} {op} {b}? Reply with just the number."
+
+
+def render_question(a: int, op: str, b: int, template: str = QUESTION) -> str:
     """The problem as a chat question (``data.chat_template: true``): an instruct model's user message."""
-    return f"What is {a} {op} {b}? Reply with just the number."
+    return template.format(a=a, op=op, b=b)
 
 
 def extract_answer(completion: str) -> str | None:
@@ -58,6 +61,7 @@ class ArithmeticTask:
     eval_fraction: float = 0.1
     split_seed: int = 1234
     question: bool = False  # render problems as chat questions (render_question), not "Q: a+b= A:"
+    question_template: str = QUESTION  # the chat question's wording (data.task.question)
 
     def __post_init__(self):
         bad = [o for o in self.ops if o not in _OPS]
@@ -67,6 +71,11 @@ class ArithmeticTask:
             raise ValueError("task.max_operand must be >= 1")
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError("task.eval_fraction must be in (0, 1)")
+        try:
+            self.question_template.format(a=1, op="+", b=2)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"task.question: {self.question_template!r} is not a format string of a, op, b "
+                             f"({type(e).__name__}: {e})") from None
 
     def _space(self) -> list[tuple[int, str, int]]:
         r = range(self.max_operand + 1)
@@ -80,8 +89,10 @@ class ArithmeticTask:
 
     def _row(self, p: tuple[int, str, int]) -> dict:
         a, op, b = p
-        render = render_question if self.question else render_prompt
-        return {"prompt": render(a, op, b), "answer": str(_OPS[op](a, b))}
+        return {"prompt": self._render(a, op, b), "answer": str(_OPS[op](a, b))}
+
+    def _render(self, a: int, op: str, b: int) -> str:
+        return render_question(a, op, b, self.question_template) if self.question else render_prompt(a, op, b)
 
     def train_rows(self, n: int, seed: int) -> list[dict]:
         """``n`` training rows sampled (with replacement) by ``seed``."""
@@ -95,8 +106,7 @@ class ArithmeticTask:
         return [self._row(p) for p in held[: n or len(held)]]
 
     def train_problem_set(self) -> set[str]:
-        render = render_question if self.question else render_prompt
-        return {render(*p) for p in self._split()[0]}
+        return {self._render(*p) for p in self._split()[0]}
 
 
 # ---- reward functions: fn(prompts, completions, **columns) -> list[float] ----------------------

@@ -104,3 +104,14 @@ def test_ppo_m_confidence_pairs(tmp_path):
     p = cli("validate", "recipes/rm_tiny.yaml", "train.confidence_pairs=true", "train.objective=regression",
             check=False)
     assert p.returncode == 2 and "train.confidence_pairs: PPO-M's confidence pairs" in p.stderr
+
+
+def test_rlmt_recipe_runs_on_the_learned_reward_and_the_checker(rm_run, tmp_path):
+    """RLMT's wiring on the tiny model: think-format reward, checker and learned reward, all logged."""
+    out = tmp_path / "rlmt"
+    cli("run", "recipes/rlmt_tiny.yaml", f"rewards.2.path={rm_run}", f"output_dir={out}", "train.steps=2",
+        "train.prompts_per_step=4", "eval.num_examples=8", "train.checkpoint_every=0", "threads=1")
+    rows = metrics(out)
+    assert {"rewards/think_format_reward", "rewards/correctness_reward", "rewards/adapter:reward"} <= rows[0].keys()
+    s = summary(out)
+    assert {"accuracy", "reward/think_format_reward", "reward/adapter:reward"} <= s["final"].keys()
