@@ -256,3 +256,18 @@ def test_verbalized_confidence_parser(text, want):
     from lowalign.rewards import verbalized_confidence
 
     assert verbalized_confidence(text) == (pytest.approx(want) if want is not None else None)
+
+
+def test_rto_and_ppo_c_rewards_equal_plain_loops():
+    from lowalign.losses import calibrated_rewards, dpo_token_rewards
+
+    g = torch.Generator().manual_seed(0)
+    dpo, ref = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    mask = (torch.rand(4, 6, generator=g) > 0.3).float()
+    want = torch.tensor([[0.3 * (dpo[i, t] - ref[i, t]) if mask[i, t] else 0.0 for t in range(6)] for i in range(4)])
+    torch.testing.assert_close(dpo_token_rewards(dpo, ref, mask, beta=0.3), want)
+    r = torch.randn(8, generator=g)
+    c = torch.rand(8, generator=g)
+    c[[1, 5]] = float("nan")
+    want = torch.tensor([r[i] if c[i] != c[i] else r[i] + 0.7 * (c[i] - 0.5) * (r[i] - 0.2) for i in range(8)])
+    torch.testing.assert_close(calibrated_rewards(r, c, 0.2, 0.7), want)

@@ -31,6 +31,9 @@ CASES = {  # name: (recipe, overrides); every one splits its step batch in two
     "reinforce_pp": ("recipes/reinforcepp_tiny.yaml", ROLLOUT),
     "raft": ("recipes/raft_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8"]),
     "pfppo": ("recipes/pfppo_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2"]),
+    "ppo_c": ("recipes/ppo_c_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2",
+                                          "train.confidence_parser=tests.algorithms.helpers:length_confidence"]),
+    "reward_model_ppo_m": ("recipes/rm_tiny.yaml", ["train.steps=4", *PAIRS, "train.confidence_pairs=true"]),
     "ppo": ("recipes/ppo_tiny.yaml", ["train.steps=3", "train.prompts_per_step=8", "train.num_mini_batches=2",
                                       "train.ppo_epochs=2", "train.reward_norm=true"]),
 }
