@@ -96,3 +96,20 @@ def length_confidence(text: str):
     """A stand-in confidence parser for PPO-C tests (the tiny model states none): the completion's length mod 5,
     in quarters; None for an empty completion."""
     return None if not text.strip() else (len(text.strip()) % 5) / 4
+
+
+def roles_used(monkeypatch, recipe: str, overrides: list[str]) -> list[str]:
+    """Every role a run of ``recipe`` switches the bundle to (``ModelBundle.use`` recorded), run in-process."""
+    from lowalign import api
+    from lowalign.bundle import ModelBundle
+
+    roles, use = [], ModelBundle.use
+
+    def recording_use(self, role):
+        roles.append(role)
+        return use(self, role)
+
+    monkeypatch.setattr(ModelBundle, "use", recording_use)
+    api.run(recipe, overrides, quiet=True)
+    monkeypatch.setattr(ModelBundle, "use", use)
+    return roles

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from .helpers import cli, metrics, summary
+from .helpers import cli, metrics, roles_used, summary
 
 SMALL = ["train.num_lists=24", "train.eval_lists=8", "eval.num_examples=16", "train.batch_size=4",
          "train.checkpoint_every=0", "threads=1"]
@@ -30,18 +30,8 @@ def test_tiny_recipe_runs_on_ranked_lists(tmp_path, algo):
 
 
 def test_listwise_never_runs_the_reference(tmp_path, monkeypatch):
-    from lowalign import api
-    from lowalign.bundle import ModelBundle
-
-    roles = []
-    use = ModelBundle.use
-
-    def recording_use(self, role):
-        roles.append(role)
-        return use(self, role)
-
-    monkeypatch.setattr(ModelBundle, "use", recording_use)
-    api.run("recipes/pro_tiny.yaml", [f"output_dir={tmp_path / 'pro'}", "train.steps=2", *SMALL], quiet=True)
+    roles = roles_used(monkeypatch, "recipes/pro_tiny.yaml", [f"output_dir={tmp_path / 'pro'}", "train.steps=2",
+                                                              *SMALL])
     assert "policy" in roles and "reference" not in roles
 
 

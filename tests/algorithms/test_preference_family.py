@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from .helpers import cli, metrics, summary
+from .helpers import cli, metrics, roles_used, summary
 
 SMALL = ["data.num_pairs=64", "train.eval_pairs=32", "eval.num_examples=40", "train.batch_size=8",
          "train.checkpoint_every=0", "threads=1"]
@@ -36,22 +36,12 @@ def test_tiny_recipe_runs(tmp_path, algo, metric):
 
 @pytest.mark.parametrize("algo", ["orpo", "simpo"])
 def test_reference_free_losses_never_run_the_reference(tmp_path, monkeypatch, algo):
-    from lowalign import api
-    from lowalign.bundle import ModelBundle
-
-    roles = []
-    use = ModelBundle.use
-
-    def recording_use(self, role):
-        roles.append(role)
-        return use(self, role)
-
-    monkeypatch.setattr(ModelBundle, "use", recording_use)
-    api.run(f"recipes/{algo}_tiny.yaml", [f"output_dir={tmp_path / algo}", "train.steps=2", *SMALL], quiet=True)
+    roles = roles_used(monkeypatch, f"recipes/{algo}_tiny.yaml", [f"output_dir={tmp_path / algo}", "train.steps=2",
+                                                                   *SMALL])
     assert "policy" in roles and "reference" not in roles
-    roles.clear()  # the same probe sees DPO's reference passes
-    api.run("recipes/dpo_tiny.yaml", [f"output_dir={tmp_path / 'dpo'}", "train.steps=1", *SMALL], quiet=True)
-    assert "reference" in roles
+    roles = roles_used(monkeypatch, "recipes/dpo_tiny.yaml", [f"output_dir={tmp_path / 'dpo'}", "train.steps=1",
+                                                              *SMALL])
+    assert "reference" in roles  # the same probe sees DPO's reference passes
 
 
 def test_kto_on_a_feedback_file_and_on_pairs_split(tmp_path):
