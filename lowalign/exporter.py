@@ -161,8 +161,9 @@ def plan_export(run_dir: str | Path, out: str | Path, format: str = "merged", dt
         if format != "merged":
             raise ExportError(f"--role {role}: a scoring adapter exports as --format merged (the causal LM plus "
                               "its head file); GGUF holds language models")
-        h = adapter_dir.parent / "heads.safetensors"
-        heads = h if h.is_file() else None
+        # a run keeps heads.safetensors beside its adapters, a checkpoint beside its adapters/ folder
+        heads = next((h for h in (adapter_dir.parent / "heads.safetensors",
+                                  adapter_dir.parent.parent / "heads.safetensors") if h.is_file()), None)
     if format == "gguf":
         if model_type not in GGUF_ARCHS:
             raise ExportError(f"--format gguf: the GGUF writer cannot map architecture '{model_type}'; it maps "
