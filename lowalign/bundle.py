@@ -240,7 +240,10 @@ class ModelBundle:
             raise ValueError(f"adapter name '{name}' is reserved or already exists")
         prev = self._adapter
         targets = resolve_target_modules(self.base, lora.target_modules)  # "auto" -> this model's projections
-        pcfg = PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        r, alpha = lora.r, lora.alpha
+        if lora.init == "loftq" and lora.loftq_rank:  # frozen LoftQ ranks + r fresh ones, at the fresh ones' scale
+            r, alpha = lora.r + lora.loftq_rank, lora.alpha * (lora.r + lora.loftq_rank) / lora.r
+        pcfg = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora.dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
         if self.peft is None:
             self.peft = get_peft_model(self.base, pcfg, adapter_name=name)
@@ -265,12 +268,17 @@ class ModelBundle:
             B = U_r S_r^{1/2} / sqrt(scale),   A = S_r^{1/2} V_r^T / sqrt(scale)
 
         so that the layer computes x (Q + scale * B A)^T = x (Q + U_r S_r V_r^T)^T: the best rank-r correction
-        of the quantization error (Eckart-Young). Modules whose weight the source lacks are left as they are."""
+        of the quantization error (Eckart-Young). Modules whose weight the source lacks are left as they are.
+
+        With ``lora.loftq_rank = k > 0`` the adapter has k + r ranks: the first k hold that correction and never
+        train (their gradients are zeroed by hooks, so Adam leaves them where they are; keep weight decay at 0),
+        the last r start as a fresh LoRA (B = 0) at scale alpha / r."""
         import bitsandbytes as bnb
         from tqdm.auto import tqdm
 
         from lowalign.models import safetensors_reader
 
+        frozen = self.adapter_configs[name].loftq_rank  # > 0: the first ranks hold the correction, frozen
         read = safetensors_reader(self.source or "")
         if read is None:
             raise ConfigError(f"lora.init: loftq reads the full-precision weights from safetensors, and "
@@ -288,11 +296,18 @@ class ModelBundle:
             if w.shape != q.shape:
                 continue
             u, sv, vh = torch.linalg.svd(w.to(q.device) - q, full_matrices=False)
-            r, scale = m.r[name], float(m.scaling[name])
+            r, scale = frozen or m.r[name], float(m.scaling[name])
             root = sv[:r].sqrt() / scale ** 0.5
             a, b = m.lora_A[name].weight, m.lora_B[name].weight
-            b.copy_((u[:, :r] * root).to(b.dtype))
-            a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+            b[:, :r].copy_((u[:, :r] * root).to(b.dtype))
+            a[:r].copy_((root[:, None] * vh[:r]).to(a.dtype))
+            if frozen:  # the correction's ranks never train: their gradients are zeroed (Adam then leaves them)
+                keep_a = torch.ones_like(a)
+                keep_a[:r] = 0
+                keep_b = torch.ones_like(b)
+                keep_b[:, :r] = 0
+                a.register_hook(lambda g, k=keep_a: g * k)
+                b.register_hook(lambda g, k=keep_b: g * k)
             fixed += 1
         if not fixed:
             raise ConfigError(f"lora.init: loftq found no 4-bit layer under adapter '{name}' whose weight "
@@ -304,7 +319,11 @@ class ModelBundle:
         from peft import get_peft_model_state_dict
 
         state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
-        self.add_adapter(copy, dataclasses.replace(self.adapter_configs[name], init="default"))
+        c = self.adapter_configs[name]
+        if c.init == "loftq" and c.loftq_rank:  # the copy holds all ranks, at the same scale
+            c = dataclasses.replace(c, r=c.r + c.loftq_rank, alpha=c.alpha * (c.r + c.loftq_rank) / c.r,
+                                    loftq_rank=0)
+        self.add_adapter(copy, dataclasses.replace(c, init="default"))
         self._load_state(copy, state, f"a copy of adapter '{name}'")
         self.freeze_adapter(copy)
         self.reference_adapter = copy

@@ -77,6 +77,10 @@ class LoraConfig:
         "model.quantization: nf4): A and B from the rank-r SVD of each layer's quantization error, full-precision "
         "weight minus its nf4 value (LoftQ, arXiv 2310.08659), so the policy starts near the unquantized model; "
         "the reference is then that starting adapter, frozen. Raise lora.r for a closer start.")
+    loftq_rank: int = F(0, "With lora.init: loftq. 0: the whole rank-r adapter is the LoftQ start and trains (as in "
+                           "the paper). > 0: that many extra ranks hold the LoftQ correction, frozen, and the lora.r "
+                           "ranks on top start fresh (B = 0) and train at scale alpha / r: the dynamics of a plain "
+                           "LoRA on a base corrected toward full precision.", ge=0)
 
 
 @dataclass
@@ -468,6 +472,8 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"logging.backends[{i}]: unknown backend '{b}'.{_suggest(b, LOGGING_BACKENDS)}")
     if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
         raise ConfigError(f"logging.backends: {cfg.logging.backends} names a backend twice")
+    if cfg.lora.loftq_rank and cfg.lora.init != "loftq":
+        raise ConfigError("lora.loftq_rank: the frozen LoftQ ranks need lora.init: loftq")
     if cfg.lora.init == "loftq":
         if cfg.model.quantization != "nf4":
             raise ConfigError(f"lora.init: loftq corrects the error of an nf4 base; model.quantization is "

@@ -291,6 +291,38 @@ def test_loftq_start_is_the_best_rank_r_correction_of_the_nf4_error():
     torch.testing.assert_close(_effective_weight(wide, name), full[name + ".weight"], rtol=0, atol=1e-4)
 
 
+def test_loftq_frozen_ranks_hold_the_correction_and_fresh_ranks_train():
+    """lora.loftq_rank = 4 with r = 2: six ranks; the first four are the rank-4 LoftQ correction and never move,
+    the two on top start at B = 0 (the start is the rank-4 LoftQ model exactly) and train at scale alpha / r."""
+    from safetensors.torch import load_file
+
+    full = load_file(str(TINY_DIR / "model.safetensors"))
+    b = ModelBundle.load(ModelConfig(quantization="nf4"))
+    b.add_adapter("policy", LoraConfig(r=2, alpha=4, init="loftq", loftq_rank=4))
+    ref = ModelBundle.load(ModelConfig(quantization="nf4"))
+    ref.add_adapter("policy", LoraConfig(r=4, alpha=8, init="loftq"))  # the same scale 2, all four ranks LoftQ
+    factors = b.lora_factors("policy")
+    assert all(A.shape[0] == 6 and s == 2.0 for _, A, _, s in factors)
+    name = factors[0][0]
+    torch.testing.assert_close(_effective_weight(b, name), _effective_weight(ref, name), rtol=0, atol=1e-6)
+    assert all(float(B[:, 4:].abs().max()) == 0 for _, _, B, _ in factors)
+    before = {n: (A.detach().clone(), B.detach().clone()) for n, A, B, _ in factors}
+    b.freeze_copy("policy")
+    start = _logits(b, "policy")
+    opt = torch.optim.Adam(b.adapter_parameters("policy"), lr=1e-2)
+    for _ in range(2):
+        with b.use("policy"):
+            b.causal_lm(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n, A, B, _ in b.lora_factors("policy"):
+        assert torch.equal(A[:4], before[n][0][:4]) and torch.equal(B[:, :4], before[n][1][:, :4])  # frozen
+    assert any(float(B[:, 4:].abs().max()) > 0 for _, _, B, _ in b.lora_factors("policy"))  # fresh ranks trained
+    assert (_logits(b, "policy") - start).abs().max() > 1e-3
+    torch.testing.assert_close(_logits(b, "reference"), start, rtol=0, atol=0)  # the frozen copy: all six ranks
+    del full
+
+
 def test_loftq_reference_is_the_frozen_start():
     b = ModelBundle.load(ModelConfig(quantization="nf4"))
     b.add_adapter("policy", LoraConfig(r=4, alpha=8, init="loftq"))

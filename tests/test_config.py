@@ -156,3 +156,5 @@ def test_loftq_needs_an_nf4_base_and_a_fresh_adapter():
                           "lora": {"init": "loftq", "init_from": str(Path(__file__).parent)}})
     cfg = config_from_dict({"algorithm": "grpo", "model": {"quantization": "nf4"}, "lora": {"init": "loftq"}})
     assert C.reference_mode(cfg) == "init"  # the reference is the computed start, frozen
+    with pytest.raises(C.ConfigError, match=r"lora\.loftq_rank: the frozen LoftQ ranks need lora\.init: loftq"):
+        config_from_dict({"algorithm": "grpo", "model": {"quantization": "nf4"}, "lora": {"loftq_rank": 8}})
