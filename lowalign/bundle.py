@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from torch import nn
 
 from lowalign.config import ConfigError, LoraConfig, ModelConfig
 from lowalign.models import load_tokenizer, resolve_path, resolve_target_modules
-from lowalign.runtime import atomic_write
+from lowalign.runtime import atomic_write, replace_dir
 
 REFERENCE = "reference"
 INIT_REFERENCE = "init_reference"  # the adapter behind the reference role when `reference: init`
@@ -240,9 +239,7 @@ class ModelBundle:
             raise ValueError(f"adapter name '{name}' is reserved or already exists")
         prev = self._adapter
         targets = resolve_target_modules(self.base, lora.target_modules)  # "auto" -> this model's projections
-        r, alpha = lora.r, lora.alpha
-        if lora.init == "loftq" and lora.loftq_rank:  # frozen LoftQ ranks + r fresh ones, at the fresh ones' scale
-            r, alpha = lora.r + lora.loftq_rank, lora.alpha * (lora.r + lora.loftq_rank) / lora.r
+        r, alpha = peft_rank(lora)
         pcfg = PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=lora.dropout,
                               target_modules=targets, bias="none", task_type="CAUSAL_LM")
         if self.peft is None:
@@ -319,11 +316,9 @@ class ModelBundle:
         from peft import get_peft_model_state_dict
 
         state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft, adapter_name=name).items()}
-        c = self.adapter_configs[name]
-        if c.init == "loftq" and c.loftq_rank:  # the copy holds all ranks, at the same scale
-            c = dataclasses.replace(c, r=c.r + c.loftq_rank, alpha=c.alpha * (c.r + c.loftq_rank) / c.r,
-                                    loftq_rank=0)
-        self.add_adapter(copy, dataclasses.replace(c, init="default"))
+        r, alpha = peft_rank(self.adapter_configs[name])  # the copy holds every rank, at the same scale
+        self.add_adapter(copy, dataclasses.replace(self.adapter_configs[name], r=r, alpha=alpha, init="default",
+                                                   loftq_rank=0))
         self._load_state(copy, state, f"a copy of adapter '{name}'")
         self.freeze_adapter(copy)
         self.reference_adapter = copy
@@ -639,7 +634,7 @@ class ModelBundle:
         try:
             self.peft.save_pretrained(str(tmp), selected_adapters=[name], safe_serialization=True)
             src = tmp / name if (tmp / name).is_dir() else tmp  # peft nests non-default adapters
-            _replace_dir(src, directory)
+            replace_dir(src, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return directory
@@ -710,6 +705,14 @@ class ModelBundle:
         return report
 
 
+def peft_rank(lora: LoraConfig) -> tuple[int, float]:
+    """(rank, alpha) of the PEFT adapter a LoRA config builds: lora.r and lora.alpha, or with LoftQ's frozen
+    ranks (``lora.loftq_rank``) those k ranks more, alpha raised to keep the scale alpha / r."""
+    if lora.init == "loftq" and lora.loftq_rank:
+        return lora.r + lora.loftq_rank, lora.alpha * (lora.r + lora.loftq_rank) / lora.r
+    return lora.r, lora.alpha
+
+
 def saved_lora_config(directory: Path) -> LoraConfig:
     """The LoRA shape of a saved PEFT adapter (its adapter_config.json), dropout off."""
     f = Path(directory) / "adapter_config.json"
@@ -735,14 +738,3 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst, old)
-        os.replace(src, dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, dst)

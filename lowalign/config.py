@@ -412,12 +412,17 @@ def _check_paths(obj, where: str) -> None:
             _check_paths(r, f"rewards[{i}]")
 
 
+def is_saved_adapter(d: Path) -> bool:
+    """Whether folder ``d`` holds a saved PEFT adapter (its config and safetensors weights)."""
+    return (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file()
+
+
 def saved_adapter_dir(path: str, where: str) -> Path:
     """A run directory's saved policy adapter (adapters/policy), or the adapter folder ``path`` itself; a
     ``ConfigError`` naming ``where`` when neither holds one."""
     p = Path(path).expanduser()
     for d in (p / "adapters" / "policy", p):
-        if (d / "adapter_config.json").is_file() and (d / "adapter_model.safetensors").is_file():
+        if is_saved_adapter(d):
             return d
     raise ConfigError(f"{where}: {p} holds no saved adapter (adapters/policy/adapter_model.safetensors of a "
                       "finished run, or an adapter folder)")
@@ -451,14 +456,13 @@ def _check_semantics(cfg: RunConfig) -> None:
         if name not in BUILTINS:
             raise ConfigError(f"model.name_or_path: unknown built-in '{name}'.{_suggest(name, BUILTINS)}")
     t = cfg.data.task
-    bad = [o for o in t.ops if o not in "+-*"]
-    if bad or not t.ops:
-        raise ConfigError(f"data.task.ops: {t.ops!r} has unknown operator(s) {bad}; use some of '+-*'")
-    try:
-        t.question.format(a=1, op="+", b=2)
-    except (KeyError, IndexError, ValueError) as e:
-        raise ConfigError(f"data.task.question: {t.question!r} is not a format string of {{a}}, {{op}}, {{b}} "
-                          f"({type(e).__name__}: {e})") from None
+    try:  # the task checks its own settings; here they fail before anything loads, named as config fields
+        from lowalign.tasks.arithmetic import ArithmeticTask
+
+        ArithmeticTask(ops=t.ops, max_operand=t.max_operand, eval_fraction=t.eval_fraction, split_seed=t.split_seed,
+                       question_template=t.question)
+    except ValueError as e:
+        raise ConfigError(f"data.{e}") from None
     for i, r in enumerate(cfg.rewards):
         if sum(x is not None for x in (r.fn, r.adapter, r.dpo_adapter)) != 1:
             raise ConfigError(f"rewards[{i}]: give exactly one of 'fn', 'adapter' or 'dpo_adapter'")

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from lowalign import config as C
+from lowalign.runtime import atomic_write, replace_dir
 
 FORMATS = ("merged", "gguf")
 FLOATS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
@@ -92,7 +92,7 @@ def _find_adapter(run_dir: str | Path, role: str) -> tuple[Path, Path]:
         raise ExportError(f"RUN_DIR: {p} is not a lowalign run directory (no config.yaml) nor one of its "
                           "checkpoints")
     a = adapters / role
-    if (a / "adapter_config.json").is_file() and (a / "adapter_model.safetensors").is_file():
+    if C.is_saved_adapter(a):
         return root, a
     have = sorted(d.name for d in adapters.iterdir() if (d / "adapter_config.json").is_file()) \
         if adapters.is_dir() else []
@@ -293,17 +293,6 @@ def _provenance(plan: ExportPlan, source: str) -> dict:
             "notes": plan.notes}
 
 
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` to ``out`` (an earlier export there, allowed by ``overwrite``, goes)."""
-    if out.is_dir() and not out.is_symlink():
-        old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def _write_merged(plan: ExportPlan, model, tok, source: str, console) -> None:
     from lowalign.models import _TOKENIZER_FILES
 
@@ -333,7 +322,7 @@ def _write_merged(plan: ExportPlan, model, tok, source: str, console) -> None:
             if meta.is_file():
                 shutil.copyfile(meta, tmp / "reward_meta.json")
         (tmp / MARKER).write_text(json.dumps(_provenance(plan, source), indent=1))
-        _swap_in(tmp, plan.out)
+        replace_dir(tmp, plan.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -520,8 +509,8 @@ def _write_gguf(plan: ExportPlan, model, tok, source: str, console) -> None:
     import gguf
 
     arch = GGUF_ARCHS[plan.model_type]
-    tmp = plan.out.with_name(f".{plan.out.name}.{os.getpid()}.tmp")
-    try:
+
+    def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(str(tmp), arch)
         w.add_name(f"{Path(str(plan.model.name_or_path)).stem} aligned by lowalign ({plan.root.name})")
         ft = gguf.LlamaFileType.ALL_F32 if plan.type == "f32" else gguf.LlamaFileType[f"MOSTLY_{plan.type.upper()}"]
@@ -543,7 +532,5 @@ def _write_gguf(plan: ExportPlan, model, tok, source: str, console) -> None:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        _swap_in(tmp, plan.out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(plan.out, write)  # beside the destination, renamed over it when complete

@@ -39,6 +39,19 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``; a directory already at ``dst`` is renamed aside first and
+    removed only once ``src`` is in place."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:

@@ -20,6 +20,7 @@ import json
 
 import torch
 
+from lowalign.algorithms.common import reward_sources
 from lowalign.algorithms.pairs import PreferenceObjective, completion_logps, heldout_mean
 from lowalign.losses.listwise import list_ranking_accuracy
 from lowalign.preference import PreferenceData, candidate_completions
@@ -44,12 +45,12 @@ def _ranked(lists: list[dict]) -> list[dict]:
 
 
 def _task_lists(ctx, tc, rows: list[dict], seed: int, samples: int, role: str) -> list[dict]:
-    from lowalign.rewards import RewardSources, row_columns
+    from lowalign.rewards import row_columns
 
     comps = candidate_completions(rows, seed, ctx.bundle if samples else None, max(samples, 1), tc.max_new_tokens,
                                   role)
-    if ctx.cfg.rewards:
-        rewards = RewardSources(ctx.cfg.rewards, scorer=ctx.bundle.score_attributes, checker=ctx.data.checker)
+    if ctx.cfg.rewards:  # the run's sources: learned reward adapters loaded, the run's checker and answer view
+        rewards = reward_sources(ctx)
     else:  # no rewards in the recipe: the task's checker, 1 for a right answer, 0 otherwise
         def rewards(_p, texts, cols):
             from lowalign.rewards import RewardBatch

@@ -66,7 +66,7 @@ class ArithmeticTask:
     def __post_init__(self):
         bad = [o for o in self.ops if o not in _OPS]
         if bad or not self.ops:
-            raise ValueError(f"task.ops: unknown operator(s) {bad!r}; choose from {sorted(_OPS)}")
+            raise ValueError(f"task.ops: {self.ops!r} has unknown operator(s) {bad}; use some of '+-*'")
         if self.max_operand < 1:
             raise ValueError("task.max_operand must be >= 1")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -74,8 +74,8 @@ class ArithmeticTask:
         try:
             self.question_template.format(a=1, op="+", b=2)
         except (KeyError, IndexError, ValueError) as e:
-            raise ValueError(f"task.question: {self.question_template!r} is not a format string of a, op, b "
-                             f"({type(e).__name__}: {e})") from None
+            raise ValueError(f"task.question: {self.question_template!r} is not a format string of {{a}}, {{op}}, "
+                             f"{{b}} ({type(e).__name__}: {e})") from None
 
     def _space(self) -> list[tuple[int, str, int]]:
         r = range(self.max_operand + 1)
