@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -197,15 +198,13 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
     Positions are the mask's running count (as transformers' generate gives left-padded rows); only the last
     position's logits are computed. The same forward as ``generate`` row by row, so greedy and row-seeded
     tokens equal those of transformers' ``generate`` on the repeated prompts."""
-    from transformers import DynamicCache
-
     from lowalign.bundle import position_ids_from_mask
 
     kw = {"use_cache": True}
     key = cache_kwarg(model)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1
-    cache = DynamicCache(config=model.config)
+    cache = rollout_cache(model.config, max_new_tokens)
     pos = position_ids_from_mask(mask)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw, **{key: cache}).logits[:, -1]
     last = pos[:, -1]
@@ -235,6 +234,79 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
                        **{key: cache}).logits[:, -1]
     return out[:, :steps]
+
+
+@functools.cache
+def _in_place_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class InPlaceLayer(DynamicLayer):
+        """A KV cache layer that writes each step into a buffer with room for ``room`` more tokens, where
+        transformers' ``DynamicLayer`` concatenates a new (rows, heads, length + 1, dim) tensor per layer and
+        step: a copy of the whole cache every step, and on a CPU whose heap was just handed back to the OS
+        (between a step's phases) fresh pages for every copy. ``keys``/``values`` are views of the first
+        ``length`` positions (attention reads them in place); the same values as ``DynamicLayer``'s."""
+
+        def __init__(self, room: int):
+            super().__init__()
+            self.room, self.length = room, 0
+            self.k_buf = self.v_buf = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            if self.k_buf is None or self.length + n > self.k_buf.shape[-2]:  # first call (or out of room)
+                cap = self.length + n + self.room
+                k_buf = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+                v_buf = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+                if self.length:
+                    k_buf[:, :, :self.length] = self.keys
+                    v_buf[:, :, :self.length] = self.values
+                self.k_buf, self.v_buf = k_buf, v_buf
+            self.k_buf[:, :, self.length:self.length + n] = key_states
+            self.v_buf[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            self._views()
+            return self.keys, self.values
+
+        def _views(self) -> None:
+            self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.length:
+                self.k_buf = self.k_buf.repeat_interleave(repeats, 0)
+                self.v_buf = self.v_buf.repeat_interleave(repeats, 0)
+                self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.length:
+                self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("the rollout cache is never cropped")
+
+        def reset(self) -> None:
+            self.k_buf = self.v_buf = None
+            self.length = 0
+            super().reset()
+
+    return InPlaceLayer
+
+
+def rollout_cache(config, room: int):
+    """transformers' ``DynamicCache`` for ``config`` with its full-attention layers written in place, each
+    with ``room`` tokens to spare after the prompt (sliding-window layers keep their own)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache, layer = DynamicCache(config=config), _in_place_layer_class()
+    cache.layers = [layer(room) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
 
 
 def encode_completions(tok, prompts: list[str], completions: list[str], device) -> Rollout:

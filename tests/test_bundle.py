@@ -189,6 +189,31 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
 
 
+def test_checkpointed_backward_recomputes_in_the_forward_role():
+    """A value forward inside ``use("value")`` whose loss is backpropagated after the block (PPO's separate
+    critic does this): the checkpointed layers recompute in the value role, so every adapter gets the
+    gradients it gets without checkpointing (before the fix the value adapter got the policy's)."""
+    grads = []
+    for gc in (False, True):
+        torch.manual_seed(0)
+        b = _bundle(gradient_checkpointing=gc)
+        b.add_adapter("value", LoraConfig(r=4, alpha=8))
+        with torch.no_grad():
+            for n, p in b.base.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.2)
+        b.base.train()
+        with b.use("policy"):
+            with b.use("value"):
+                h = b.hidden_states(IDS, MASK)
+            h.square().mean().backward()  # policy active again
+        grads.append({n: p.grad.clone() for n, p in b.base.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(".value." in k for k in grads[0]) and not any(".policy." in k for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], rtol=1e-5, atol=1e-7)
+
+
 def test_row_scales_give_each_row_its_own_rank_scaling():
     """Row b of the batch computes scale * B diag(s_b) A x: with s_b = 1 for every rank direction the
     output is the plain adapter's, with s_b = 0 the base's; other rows are untouched; a wrong row count and

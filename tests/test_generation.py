@@ -5,7 +5,7 @@ import torch
 
 from lowalign.bundle import ModelBundle
 from lowalign.config import LoraConfig, ModelConfig
-from lowalign.generation import generate, row_seed
+from lowalign.generation import generate, rollout_cache, row_seed
 from lowalign.tasks.arithmetic import ArithmeticTask
 
 
@@ -52,3 +52,30 @@ def test_global_rng_sampling_draws_from_the_warped_distribution():
         top1 = generate(b, prompts, max_new_tokens=8, num_generations=3, top_k=1)
     assert torch.equal(a.completion_ids, c.completion_ids)
     assert torch.equal(top1.completion_ids, greedy.completion_ids)
+
+
+def test_rollout_cache_holds_what_dynamic_cache_holds():
+    """The in-place cache layers return the same keys and values as transformers' concatenating ones through
+    prefill, group repeat, steps past the reserved room, and dropping rows."""
+    from transformers import DynamicCache
+
+    cfg = ModelBundle.load(ModelConfig()).base.config
+    ours, ref = rollout_cache(cfg, room=2), DynamicCache(config=cfg)
+    assert type(ours.layers[0]) is not type(ref.layers[0])  # in place, not concatenating
+    g = torch.Generator().manual_seed(0)
+
+    def kv(rows, n):
+        return torch.randn(rows, 2, n, 4, generator=g), torch.randn(rows, 2, n, 4, generator=g)
+
+    k, v = kv(3, 5)
+    for c in (ours, ref):
+        c.update(k, v, 0)
+        c.batch_repeat_interleave(2)
+    for t in range(4):  # the 3rd and 4th step outgrow the room of 2
+        if t == 2:
+            for c in (ours, ref):
+                c.batch_select_indices(torch.tensor([0, 2, 3, 5]))
+        k, v = kv(6 if t < 2 else 4, 1)
+        a, b = ours.update(k, v, 0), ref.update(k, v, 0)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert ours.get_seq_length() == ref.get_seq_length() == 9
