@@ -34,9 +34,12 @@ LOGPROB_MIN_CHUNK = 128  # ... never fewer tokens than this
 # CPU training pass: peak RSS over the tensors autograd saves. glibc keeps the heap pages of freed transients
 # (the layer's temporaries, backward's gradient buffers) mapped, so RSS runs ahead of the live tensors:
 # SmolLM2-135M, 16 x 64 tokens, no checkpointing: 2345 MiB over the loaded model, 1.5x what the per-layer term
-# below counts (benchmarks/RESULTS.md, "Real models"). With checkpointing the retained transients of the
-# recomputed layers dominate (1299 MiB measured where ~70 MiB of inputs are saved), so on a CPU
-# `gradient_checkpointing: auto` stays off and memory is fitted with the micro-batch alone.
+# below counts (benchmarks/RESULTS.md, "Real models"). With non-reentrant checkpointing the retained transients
+# of the recomputed layers dominated (1299 MiB measured where ~70 MiB of inputs are saved): autograd's nodes
+# pinned the holes between freed temporaries. Checkpointing is reentrant since 2026-12-03 and now pays on a CPU
+# too (SmolLM2, 8 x 175 tokens: ~1.6 GB peak RSS against ~2.4 GB before and ~4.3 GB without, RESULTS.md #34),
+# but the checkpointed CPU term below is not refitted to that yet, so on a CPU `gradient_checkpointing: auto`
+# stays off and memory is fitted with the micro-batch alone.
 CPU_TRAIN_RSS_FACTOR = 1.5
 SAMPLER_COPIES = 3  # [rows, vocab] fp32 buffers per decoding step (HF's scores copy, warped, the cdf)
 GREEDY_COPIES = 2

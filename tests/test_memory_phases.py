@@ -28,6 +28,20 @@ def test_off_is_a_no_op():
         pass
     assert mp.summary() == {} and mp.step_metrics() == {}
 
+def test_off_on_a_cpu_hands_the_heap_back_when_the_phase_changes(monkeypatch):
+    import lowalign.runtime as rt
+
+    trims = []
+    monkeypatch.setattr(rt, "release_cpu_memory", lambda: trims.append(1))
+    mp = MemoryPhases()
+    mp.start("cpu", False)
+    for name in ("rollout", "scoring", "scoring", "forward_backward", "forward_backward", "optimizer"):
+        with mp.phase(name):
+            pass
+    assert len(trims) == 4  # not between the micro-batches of one phase
+    assert mp.summary() == {}
+
+
 def test_grpo_and_dpo_runs_report_phases(tmp_path):
     g, d = tmp_path / "g", tmp_path / "d"
     cli("run", "recipes/grpo_tiny.yaml", "--profile-memory", "train.steps=2", "eval.num_examples=20",
