@@ -589,14 +589,13 @@ class MemoryPhases:
     ``phase(name)`` resets the device's peak counter on entry and reads it on exit: CUDA
     ``max_memory_allocated``, or on Linux CPUs the process's peak RSS (``VmHWM``, reset by writing 5 to
     ``/proc/self/clear_refs``). Absolute bytes, not above a baseline. Off unless :meth:`start` enabled it;
-    then a CPU run still hands the freed heap back to the OS whenever a different phase starts (glibc keeps it
-    mapped otherwise, and the rollout's peak would sit on top of the last training pass's). One process-wide
+    then a CPU run still hands the freed heap back to the OS whenever a phase starts (glibc keeps it mapped
+    otherwise, and the rollout's peak would sit on top of the last training pass's). One process-wide
     instance, :data:`PHASES`, so code far from the run context (a PPO step, a reference precompute) can mark
     its phases."""
 
     def __init__(self):
         self.enabled, self.device, self.overall = False, torch.device("cpu"), 0
-        self.last: str | None = None  # the phase entered last
         self.peaks: dict[str, int] = {}
         self.step: dict[str, int] = {}
         self.after_load = 0
@@ -629,9 +628,8 @@ class MemoryPhases:
     def phase(self, name: str):
         if self.enabled:
             return self._phase(name)
-        if self.device.type == "cpu" and name != self.last:  # not between micro-batches: their pages are reused
-            release_cpu_memory()  # the last phase's freed heap back to the OS: phases' peaks take turns
-        self.last = name
+        if self.device.type == "cpu":  # the freed heap back to the OS, also between micro-batches: each one's
+            release_cpu_memory()  # holes would otherwise stay resident under the next (measured, RESULTS.md #34)
         return _NULL
 
     @contextlib.contextmanager
