@@ -589,7 +589,7 @@ class MemoryPhases:
     ``phase(name)`` resets the device's peak counter on entry and reads it on exit: CUDA
     ``max_memory_allocated``, or on Linux CPUs the process's peak RSS (``VmHWM``, reset by writing 5 to
     ``/proc/self/clear_refs``). Absolute bytes, not above a baseline. Off unless :meth:`start` enabled it;
-    then a CPU run still hands the freed heap back to the OS whenever a phase starts (glibc keeps it mapped
+    when off, a CPU run still hands the freed heap back to the OS whenever a phase starts (glibc keeps it mapped
     otherwise, and the rollout's peak would sit on top of the last training pass's). One process-wide
     instance, :data:`PHASES`, so code far from the run context (a PPO step, a reference precompute) can mark
     its phases."""
