@@ -249,7 +249,7 @@ class ModelBundle:
             role = self._role
 
             def in_role(*a, **k):  # the forward (role unchanged) and the backward's recompute
-                if self._role == role or (role != REFERENCE and role not in self.adapter_configs):
+                if self._role == role:
                     return function(*a, **k)
                 with self.use(role):
                     return function(*a, **k)

@@ -8,7 +8,7 @@ import torch
 
 from lowalign.config import reference_mode
 from lowalign.evaluation import heldout_eval
-from lowalign.runtime import PHASES, release_cpu_memory
+from lowalign.runtime import PHASES
 
 POLICY = "policy"
 
@@ -141,8 +141,6 @@ def end_step(ctx, tc, done: int, m: dict, bar, adapters: list[str], baseline: di
              extra: dict | None = None, evaluate_fn=None, total: int | None = None) -> None:
     """After step ``done`` (1-based) of ``total`` (default ``tc.steps``): the periodic held-out evaluation
     (``eval.every``), the metrics row, the progress bar and, when due, the checkpoint."""
-    if ctx.bundle.device.type == "cpu":
-        release_cpu_memory()  # the step's activations back to the OS before the next phase
     every = ctx.cfg.eval.every
     if every and done % every == 0 and done < (total or tc.steps):
         with PHASES.phase("evaluation"):
