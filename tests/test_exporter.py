@@ -133,8 +133,8 @@ def _fake_run(root, model_dir, quantization="none", init="default", head=False, 
         "model": {"name_or_path": str(model_dir), "quantization": quantization},
         "lora": {"r": 4, "alpha": 8, "init": init}}))
     b = ModelBundle.load(ModelConfig(name_or_path=str(model_dir), dtype="float32", quantization=quantization))
+    torch.manual_seed(1)  # A's init and B's noise: the same adapter every run
     b.add_adapter(role, LoraConfig(r=4, alpha=8, init=init))
-    torch.manual_seed(1)
     for _, _, B, _ in b.lora_factors(role):
         B.data.add_(torch.randn_like(B) * noise)
     if head:

@@ -107,4 +107,9 @@ def test_smollm2_exports_to_a_gguf_with_its_tokenizer_and_chat_template(tmp_path
         got = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="m.gguf",
                                                    dtype=torch.float32)(input_ids=ids).logits.float()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
-    assert (got.log_softmax(-1) - want.log_softmax(-1)).abs().max() < 1.5  # measured 1.09 (a tail token)
+    want, got = want.log_softmax(-1), got.log_softmax(-1)
+    # KL(adapter model || GGUF) at each position: 0.008-0.020 over four adapter inits. The largest gap on any
+    # single vocabulary entry is a far-tail token's (0.86-1.81 over the same inits), too noisy to bound.
+    assert (want.exp() * (want - got)).sum(-1).max() < 0.06
+    top = want.topk(10, -1).indices  # the tokens a sampler can pick keep their log-probs to q8_0 rounding
+    assert (got - want).abs().gather(-1, top).max() < 1.0  # measured 0.50-0.75
