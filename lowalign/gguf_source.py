@@ -336,10 +336,19 @@ def convert(path: str | Path, console=None) -> Path:
     return out
 
 
+def gguf_tokenizer(path: str | Path):
+    """The tokenizer stored in a GGUF file, read without converting its weights (the tokenizer a conversion
+    saves is this one)."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 def _convert_into(h: GGUFHeader, out: Path, console) -> None:
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     src, name = str(h.path.parent), h.path.name
     stages = ["tokenizer", "weights (dequantize)", "save safetensors"]
@@ -347,7 +356,7 @@ def _convert_into(h: GGUFHeader, out: Path, console) -> None:
                   TimeElapsedColumn(), console=console, transient=True) as bar:
         task = bar.add_task(stages[0], total=len(stages))
         try:
-            tok = AutoTokenizer.from_pretrained(src, gguf_file=name)
+            tok = gguf_tokenizer(h.path)
             bar.update(task, advance=1, description=stages[1])
             model = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
         except Exception as e:

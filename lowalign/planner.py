@@ -173,23 +173,26 @@ def data_lengths(cfg) -> tuple[int, int | None] | str:
     """(longest prompt, longest preference completion or None) in tokens, measured on the data when that needs
     no download (built-in task, local files: the run's tokenizer, first 2000 rows); else why not. Read once
     per model and data config: ``suggestions`` plans many variants of one recipe."""
-    from lowalign.models import _local_dir
+    from lowalign.models import _local_dir, gguf_path
 
     d = cfg.data
     key = (cfg.model.name_or_path, repr(d), cfg.algorithm)
     if key in _LENGTHS:
         return _LENGTHS[key]
     local_model = _local_dir(cfg.model.name_or_path, cfg.model.gguf_file)
+    gguf = gguf_path(cfg.model.name_or_path, cfg.model.gguf_file)  # not converted yet: its tokenizer is inside
     readable = d.path is not None or d.source.startswith("builtin:")
-    if local_model is None or not readable:
+    if (local_model is None and gguf is None) or not readable:
         _LENGTHS[key] = "bound"
         return _LENGTHS[key]
     try:
         from lowalign.api import load_data
         from lowalign.data import prepare_prompts
+        from lowalign.gguf_source import gguf_tokenizer
         from lowalign.models import load_tokenizer
 
-        tok = load_tokenizer(str(local_model), cfg.model.trust_remote_code)
+        tok = (load_tokenizer(str(local_model), cfg.model.trust_remote_code) if local_model is not None
+               else gguf_tokenizer(gguf))
         data = load_data(cfg, tok)
         prepare_prompts(data, tok, cfg.data)  # chat templates: the prompts the run will feed
 
