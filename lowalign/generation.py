@@ -309,6 +309,45 @@ def rollout_cache(config, room: int):
     return cache
 
 
+@functools.cache
+def _shared_prompt_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class SharedPromptLayer(DynamicLayer):
+        """A KV cache layer that keeps one prompt's keys and values per group of ``groups`` rows: the first
+        ``update`` (the distinct prompts' forward) stores them; once :meth:`share` is called, each later
+        ``update`` (every row's continuation, all its tokens at once) returns the group's prompt states
+        repeated to its rows followed by the new ones, and stores nothing, so the cache never holds more
+        than the distinct prompts."""
+
+        groups = 0
+
+        def share(self, groups: int) -> None:
+            self.groups = groups
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.groups:
+                return super().update(key_states, value_states, *args, **kwargs)
+            return (torch.cat([self.keys.repeat_interleave(self.groups, 0), key_states], -2),
+                    torch.cat([self.values.repeat_interleave(self.groups, 0), value_states], -2))
+
+    return SharedPromptLayer
+
+
+def shared_prompt_cache(config):
+    """A ``DynamicCache`` for ``config`` whose layers serve a group's prompt to its rows
+    (``_shared_prompt_layer_class``); None when the model has a layer of another kind (sliding windows), which
+    then scores every row whole."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    if any(type(x) is not DynamicLayer for x in cache.layers):
+        return None
+    cache.layers = [_shared_prompt_layer_class()() for _ in cache.layers]
+    return cache
+
+
 def encode_completions(tok, prompts: list[str], completions: list[str], device) -> Rollout:
     """Teacher-forcing batch: left-padded prompts + right-padded ``completion + EOS`` (same layout as a
     rollout, so the same log-prob code serves SFT, DPO and GRPO)."""

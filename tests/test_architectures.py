@@ -204,3 +204,30 @@ def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
         lp_shared, lp_plain = (token_logprobs(b, r.input_ids, r.attention_mask, r.target_mask).logps
                                for r in (shared, plain))
     torch.testing.assert_close(lp_shared, lp_plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHS))
+def test_shared_prompt_scoring_equals_whole_rows(name, arch_dir):
+    """GRPO's no-gradient scoring (reference and old log-probs) runs each prompt once per group and the
+    completions on its cache: the same log-probs as the whole rows, in the policy and the reference role,
+    prompts of unequal length (left padding) and completions ended early (right padding). Models with
+    sliding-window layers score the whole rows (the shared path declines)."""
+    from lowalign.algorithms.grpo import completion_logprobs
+    from lowalign.generation import generate, row_seed
+    from lowalign.logprobs import shared_prompt_hidden_states
+
+    b = _bundle(arch_dir(name))
+    prompts = ["12+7=", "3+45=19", "9=", "hello there, 5+5="]
+    with b.use("policy"):
+        roll = generate(b, prompts, max_new_tokens=8, num_generations=4,
+                        row_seeds=[row_seed(3, i) for i in range(16)])
+    assert bool((roll.completion_mask == 0).any()) or name == "gpt2"  # some rows end early
+    for role in ("policy", "reference"):
+        with torch.no_grad(), b.use(role):
+            whole, _ = completion_logprobs(b, roll)
+            shared, _ = completion_logprobs(b, roll, groups=4)
+            h = shared_prompt_hidden_states(b, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
+                                            roll.completion_mask, 4)
+        assert (h is None) == (getattr(b.base.config.get_text_config(), "sliding_window", None) is not None)
+        torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
+        assert bool((shared != 0).any())
