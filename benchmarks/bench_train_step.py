@@ -16,6 +16,10 @@ gradient checkpointing adds one forward. "achieved" is those FLOPs over the meas
 ``torch.mm`` in the same process on the pass's largest linear shape (tokens x hidden @ hidden x intermediate) and
 on the head's (completion tokens x hidden @ hidden x vocabulary): the ratio says how far the pass is from what
 the CPU's matmul reaches on these shapes. Prints a markdown table.
+
+Then the same step with the rows of each prompt sharing its forward (``lowalign.prompt_sharing``, what the GRPO
+trainers do: one packed sequence per prompt in a micro-batch when that pays), alternating with the whole rows,
+``--reps`` each: the step time of each and their ratio.
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def main() -> None:
     from lowalign.bundle import ModelBundle
     from lowalign.config import LoraConfig, ModelConfig
     from lowalign.generation import encode_prompts
-    from lowalign.logprobs import token_logprobs
+    from lowalign.logprobs import logprobs_from_hidden, token_logprobs
+    from lowalign.prompt_sharing import completion_hidden_states
 
     b = ModelBundle.load(ModelConfig(name_or_path=args.model, gradient_checkpointing=args.checkpointing))
     torch.manual_seed(0)
@@ -92,13 +97,19 @@ def main() -> None:
     adv = torch.randn(ids.shape[0], 1, generator=g)
     b.base.train()
 
-    def step() -> tuple[float, float, float]:
+    P = ids.shape[1]
+
+    def step(shared: bool = False) -> tuple[float, float, float]:
         fwd = bwd = 0.0
         for s in range(0, full.shape[0], args.micro_batch):
             sl = slice(s, s + args.micro_batch)
             t0 = time.perf_counter()
             with b.use("policy"):
-                lp = token_logprobs(b, full[sl], fmask[sl], tmask[sl]).logps
+                if shared:
+                    h = completion_hidden_states(b, ids[sl], mask[sl], comp[sl], fmask[sl, P:])
+                    lp = logprobs_from_hidden(b, h, full[sl], tmask[sl]).logps
+                else:
+                    lp = token_logprobs(b, full[sl], fmask[sl], tmask[sl]).logps
             loss = -(lp * adv[sl]).sum() / tmask.sum()
             t1 = time.perf_counter()
             loss.backward()
@@ -144,6 +155,17 @@ def main() -> None:
           f"the head's ({comp_tokens // (full.shape[0] // args.micro_batch)} x {d} @ {d} x {cfg.vocab_size}).")
     print(f"achieved / matmul: forward {ach_f / mm_lin:.2f}, backward {ach_b / mm_lin:.2f}, step "
           f"{(f_fwd + f_bwd) / total / 1e9 / mm_lin:.2f}")
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    for _ in range(args.reps):
+        for shared in (False, True):
+            times[shared].append(sum(step(shared)))
+    whole_s, shared_s = (statistics.median(times[k]) for k in (False, True))
+    print(f"\nprompt sharing, alternating, median of {args.reps}:\n")
+    print("| forward of the rows | s per step | vs whole |")
+    print("|---|---|---|")
+    print(f"| whole rows | {whole_s:.2f} | 1.00x |")
+    print(f"| each prompt once per micro-batch | {shared_s:.2f} | {shared_s / whole_s:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -31,42 +31,6 @@ def token_logprobs(bundle, input_ids: torch.Tensor, attention_mask: torch.Tensor
                                 impl=impl)
 
 
-def grouped_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, groups: int) -> bool:
-    """Whether the rows come in runs of ``groups`` with one prompt each (a rollout of ``groups`` completions per
-    prompt, rows grouped)."""
-    B = prompt_ids.shape[0]
-    if groups < 2 or B % groups:
-        return False
-    return all(bool((x.view(B // groups, groups, -1) == x[::groups, None]).all()) for x in (prompt_ids, prompt_mask))
-
-
-def shared_prompt_hidden_states(bundle, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
-                                completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                                groups: int) -> torch.Tensor | None:
-    """No-gradient backbone output (B, P + C, d) of rows whose prompts come in runs of ``groups``
-    (:func:`grouped_prompts`), in the bundle's current role: each distinct prompt's forward once, then every
-    row's completion on its group's cached prompt. The same as ``bundle.hidden_states`` on the whole rows up to
-    float rounding (the prompt's attention is causal: a prompt position never sees the completion), at
-    P / (P + C) * (1 - 1/groups) less compute. None when the model's cache has sliding-window layers."""
-    from lowalign.bundle import position_ids_from_mask
-    from lowalign.generation import cache_kwarg, shared_prompt_cache
-
-    cache = shared_prompt_cache(bundle.base.config)
-    if cache is None:
-        return None
-    decoder = bundle.base.get_decoder()
-    key, P = cache_kwarg(decoder), prompt_ids.shape[1]
-    mask = torch.cat([prompt_mask, completion_mask], 1)
-    pos = position_ids_from_mask(mask)
-    prompt = decoder(input_ids=prompt_ids[::groups], attention_mask=prompt_mask[::groups],
-                     position_ids=pos[::groups, :P], use_cache=True, **{key: cache}).last_hidden_state
-    for layer in cache.layers:
-        layer.share(groups)
-    rest = decoder(input_ids=completion_ids, attention_mask=mask, position_ids=pos[:, P:], use_cache=True,
-                   **{key: cache}).last_hidden_state
-    return torch.cat([prompt.repeat_interleave(groups, 0), rest], 1)
-
-
 def logprobs_from_hidden(bundle, hidden: torch.Tensor, input_ids: torch.Tensor, target_mask: torch.Tensor, *,
                          temperature: float = 1.0, ref_logps: torch.Tensor | None = None, kl_estimator: str = "k3",
                          with_entropy: bool = False, impl: str | None = None) -> TokenLogProbs:

@@ -207,27 +207,52 @@ def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
-def test_shared_prompt_scoring_equals_whole_rows(name, arch_dir):
-    """GRPO's no-gradient scoring (reference and old log-probs) runs each prompt once per group and the
-    completions on its cache: the same log-probs as the whole rows, in the policy and the reference role,
-    prompts of unequal length (left padding) and completions ended early (right padding). Models with
-    sliding-window layers score the whole rows (the shared path declines)."""
-    from lowalign.algorithms.grpo import completion_logprobs
+def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir):
+    """Rows sharing a prompt compute it once (lowalign.prompt_sharing): without gradients from a cached prompt,
+    with them from one packed sequence per run. Both give the whole rows' log-probs, in the policy and the
+    reference role, and the packed one the same LoRA gradients; prompts of unequal length (left padding),
+    completions ended early (right padding). Sliding-window models decline both and score whole rows."""
+    from lowalign import prompt_sharing as S
     from lowalign.generation import generate, row_seed
-    from lowalign.logprobs import shared_prompt_hidden_states
+    from lowalign.logprobs import logprobs_from_hidden
 
     b = _bundle(arch_dir(name))
+    b.base.train()  # dropout is off (lowalign's default); the trainers forward in train mode
     prompts = ["12+7=", "3+45=19", "9=", "hello there, 5+5="]
     with b.use("policy"):
         roll = generate(b, prompts, max_new_tokens=8, num_generations=4,
                         row_seeds=[row_seed(3, i) for i in range(16)])
-    assert bool((roll.completion_mask == 0).any()) or name == "gpt2"  # some rows end early
+    assert S.prompt_run_length(roll.prompt_ids, roll.prompt_mask) == 4
+    assert S.prompt_run_length(roll.prompt_ids[2:10], roll.prompt_mask[2:10]) == 1  # runs of 2, 4, 2
+    sliding = getattr(b.base.config.get_text_config(), "sliding_window", None) is not None
+    parts = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
+
+    def logps(h):
+        return logprobs_from_hidden(b, h, roll.input_ids, roll.target_mask).logps
+
     for role in ("policy", "reference"):
         with torch.no_grad(), b.use(role):
-            whole, _ = completion_logprobs(b, roll)
-            shared, _ = completion_logprobs(b, roll, groups=4)
-            h = shared_prompt_hidden_states(b, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                            roll.completion_mask, 4)
-        assert (h is None) == (getattr(b.base.config.get_text_config(), "sliding_window", None) is not None)
-        torch.testing.assert_close(shared, whole, rtol=1e-5, atol=1e-5)
-        assert bool((shared != 0).any())
+            whole = logps(b.hidden_states(roll.input_ids, roll.attention_mask))
+            h = S.cached_prompt_hidden_states(b, *parts, 4)
+            assert (h is None) == sliding
+            torch.testing.assert_close(logps(S.completion_hidden_states(b, *parts)), whole, rtol=1e-5, atol=1e-5)
+    with b.use("policy"):
+        params = b.adapter_parameters("policy")
+        grads = []
+        for packed in (False, True):
+            h = S.packed_prompt_hidden_states(b, *parts, 4) if packed else b.hidden_states(roll.input_ids,
+                                                                                         roll.attention_mask)
+            if h is None:
+                assert sliding
+                break
+            lp = logps(h)
+            if packed:
+                torch.testing.assert_close(lp, want, rtol=1e-5, atol=1e-5)
+            want = lp.detach()
+            (lp * torch.linspace(-1, 1, lp.shape[1])).sum().backward()
+            grads.append([p.grad.clone() for p in params])
+            b.base.zero_grad(set_to_none=True)
+    if len(grads) == 2:
+        for g_whole, g_packed in zip(*grads):
+            torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-5)
+    assert bool((whole != 0).any())

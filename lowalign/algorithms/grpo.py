@@ -37,26 +37,22 @@ from lowalign.algorithms.configs import GRPOConfig, micro_batch
 from lowalign.config import ConfigError
 from lowalign.distributed import world_size
 from lowalign.generation import generate, row_seed
-from lowalign.logprobs import grouped_prompts, logprobs_from_hidden, shared_prompt_hidden_states
+from lowalign.logprobs import logprobs_from_hidden
 from lowalign.losses import grpo_advantages, grpo_loss
+from lowalign.prompt_sharing import completion_hidden_states
 from lowalign.rewards import RewardSources, row_columns
 from lowalign.runtime import PHASES, Progress, seed_everything
 
 POLICY = "policy"
 
 
-def completion_logprobs(bundle, roll, temperature: float = 1.0, *, with_entropy=False, rows=None, groups=1):
-    """Per-token log-probs of the completion tokens at ``temperature``: (B, C) (+ entropy when asked).
-    Without gradients, on a whole rollout of ``groups`` completions per prompt, each prompt's forward runs once
-    for its group (:func:`shared_prompt_hidden_states`)."""
+def completion_logprobs(bundle, roll, temperature: float = 1.0, *, with_entropy=False, rows=None):
+    """Per-token log-probs of the completion tokens at ``temperature``: (B, C) (+ entropy when asked). Rows
+    that share a prompt compute it once (:func:`lowalign.prompt_sharing.completion_hidden_states`)."""
     sl = slice(None) if rows is None else rows
     P = roll.prompt_ids.shape[1]
-    hidden = None
-    if rows is None and not torch.is_grad_enabled() and grouped_prompts(roll.prompt_ids, roll.prompt_mask, groups):
-        hidden = shared_prompt_hidden_states(bundle, roll.prompt_ids, roll.prompt_mask, roll.completion_ids,
-                                             roll.completion_mask, groups)
-    if hidden is None:
-        hidden = bundle.hidden_states(roll.input_ids[sl], roll.attention_mask[sl])
+    hidden = completion_hidden_states(bundle, roll.prompt_ids[sl], roll.prompt_mask[sl], roll.completion_ids[sl],
+                                      roll.completion_mask[sl])
     out = logprobs_from_hidden(bundle, hidden, roll.input_ids[sl], roll.target_mask[sl], temperature=temperature,
                                with_entropy=with_entropy)
     ent = out.entropy[:, P:] if out.entropy is not None else None
@@ -135,10 +131,10 @@ def grpo_step(ctx, step: int, opt, sched, rewards: RewardSources, estimator: Adv
     with torch.no_grad(), PHASES.phase("scoring"):
         if tc.num_iterations > 1 or estimator.needs_old:
             with bundle.use(POLICY):
-                old, _ = completion_logprobs(bundle, roll, tc.temperature, groups=G)
+                old, _ = completion_logprobs(bundle, roll, tc.temperature)
         if tc.beta != 0.0 or estimator.needs_ref:
             with bundle.use("reference"):
-                ref, _ = completion_logprobs(bundle, roll, tc.temperature, groups=G)
+                ref, _ = completion_logprobs(bundle, roll, tc.temperature)
     adv, est_metrics = estimator.fn(ctx, rows, roll, rb, rewards, old, ref)
     adv = adv.to(bundle.device)
     t_score = time.time() - t0 - t_gen  # rewards, old / reference log-probs, advantages

@@ -1,0 +1,134 @@
+"""The backbone over rollout rows that share a prompt, the prompt computed once per run of rows.
+
+A GRPO-family rollout holds G completions per prompt, rows grouped, and a chat prompt is often longer than its
+completion (SmolLM2's arithmetic prompts: 47 tokens, completions 16). Every path here returns what
+``ModelBundle.hidden_states`` returns on the whole rows, (B, P + C, d), up to float rounding: a prompt position
+attends only to earlier prompt positions, so its states do not depend on the completion that follows.
+
+* :func:`cached_prompt_hidden_states` (no gradient): each distinct prompt's forward once with a KV cache, then
+  every row's completion on its run's cached prompt (the cache never holds more than the distinct prompts).
+* :func:`packed_prompt_hidden_states` (training): one packed sequence per run, ``prompt, completion 1, ...,
+  completion g``, with a block mask (each completion attends to the prompt and to itself, causally) and each
+  completion's positions continuing its prompt's. One ordinary forward, so gradient checkpointing applies as
+  usual; the prompt's gradient is the sum over its run's completions, as it is on whole rows.
+* :func:`completion_hidden_states` picks one, or the whole rows when sharing does not pay or does not apply
+  (unequal runs, sliding-window attention, an attention kernel without custom masks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def prompt_run_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
+    """g when the rows come in consecutive runs of g identical prompts (padding included), else 1."""
+    B = prompt_ids.shape[0]
+    same = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(1)  # (B - 1,)
+    starts = [0] + [i + 1 for i, s in enumerate(same.tolist()) if not s]
+    g = (starts[1] if len(starts) > 1 else B)
+    ok = B % g == 0 and starts == list(range(0, B, g))
+    return g if ok and g > 1 else 1
+
+
+def _sliding(config) -> bool:
+    return getattr(config.get_text_config(), "sliding_window", None) is not None
+
+
+def cached_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                groups: int) -> torch.Tensor | None:
+    """No-gradient backbone output (B, P + C, d) of rows in runs of ``groups`` per prompt, in the bundle's
+    current role: each distinct prompt's forward once, then every row's completion on its run's cached prompt,
+    at P / (P + C) * (1 - 1/groups) less compute. None when the model's cache has sliding-window layers."""
+    from lowalign.bundle import position_ids_from_mask
+    from lowalign.generation import cache_kwarg, shared_prompt_cache
+
+    cache = shared_prompt_cache(bundle.base.config)
+    if cache is None:
+        return None
+    decoder = bundle.base.get_decoder()
+    key, P = cache_kwarg(decoder), prompt_ids.shape[1]
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    pos = position_ids_from_mask(mask)
+    prompt = decoder(input_ids=prompt_ids[::groups], attention_mask=prompt_mask[::groups],
+                     position_ids=pos[::groups, :P], use_cache=True, **{key: cache}).last_hidden_state
+    for layer in cache.layers:
+        layer.share(groups)
+    rest = decoder(input_ids=completion_ids, attention_mask=mask, position_ids=pos[:, P:], use_cache=True,
+                   **{key: cache}).last_hidden_state
+    return torch.cat([prompt.repeat_interleave(groups, 0), rest], 1)
+
+
+def packed_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, groups: int) -> torch.Tensor:
+    """(n, L, L) bool, True where packed query q may attend to key k, for n = B / groups packed rows of length
+    L = P + groups * C: k <= q, k in the prompt or in q's own completion, k not padding. A padding query sees
+    itself only (a row of the mask is never empty; its output is never read)."""
+    B, P = prompt_mask.shape
+    C = completion_mask.shape[1]
+    n, L = B // groups, P + groups * C
+    dev = prompt_mask.device
+    block = torch.cat([torch.full((P,), -1, device=dev), torch.arange(groups, device=dev).repeat_interleave(C)])
+    idx = torch.arange(L, device=dev)
+    visible = (idx[None, :] <= idx[:, None]) & ((block[None, :] == block[:, None]) | (block[None, :] == -1))
+    keys = torch.cat([prompt_mask[::groups], completion_mask.reshape(n, groups * C)], 1).bool()  # (n, L)
+    return (visible[None] & keys[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
+
+
+def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                groups: int) -> torch.Tensor | None:
+    """Backbone output (B, P + C, d) of rows in runs of ``groups`` per prompt, gradients included, from one
+    packed sequence per run (:func:`packed_mask`); positions as on the whole rows (the completion's continue
+    its prompt's count of real tokens). None when the attention kernel takes no custom mask (sdpa and eager
+    do) or the model has sliding-window attention."""
+    from lowalign.bundle import position_ids_from_mask
+
+    impl = getattr(bundle.base.config, "_attn_implementation", None)
+    if impl not in ("sdpa", "eager") or _sliding(bundle.base.config):
+        return None
+    B, P = prompt_ids.shape
+    C = completion_ids.shape[1]
+    n = B // groups
+    pos = position_ids_from_mask(torch.cat([prompt_mask, completion_mask], 1))
+    ids = torch.cat([prompt_ids[::groups], completion_ids.reshape(n, groups * C)], 1)
+    packed_pos = torch.cat([pos[::groups, :P], pos[:, P:].reshape(n, groups * C)], 1)
+    allowed = packed_mask(prompt_mask, completion_mask, groups)[:, None]  # (n, 1, L, L)
+    if impl == "eager":  # an additive mask
+        dtype = bundle.base.get_input_embeddings().weight.dtype
+        allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(~allowed,
+                                                                                        torch.finfo(dtype).min)
+    h = bundle.base.get_decoder()(input_ids=ids, attention_mask=allowed, position_ids=packed_pos,
+                                  use_cache=False).last_hidden_state  # (n, L, d)
+    return torch.cat([h[:, :P].repeat_interleave(groups, 0), h[:, P:].reshape(B, C, h.shape[-1])], 1)
+
+
+def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float = 0.8) -> bool:
+    """Whether the packed forward's estimated FLOPs are under ``margin`` x the whole rows': linear layers
+    (per token, ~2 x a layer's weights) fall by (B - B / groups) * P tokens, while attention (per query-key
+    pair, ~4 x heads x head_dim, the mask computed dense) grows from B (P + C)^2 pairs to B / groups (P +
+    groups C)^2. Long completions make the packed row's attention cost more than the prompt saves."""
+    tc = config.get_text_config()
+    d = tc.hidden_size
+    heads = getattr(tc, "num_attention_heads", 1)
+    attn = heads * (getattr(tc, "head_dim", None) or d // heads)
+    kv = (getattr(tc, "num_key_value_heads", None) or heads) * (attn // heads)
+    per_token = 2 * (2 * d * attn + 2 * d * kv + 3 * d * (getattr(tc, "intermediate_size", None) or 4 * d))
+    per_pair = 4 * attn
+    n, L = B // groups, P + groups * C
+    whole = B * (P + C) * per_token + B * (P + C) ** 2 * per_pair
+    packed = n * L * per_token + n * L ** 2 * per_pair
+    return packed < margin * whole
+
+
+def completion_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
+    """Backbone output (B, P + C, d) of rollout rows in the bundle's current role, each run of identical
+    prompts computed once where that applies: the cached path without gradients, the packed one (when
+    :func:`packing_pays`) with them, else the whole rows."""
+    g = prompt_run_length(prompt_ids, prompt_mask)
+    h = None
+    if g > 1 and not torch.is_grad_enabled():
+        h = cached_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask, g)
+    elif g > 1 and packing_pays(bundle.base.config, *prompt_ids.shape, completion_ids.shape[1], g):
+        h = packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask, g)
+    if h is None:
+        h = bundle.hidden_states(torch.cat([prompt_ids, completion_ids], 1),
+                                 torch.cat([prompt_mask, completion_mask], 1))
+    return h
