@@ -12,7 +12,8 @@ attends only to earlier prompt positions, so its states do not depend on the com
   completion's positions continuing its prompt's. One ordinary forward, so gradient checkpointing applies as
   usual; the prompt's gradient is the sum over its run's completions, as it is on whole rows.
 * :func:`completion_hidden_states` picks one, or the whole rows when sharing does not pay or does not apply
-  (unequal runs, sliding-window attention, an attention kernel without custom masks).
+  (prompts repeated unequally, sliding-window attention, an attention kernel without custom masks). Rows of
+  one prompt need not be adjacent (:func:`prompt_groups`: DPO's chosen and rejected halves).
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from __future__ import annotations
 import torch
 
 
-def prompt_run_length(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> int:
-    """g when the rows come in consecutive runs of g identical prompts (padding included), else 1."""
+def prompt_groups(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """(order, g) when the rows hold each of their distinct prompts (padding included) exactly g > 1 times:
+    ``order`` a permutation putting each prompt's rows together (None when they already are: a rollout's
+    groups), else (None, 1). DPO's batches hold each prompt twice, chosen rows then rejected rows."""
     B = prompt_ids.shape[0]
-    same = ((prompt_ids[1:] == prompt_ids[:-1]) & (prompt_mask[1:] == prompt_mask[:-1])).all(1)  # (B - 1,)
-    starts = [0] + [i + 1 for i, s in enumerate(same.tolist()) if not s]
-    g = (starts[1] if len(starts) > 1 else B)
-    ok = B % g == 0 and starts == list(range(0, B, g))
-    return g if ok and g > 1 else 1
+    _, inverse, counts = torch.unique(torch.cat([prompt_ids, prompt_mask], 1), dim=0, return_inverse=True,
+                                      return_counts=True)
+    g = int(counts[0])
+    if g == 1 or bool((counts != g).any()):
+        return None, 1
+    order = torch.argsort(inverse, stable=True)
+    contiguous = bool((inverse.view(B // g, g) == inverse[::g, None]).all())
+    return (None if contiguous else order), g
 
 
 def _sliding(config) -> bool:
@@ -122,12 +128,17 @@ def completion_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, co
     """Backbone output (B, P + C, d) of rollout rows in the bundle's current role, each run of identical
     prompts computed once where that applies: the cached path without gradients, the packed one (when
     :func:`packing_pays`) with them, else the whole rows."""
-    g = prompt_run_length(prompt_ids, prompt_mask)
+    order, g = prompt_groups(prompt_ids, prompt_mask)
+    parts = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     h = None
-    if g > 1 and not torch.is_grad_enabled():
-        h = cached_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask, g)
-    elif g > 1 and packing_pays(bundle.base.config, *prompt_ids.shape, completion_ids.shape[1], g):
-        h = packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask, g)
+    if g > 1:
+        grouped = parts if order is None else tuple(x[order] for x in parts)
+        if not torch.is_grad_enabled():
+            h = cached_prompt_hidden_states(bundle, *grouped, g)
+        elif packing_pays(bundle.base.config, *prompt_ids.shape, completion_ids.shape[1], g):
+            h = packed_prompt_hidden_states(bundle, *grouped, g)
+        if h is not None and order is not None:
+            h = h[torch.argsort(order)]
     if h is None:
         h = bundle.hidden_states(torch.cat([prompt_ids, completion_ids], 1),
                                  torch.cat([prompt_mask, completion_mask], 1))

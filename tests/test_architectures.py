@@ -222,8 +222,7 @@ def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir):
     with b.use("policy"):
         roll = generate(b, prompts, max_new_tokens=8, num_generations=4,
                         row_seeds=[row_seed(3, i) for i in range(16)])
-    assert S.prompt_run_length(roll.prompt_ids, roll.prompt_mask) == 4
-    assert S.prompt_run_length(roll.prompt_ids[2:10], roll.prompt_mask[2:10]) == 1  # runs of 2, 4, 2
+    assert S.prompt_groups(roll.prompt_ids, roll.prompt_mask) == (None, 4)
     sliding = getattr(b.base.config.get_text_config(), "sliding_window", None) is not None
     parts = (roll.prompt_ids, roll.prompt_mask, roll.completion_ids, roll.completion_mask)
 
@@ -238,21 +237,24 @@ def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir):
             torch.testing.assert_close(logps(S.completion_hidden_states(b, *parts)), whole, rtol=1e-5, atol=1e-5)
     with b.use("policy"):
         params = b.adapter_parameters("policy")
-        grads = []
+        lps, grads = [], []
         for packed in (False, True):
             h = S.packed_prompt_hidden_states(b, *parts, 4) if packed else b.hidden_states(roll.input_ids,
                                                                                          roll.attention_mask)
             if h is None:
                 assert sliding
                 break
-            lp = logps(h)
-            if packed:
-                torch.testing.assert_close(lp, want, rtol=1e-5, atol=1e-5)
-            want = lp.detach()
-            (lp * torch.linspace(-1, 1, lp.shape[1])).sum().backward()
+            lps.append(logps(h))
+            (lps[-1] * torch.linspace(-1, 1, lps[-1].shape[1])).sum().backward()
             grads.append([p.grad.clone() for p in params])
             b.base.zero_grad(set_to_none=True)
-    if len(grads) == 2:
-        for g_whole, g_packed in zip(*grads):
-            torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-5)
+        if len(lps) == 2:
+            torch.testing.assert_close(lps[1], lps[0], rtol=1e-5, atol=1e-5)
+            for g_whole, g_packed in zip(*grads):
+                torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-5)
+            # a prompt's rows apart (as DPO's chosen and rejected halves are): grouped, computed, put back
+            mixed = torch.arange(16).view(4, 4).T.flatten()
+            h = S.completion_hidden_states(b, *(x[mixed] for x in parts))
+            torch.testing.assert_close(logprobs_from_hidden(b, h, roll.input_ids[mixed], roll.target_mask[mixed]).logps,
+                                       lps[0][mixed].detach(), rtol=1e-5, atol=1e-5)
     assert bool((whole != 0).any())

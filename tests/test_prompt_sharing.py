@@ -5,19 +5,20 @@ test_architectures.py."""
 import torch
 import transformers
 
-from lowalign.prompt_sharing import packed_mask, packing_pays, prompt_run_length
+from lowalign.prompt_sharing import packed_mask, packing_pays, prompt_groups
 
 
-def test_prompt_run_length():
+def test_prompt_groups():
     ids = torch.tensor([[0, 5], [0, 5], [7, 8], [7, 8]])
     mask = torch.tensor([[0, 1], [0, 1], [1, 1], [1, 1]])
-    assert prompt_run_length(ids, mask) == 2
-    assert prompt_run_length(ids[:3], mask[:3]) == 1  # runs of 2 and 1
-    assert prompt_run_length(ids[1:3], mask[1:3]) == 1  # distinct prompts
-    assert prompt_run_length(ids[:2], mask[:2]) == 2
-    same_ids_other_mask = mask.clone()
-    same_ids_other_mask[1, 0] = 1
-    assert prompt_run_length(ids[:2], same_ids_other_mask[:2]) == 1
+    assert prompt_groups(ids, mask) == (None, 2)  # a rollout's groups: already together
+    assert prompt_groups(ids[:3], mask[:3]) == (None, 1)  # prompts repeated unequally
+    assert prompt_groups(ids[1:3], mask[1:3]) == (None, 1)  # distinct prompts
+    order, g = prompt_groups(ids[[0, 2, 1, 3]], mask[[0, 2, 1, 3]])  # chosen rows, then rejected rows
+    assert g == 2 and order.tolist() == [0, 2, 1, 3]
+    other_mask = mask.clone()
+    other_mask[1, 0] = 1  # the same ids, other padding: another prompt
+    assert prompt_groups(ids[:2], other_mask[:2]) == (None, 1)
 
 
 def test_packed_mask_worked_example():

@@ -96,12 +96,15 @@ def encode_pairs(bundle, pairs: list[dict]):
 
 
 def completion_logps(bundle, prompts: list[str], completions: list[str]):
-    """Summed completion log-probs and lengths in the current role: (B,), (B,)."""
+    """Summed completion log-probs and lengths in the current role: (B,), (B,). Rows of one prompt (a pair's
+    chosen and rejected) compute it once where that pays (:mod:`lowalign.prompt_sharing`)."""
     from lowalign.generation import encode_completions
-    from lowalign.logprobs import token_logprobs
+    from lowalign.logprobs import logprobs_from_hidden
+    from lowalign.prompt_sharing import completion_hidden_states
 
     b = encode_completions(bundle.tokenizer, prompts, completions, bundle.device)
-    out = token_logprobs(bundle, b.input_ids, b.attention_mask, b.target_mask)
+    h = completion_hidden_states(bundle, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)
+    out = logprobs_from_hidden(bundle, h, b.input_ids, b.target_mask)
     m = b.target_mask.float()
     return (out.logps * m).sum(1), m.sum(1)
 
