@@ -127,8 +127,9 @@ def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float = 0.
 def completion_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:
     """Backbone output (B, P + C, d) of rollout rows in the bundle's current role, each run of identical
     prompts computed once where that applies: the cached path without gradients, the packed one (when
-    :func:`packing_pays`) with them, else the whole rows."""
-    order, g = prompt_groups(prompt_ids, prompt_mask)
+    :func:`packing_pays`) with them, else the whole rows (always inside ``ModelBundle.row_scales``, where each
+    row is its own adapter variant)."""
+    order, g = (None, 1) if bundle.rows_pinned else prompt_groups(prompt_ids, prompt_mask)  # per-row adapters
     parts = (prompt_ids, prompt_mask, completion_ids, completion_mask)
     h = None
     if g > 1:

@@ -78,3 +78,26 @@ def test_packed_training_forward_under_gradient_checkpointing_gives_the_whole_ro
     assert any(float(g.abs().max()) > 0 for g in grads[0])
     for g_whole, g_packed in zip(*grads):
         torch.testing.assert_close(g_packed, g_whole, rtol=1e-4, atol=1e-6)
+
+
+def test_rows_with_their_own_adapter_scales_are_never_regrouped():
+    """Inside ``row_scales`` each batch row is its own adapter variant (ESSA's members): rows sharing a prompt
+    must not share its forward, so the whole rows run (the sharing path would give every row its group's
+    first variant)."""
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+    from lowalign.generation import encode_completions
+    from lowalign.prompt_sharing import completion_hidden_states
+
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", dtype="float32"))
+    torch.manual_seed(0)
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8))
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, 0.5)
+    r = encode_completions(b.tokenizer, ["12+7="] * 4, ["19", "18", "19", "20"], b.device)
+    scales = {name: torch.randn(4, 4) for name, *_ in b.lora_factors("policy")}
+    with torch.no_grad(), b.use("policy"), b.row_scales("policy", scales):
+        got = completion_hidden_states(b, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+        want = b.hidden_states(r.input_ids, r.attention_mask)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.allclose(got[0, :r.prompt_ids.shape[1]], got[1, :r.prompt_ids.shape[1]])  # variants differ
