@@ -25,6 +25,7 @@ from lowalign.algorithms.pairs import (
 from lowalign.config import F
 from lowalign.logprobs import kl_from_hidden
 from lowalign.losses import PREFERENCE_LOSSES
+from lowalign.prompt_sharing import completion_hidden_states
 
 
 @dataclass
@@ -41,10 +42,11 @@ def sequence_kl(bundle, pairs):
     """Per completion (chosen then rejected, (2B,) each): the summed log-ratio policy - reference of its
     tokens and its sequential KL, sum_t KL(reference(.|y<t) || policy(.|y<t))."""
     b = encode_pairs(bundle, pairs)
+    parts = (b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask)  # a pair's prompt runs once
     with torch.no_grad(), bundle.use("reference"):
-        ref_hidden = bundle.hidden_states(b.input_ids, b.attention_mask)
+        ref_hidden = completion_hidden_states(bundle, *parts)
         ref_head = bundle.lm_head()
-    hidden = bundle.hidden_states(b.input_ids, b.attention_mask)
+    hidden = completion_hidden_states(bundle, *parts)
     tk = kl_from_hidden(bundle, hidden, ref_hidden, ref_head, b.input_ids, b.target_mask)
     m = b.target_mask.float()
     return ((tk.logps - tk.ref_logps) * m).sum(1), (tk.kl * m).sum(1)

@@ -105,3 +105,45 @@ def test_exact_kl_from_the_bundle_equals_kl_div_on_full_logits():
     assert (tk.kl[:, 1:][m] > 0).all() and tk.kl[:, 1:][m].mean() > 1e-3 and (tk.kl[:, 1:][~m] == 0).all()
     tk.kl.sum().backward()
     assert any(B.grad is not None and B.grad.abs().sum() > 0 for _, _, B, _ in b.lora_factors("policy"))
+
+
+def test_tdpo_sequence_kl_with_the_shared_prompt_equals_whole_rows():
+    """TDPO's log-ratios and sequential KLs run a pair's prompt once (lowalign.prompt_sharing, the packed
+    forward when training): the same values, and the same LoRA gradients, as the whole rows."""
+    from lowalign.algorithms.pairs import encode_pairs
+    from lowalign.algorithms.tdpo import sequence_kl
+    from lowalign.bundle import ModelBundle
+    from lowalign.config import LoraConfig, ModelConfig
+    from lowalign.logprobs import kl_from_hidden
+
+    b = ModelBundle.load(ModelConfig(name_or_path="builtin:tiny", dtype="float32"))
+    torch.manual_seed(0)
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8))
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, 0.1)
+    long = "Add the two numbers and reply with the sum only: 12 + 7 = "
+    pairs = [{"prompt": long, "chosen": "19", "rejected": "18"}, {"prompt": "3+4=", "chosen": "7", "rejected": "8"}]
+
+    def whole():
+        e = encode_pairs(b, pairs)
+        with torch.no_grad(), b.use("reference"):
+            ref_hidden, ref_head = b.hidden_states(e.input_ids, e.attention_mask), b.lm_head()
+        tk = kl_from_hidden(b, b.hidden_states(e.input_ids, e.attention_mask), ref_hidden, ref_head, e.input_ids,
+                            e.target_mask)
+        m = e.target_mask.float()
+        return ((tk.logps - tk.ref_logps) * m).sum(1), (tk.kl * m).sum(1)
+
+    params = b.adapter_parameters("policy")
+    out, grads = [], []
+    with b.use("policy"):
+        for fn in (whole, lambda: sequence_kl(b, pairs)):
+            ratio, kl = fn()
+            (ratio.sum() + kl.sum()).backward()
+            out.append((ratio.detach(), kl.detach()))
+            grads.append([p.grad.clone() for p in params])
+            b.base.zero_grad(set_to_none=True)
+    assert bool((out[0][1] > 0).all())
+    for want, got in zip(*out):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for want, got in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
