@@ -133,6 +133,12 @@ def test_tdpo_sequence_kl_with_the_shared_prompt_equals_whole_rows():
         m = e.target_mask.float()
         return ((tk.logps - tk.ref_logps) * m).sum(1), (tk.kl * m).sum(1)
 
+    from lowalign.prompt_sharing import packing_pays, prompt_groups
+
+    e = encode_pairs(b, pairs)
+    order, g = prompt_groups(e.prompt_ids, e.prompt_mask)
+    assert g == 2 and order is not None  # chosen rows, then rejected rows: regrouped
+    assert packing_pays(b.base.config, *e.prompt_ids.shape, e.completion_ids.shape[1], g)  # the packed path runs
     params = b.adapter_parameters("policy")
     out, grads = [], []
     with b.use("policy"):
