@@ -331,8 +331,16 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         mb = getattr(tc, "micro_batch_size", 0) or B
         if "critic" in names and not getattr(tc, "micro_batch_size", 0):
             mb = max(1, B // tc.num_mini_batches)  # this rank's rows of one PPO minibatch
-        out.phases.append(("forward_backward", train_pass(mb, T) * (2 if n_train == 2 else 1),
-                           f"micro-batch of {mb} x {T} tokens, gradient checkpointing "
+        from lowalign.prompt_sharing import PACKING_MARGIN, packed_cost
+
+        G = tc.num_generations
+        g = min(mb, G) if mb % G == 0 or G % mb == 0 else 1  # rows of one prompt in a micro-batch
+        packed = (g > 1 and "critic" not in names
+                  and packed_cost(s.hidden, s.hidden, s.kv_dim, s.intermediate, mb, P, C, g) < PACKING_MARGIN)
+        rows, length, what = ((mb // g, P + g * C, f"{mb // g} packed sequence(s) of {P} + {g} x {C} tokens")
+                              if packed else (mb, T, f"micro-batch of {mb} x {T} tokens"))
+        out.phases.append(("forward_backward", train_pass(rows, length) * (2 if n_train == 2 else 1),
+                           f"{what}, gradient checkpointing "
                            f"{'on' if cfg.model.gradient_checkpointing is True else 'off'}"))
     else:
         bs = getattr(tc, "batch_size", 1) // world

@@ -106,22 +106,31 @@ def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids,
     return torch.cat([h[:, :P].repeat_interleave(groups, 0), h[:, P:].reshape(B, C, h.shape[-1])], 1)
 
 
-def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float = 0.8) -> bool:
-    """Whether the packed forward's estimated FLOPs are under ``margin`` x the whole rows': linear layers
-    (per token, ~2 x a layer's weights) fall by (B - B / groups) * P tokens, while attention (per query-key
-    pair, ~4 x heads x head_dim, the mask computed dense) grows from B (P + C)^2 pairs to B / groups (P +
-    groups C)^2. Long completions make the packed row's attention cost more than the prompt saves."""
+def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float | None = None) -> bool:
+    """Whether the packed forward's estimated FLOPs are under ``margin`` x the whole rows' (:func:`packed_cost`
+    with ``config``'s sizes)."""
     tc = config.get_text_config()
     d = tc.hidden_size
     heads = getattr(tc, "num_attention_heads", 1)
     attn = heads * (getattr(tc, "head_dim", None) or d // heads)
     kv = (getattr(tc, "num_key_value_heads", None) or heads) * (attn // heads)
-    per_token = 2 * (2 * d * attn + 2 * d * kv + 3 * d * (getattr(tc, "intermediate_size", None) or 4 * d))
+    inter = getattr(tc, "intermediate_size", None) or 4 * d
+    return packed_cost(d, attn, kv, inter, B, P, C, groups) < (PACKING_MARGIN if margin is None else margin)
+
+
+def packed_cost(hidden: int, attn: int, kv: int, intermediate: int, B: int, P: int, C: int, groups: int) -> float:
+    """The packed forward's FLOPs over the whole rows' (estimates): linear layers (per token, ~2 x a layer's
+    weights) fall by (B - B / groups) * P tokens, while attention (per query-key pair, ~4 x the query width,
+    the mask computed dense) grows from B (P + C)^2 pairs to B / groups (P + groups C)^2. Long completions make
+    the packed row's attention cost more than the prompt saves."""
+    per_token = 2 * (2 * hidden * attn + 2 * hidden * kv + 3 * hidden * intermediate)
     per_pair = 4 * attn
     n, L = B // groups, P + groups * C
     whole = B * (P + C) * per_token + B * (P + C) ** 2 * per_pair
-    packed = n * L * per_token + n * L ** 2 * per_pair
-    return packed < margin * whole
+    return (n * L * per_token + n * L ** 2 * per_pair) / whole
+
+
+PACKING_MARGIN = 0.8
 
 
 def completion_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor:

@@ -147,5 +147,9 @@ def test_on_a_cpu_auto_checkpointing_stays_off():
     fitted to reentrant checkpointing yet: planner.CPU_TRAIN_RSS_FACTOR)."""
     from lowalign.planner import fit_memory
 
-    f = fit_memory(load_config("recipes/grpo_smollm2.yaml", ["train.memory_budget=1.9GB"]), "cpu")
-    assert f.gradient_checkpointing is False and f.micro_batch_size < 8
+    def fit(budget):
+        return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.memory_budget={budget}"]), "cpu")
+
+    shipped, tight = fit("2GB"), fit("1.7GB")
+    assert tight.gradient_checkpointing is False and tight.micro_batch_size < shipped.micro_batch_size
+    assert tight.peak <= 1.7 * 2**30
