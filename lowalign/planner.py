@@ -89,6 +89,10 @@ class Plan:
 # ---- model shape -------------------------------------------------------------------------------------------
 
 
+PACKED_ROLLOUT_TRAINERS = ("grpo", "remax", "reinforce_pp")  # train on every rollout row (grpo_step); RAFT and
+# SuperHF train on a filtered selection, PPO on one completion per prompt: planned as whole rows
+
+
 def model_shape(cfg) -> ModelShape:
     """The recipe's model: its config.json (local directory, builtin, the hub cache, or fetched from the hub:
     one small file) or, offline, lowalign's catalog of common models."""
@@ -335,7 +339,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
 
         G = tc.num_generations
         g = min(mb, G) if mb % G == 0 or G % mb == 0 else 1  # rows of one prompt in a micro-batch
-        packed = (g > 1 and "critic" not in names
+        packed = (g > 1 and cfg.algorithm in PACKED_ROLLOUT_TRAINERS
                   and packed_cost(s.hidden, s.hidden, s.kv_dim, s.intermediate, mb, P, C, g) < PACKING_MARGIN)
         rows, length, what = ((mb // g, P + g * C, f"{mb // g} packed sequence(s) of {P} + {g} x {C} tokens")
                               if packed else (mb, T, f"micro-batch of {mb} x {T} tokens"))
