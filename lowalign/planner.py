@@ -86,11 +86,11 @@ class Plan:
         return int(self.peak * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT if self.device == "cuda" else self.peak
 
 
-# ---- model shape -------------------------------------------------------------------------------------------
-
-
 PACKED_ROLLOUT_TRAINERS = ("grpo", "remax", "reinforce_pp")  # train on every rollout row (grpo_step); RAFT and
 # SuperHF train on a filtered selection, PPO on one completion per prompt: planned as whole rows
+
+
+# ---- model shape -------------------------------------------------------------------------------------------
 
 
 def model_shape(cfg) -> ModelShape:
