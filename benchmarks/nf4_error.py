@@ -12,7 +12,8 @@ checker, 16 new tokens):
   ``dequantize_4bit``, block 64), so no 4-bit kernel runs; ``nf4_torch_block32``: blocks of 32;
   ``nf4_keep_attention`` / ``nf4_keep_down`` / ``nf4_keep_first_last``: those layers left in float32.
 * ``nf4_bnb``: loaded with ``model.quantization: nf4`` (bitsandbytes' kernels).
-* ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch).
+* ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch);
+  ``loftq_64_iter5``: LoftQ's alternation run 5 times (Q = nf4(W - L), L = the rank-r SVD of W - Q).
 * ``grads``: an nf4 bundle with a LoftQ adapter next to a float32 bundle holding the dequantized nf4 weights and
   the same adapter: the largest difference of their log-probs and of the LoRA gradients of a policy-gradient
   loss through lowalign's fused log-prob path (and eval vs train mode).
@@ -31,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
-         "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "grads")
+         "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "loftq_64_iter5", "grads")
 
 
 def nf4(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
@@ -72,11 +73,14 @@ def main() -> None:
         for n, m in linears:
             m.weight.copy_(fn(n, orig[n + ".weight"]))
 
-    def loftq(r: int):
+    def loftq(r: int, iters: int = 1):
         def fn(n, w):
-            q = nf4(w)
-            u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
-            return q + (u[:, :r] * s[:r]) @ vh[:r]
+            low = torch.zeros_like(w)
+            for _ in range(iters):  # LoftQ's alternation: Q = nf4(W - L), L = the rank-r SVD of W - Q
+                q = nf4(w - low)
+                u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
+                low = (u[:, :r] * s[:r]) @ vh[:r]
+            return q + low
         return fn
 
     keep = {"nf4_keep_attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "nf4_keep_down": ("down_proj",),
@@ -99,7 +103,8 @@ def main() -> None:
             elif mode in keep:
                 set_weights(lambda n, w, k=keep[mode]: w if any(x in n for x in k) else nf4(w))
             else:
-                set_weights(loftq(int(mode.split("_")[1])))
+                parts = mode.split("_")
+                set_weights(loftq(int(parts[1]), int(parts[2][4:]) if len(parts) > 2 else 1))
             acc = accuracy(b)
         print(f"| {mode} | {acc:.3f} | {time.time() - t0:.0f} |", flush=True)
 

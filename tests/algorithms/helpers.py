@@ -8,10 +8,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
-    """Run the real CLI in a subprocess (the way users do), in the repository (or ``cwd``)."""
+    """Run the real CLI in its own process (the way users do), in the repository (or ``cwd``): forked from a
+    server that has the imports done (``tests/forked_cli.py``) when ``env`` adds nothing, else a subprocess."""
+    from tests import forked_cli
+
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    p = subprocess.run([sys.executable, "-m", "lowalign", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=e, cwd=cwd)
+    argv = list(map(str, args))
+    if forked_cli.forked_ok(e):
+        p = forked_cli.run(argv, e, cwd, timeout)
+    else:
+        p = subprocess.run([sys.executable, "-m", "lowalign", *argv], capture_output=True, text=True,
+                           timeout=timeout, env=e, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"lowalign {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     return p
@@ -45,19 +52,28 @@ def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: floa
     import signal
     import time
 
+    from tests import forked_cli
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": "1"} if nproc else {})}
-    launch = [*TORCHRUN, str(nproc)] if nproc else [sys.executable]
-    proc = subprocess.Popen([*launch, "-m", "lowalign", "run", *map(str, args), f"output_dir={run_dir}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # its own process group: the kill takes every rank
+    argv = ["run", *map(str, args), f"output_dir={run_dir}"]
+    if not nproc and forked_cli.forked_ok(env):  # its own session too (forked_cli)
+        proc, *outs = forked_cli.start(argv, env, REPO)
+        running, wait = proc.is_alive, proc.join
+    else:
+        launch = [*TORCHRUN, str(nproc)] if nproc else [sys.executable]
+        proc = subprocess.Popen([*launch, "-m", "lowalign", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)  # the kill takes every rank
+        running, wait, outs = (lambda: proc.poll() is None), proc.wait, []
     latest = Path(run_dir) / "checkpoints" / "latest"
     deadline = time.time() + timeout
     while time.time() < deadline and not (latest.exists() and latest.read_text() >= at_least):
-        if proc.poll() is not None:
+        if not running():
             break
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    wait()
+    for f in outs:
+        os.unlink(f)
     assert latest.read_text() < last, "the run finished before it could be killed"
     assert not (Path(run_dir) / "summary.json").exists()
 

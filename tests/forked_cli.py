@@ -1,0 +1,128 @@
+"""`python -m lowalign ...` without paying the imports each time: a fork server that has imported torch,
+transformers, peft and lowalign once forks a child per command, and the child runs ``lowalign/__main__.py``
+as the interpreter would (its own session, cwd, environment, stdout/stderr files, exit code, atexit).
+
+Importing that stack takes ~12 s per process on a 2-core AMD EPYC (2026-12-03) (peft alone pulls in bitsandbytes,
+torch._dynamo and transformers' model classes), which was most of a tiny-model test that starts three runs
+(the SIGKILL/resume tests). A forked child starts with the modules loaded and no thread pool yet (the server
+runs no tensor op), and exits through ``os._exit`` after the atexit handlers, like a fresh interpreter.
+
+Used only when the command's environment agrees with the server's on every variable read at import time
+(``IMPORT_TIME``: ``HF_HUB_OFFLINE``, ``OMP_NUM_THREADS``, ...; they would otherwise be stale):
+:func:`forked_ok` says so, and callers fall back to a real subprocess. ``LOWALIGN_TEST_SUBPROCESS=1`` turns
+the fork server off.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+
+PRELOAD = ["torch", "transformers", "peft", "lowalign.cli", "lowalign.api", "lowalign.bundle",
+           "lowalign.algorithms.grpo", "lowalign.algorithms.dpo"]
+# Variables a library may read while it is imported or a shared library while it loads (huggingface_hub's
+# offline flag, OpenMP's thread count, glibc's malloc tunables, ...): a command whose value differs from the
+# server's runs in a subprocess. Any other variable is read at run time, from the child's own environment.
+IMPORT_TIME = ("HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "PEFT_", "OMP_", "KMP_", "GOMP_", "MKL_",
+               "OPENBLAS_", "PYTORCH_", "TORCH", "CUDA", "TRITON_", "BNB_", "BITSANDBYTES_", "PYTHON", "LD_",
+               "MALLOC_", "GLIBC_")
+IGNORED = {"PYTHONUNBUFFERED",  # set per command; the child's streams are line-buffered files anyway
+           "TORCHINDUCTOR_CACHE_DIR"}  # set by torch itself inside the test process, after the server started
+
+_ctx = None
+_server_env: dict[str, str] | None = None
+
+
+def _context():
+    global _ctx, _server_env
+    if _ctx is None:
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if repo not in sys.path:  # the server unpickles _child by its module name, tests.forked_cli
+            sys.path.append(repo)
+        _ctx = mp.get_context("forkserver")
+        _ctx.set_forkserver_preload(PRELOAD)
+        _server_env = dict(os.environ)  # the server starts with the first Process, from this environment
+    return _ctx
+
+
+def forked_ok(env: dict[str, str]) -> bool:
+    """Whether a command with environment ``env`` may run forked (the server's imports saw the same one)."""
+    if os.environ.get("LOWALIGN_TEST_SUBPROCESS") == "1" or sys.platform != "linux":
+        return False
+    _context()
+    strip = lambda e: {k: v for k, v in e.items() if k not in IGNORED}  # noqa: E731
+    a, b = strip(env), strip(_server_env)
+    return not any(k.startswith(IMPORT_TIME) for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
+    import atexit
+    import runpy
+    import traceback
+
+    os.setsid()  # like subprocess's start_new_session: a kill of the group takes only this run
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.path.insert(0, cwd)  # `python -m` puts the working directory first
+    for fd, path in ((1, out), (2, err)):
+        f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdin = open(os.devnull)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)
+    sys.argv = ["lowalign", *argv]
+    code = 0
+    try:
+        runpy.run_module("lowalign", run_name="__main__", alter_sys=True)
+    except SystemExit as e:  # the interpreter's rules: None is 0, an int is itself, anything else printed, 1
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def start(argv: list[str], env: dict[str, str], cwd) -> tuple[mp.Process, str, str]:
+    """Start ``python -m lowalign ARGV`` forked; returns the process and its stdout and stderr file paths."""
+    fd, out = tempfile.mkstemp(prefix="lowalign-out-")
+    os.close(fd)
+    fd, err = tempfile.mkstemp(prefix="lowalign-err-")
+    os.close(fd)
+    p = _context().Process(target=_child, args=(list(argv), dict(env), str(cwd), out, err), daemon=False)
+    p.start()
+    return p, out, err
+
+
+def run(argv: list[str], env: dict[str, str], cwd, timeout: float) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, -m, lowalign, *argv], capture_output=True, text=True)``, forked."""
+    p, out, err = start(argv, env, cwd)
+    p.join(timeout)
+    try:
+        if p.exitcode is None:
+            os.killpg(p.pid, 9)
+            p.join()
+            raise subprocess.TimeoutExpired(["lowalign", *argv], timeout)
+        return subprocess.CompletedProcess(["lowalign", *argv], p.exitcode,
+                                           _read(out), _read(err))
+    finally:
+        for f in (out, err):
+            os.unlink(f)
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
