@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -39,9 +40,6 @@ _server_env: dict[str, str] | None = None
 def _context():
     global _ctx, _server_env
     if _ctx is None:
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        if repo not in sys.path:  # the server unpickles _child by its module name, tests.forked_cli
-            sys.path.append(repo)
         _ctx = mp.get_context("forkserver")
         _ctx.set_forkserver_preload(PRELOAD)
         _server_env = dict(os.environ)  # the server starts with the first Process, from this environment
@@ -60,7 +58,6 @@ def forked_ok(env: dict[str, str]) -> bool:
 
 def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -> None:
     import atexit
-    import runpy
     import traceback
 
     os.setsid()  # like subprocess's start_new_session: a kill of the group takes only this run
@@ -102,7 +99,11 @@ def start(argv: list[str], env: dict[str, str], cwd) -> tuple[mp.Process, str, s
     os.close(fd)
     fd, err = tempfile.mkstemp(prefix="lowalign-err-")
     os.close(fd)
-    p = _context().Process(target=_child, args=(list(argv), dict(env), str(cwd), out, err), daemon=False)
+    # The server finds the target by name: runpy.run_path (stdlib) runs this file as __forked_child__, so the
+    # server needs neither the repository on its sys.path nor a ``tests`` package.
+    args = (list(argv), dict(env), str(cwd), out, err)
+    p = _context().Process(target=runpy.run_path, args=(os.path.abspath(__file__),),
+                           kwargs={"init_globals": {"_ARGS": args}, "run_name": "__forked_child__"}, daemon=False)
     p.start()
     return p, out, err
 
@@ -126,3 +127,7 @@ def run(argv: list[str], env: dict[str, str], cwd, timeout: float) -> subprocess
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()
+
+
+if __name__ == "__forked_child__":  # runpy.run_path in a forked child (start)
+    _child(*_ARGS)  # noqa: F821  (_ARGS: run_path's init_globals)
