@@ -18,6 +18,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,10 +96,7 @@ def _child(argv: list[str], env: dict[str, str], cwd: str, out: str, err: str) -
 
 def start(argv: list[str], env: dict[str, str], cwd) -> tuple[mp.Process, str, str]:
     """Start ``python -m lowalign ARGV`` forked; returns the process and its stdout and stderr file paths."""
-    fd, out = tempfile.mkstemp(prefix="lowalign-out-")
-    os.close(fd)
-    fd, err = tempfile.mkstemp(prefix="lowalign-err-")
-    os.close(fd)
+    out, err = (_empty_file(f"lowalign-{name}-") for name in ("out", "err"))
     # The server finds the target by name: runpy.run_path (stdlib) runs this file as __forked_child__, so the
     # server needs neither the repository on its sys.path nor a ``tests`` package.
     args = (list(argv), dict(env), str(cwd), out, err)
@@ -108,13 +106,19 @@ def start(argv: list[str], env: dict[str, str], cwd) -> tuple[mp.Process, str, s
     return p, out, err
 
 
+def _empty_file(prefix: str) -> str:
+    fd, path = tempfile.mkstemp(prefix=prefix)
+    os.close(fd)
+    return path
+
+
 def run(argv: list[str], env: dict[str, str], cwd, timeout: float) -> subprocess.CompletedProcess:
     """``subprocess.run([python, -m, lowalign, *argv], capture_output=True, text=True)``, forked."""
     p, out, err = start(argv, env, cwd)
     p.join(timeout)
     try:
         if p.exitcode is None:
-            os.killpg(p.pid, 9)
+            os.killpg(p.pid, signal.SIGKILL)
             p.join()
             raise subprocess.TimeoutExpired(["lowalign", *argv], timeout)
         return subprocess.CompletedProcess(["lowalign", *argv], p.exitcode,

@@ -9,7 +9,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 def cli(*args, timeout=600, env=None, check=True, cwd=REPO):
     """Run the real CLI in its own process (the way users do), in the repository (or ``cwd``): forked from a
-    server that has the imports done (``tests/forked_cli.py``) when ``env`` adds nothing, else a subprocess."""
+    server that has the imports done (``tests/forked_cli.py``), or a subprocess when the environment changes a
+    variable read at import time (``forked_cli.forked_ok``)."""
     from tests import forked_cli
 
     e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
