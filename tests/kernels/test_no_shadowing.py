@@ -43,3 +43,18 @@ def test_without_the_package_the_folder_reads_as_not_installed():
     assert p.returncode == 0, p.stderr
     if p.stdout.strip() != "INSTALLED":
         assert p.stdout.split() == ["False", "None", "[]", "ImportError", "True"], p.stdout
+
+
+def test_the_suite_never_registers_its_kernels_tests_as_kernels():
+    """pytest names this folder's modules tests.kernels.*: a test folder registered as top-level `kernels` (what
+    pytest does for a folder of tests outside a package) made every transformers import in the worker that had
+    collected it fail with "cannot import name 'CUDAProperties' from 'kernels'", once transformers required the
+    package index's `kernels`."""
+    import importlib.util
+
+    assert __name__ == "tests.kernels.test_no_shadowing", __name__
+    here = Path(__file__).resolve().parent
+    mod = sys.modules.get("kernels")
+    assert mod is None or Path(getattr(mod, "__file__", None) or "/").resolve().parent != here, mod
+    spec = importlib.util.find_spec("kernels")
+    assert spec is None or spec.origin is None or Path(spec.origin).resolve().parent != here, spec
