@@ -265,6 +265,19 @@ def read_config(name_or_path: str, trust_remote_code: bool = False, gguf_file: s
         return None
 
 
+def text_sizes(config) -> tuple[int, int, int, int, int]:
+    """(hidden, attention width = heads x head_dim, key/value width, MLP width, layers) of a model config's text
+    part, with the usual fallbacks (head_dim = hidden / heads, kv heads = heads, MLP 4 x hidden)."""
+    tc = config.get_text_config()
+    hidden = tc.hidden_size
+    heads = getattr(tc, "num_attention_heads", 1)
+    head_dim = getattr(tc, "head_dim", None) or hidden // heads
+    kv = (getattr(tc, "num_key_value_heads", None) or heads) * head_dim
+    inter = getattr(tc, "intermediate_size", None) or 4 * hidden
+    layers = getattr(tc, "num_hidden_layers", None) or getattr(tc, "n_layer", 1)
+    return hidden, heads * head_dim, kv, inter, layers
+
+
 def skeleton(config, trust_remote_code: bool = False):
     """The causal LM built from ``config`` on the meta device: module names and shapes, no weights."""
     import torch

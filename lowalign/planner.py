@@ -61,6 +61,7 @@ class ModelShape:
     other_params: int  # norms, biases
     lora_params: int  # one adapter of the recipe's rank on its target modules
     source: str = "config.json"
+    attn_dim: int = 0  # query heads x head dim (0: the hidden size)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def _remote_or_catalog(name: str):
 def _shape_from_config(config, cfg, source: str) -> ModelShape:
     import torch
 
-    from lowalign.models import resolve_target_modules, skeleton
+    from lowalign.models import resolve_target_modules, skeleton, text_sizes
 
     model = skeleton(config, cfg.model.trust_remote_code)
     targets = resolve_target_modules(model, cfg.lora.target_modules)
@@ -159,15 +160,10 @@ def _shape_from_config(config, cfg, source: str) -> ModelShape:
             lora += cfg.lora.r * (mod.in_features + mod.out_features)
     total = sum(p.numel() for p in model.parameters())
     head_n = 0 if tied or head is None else head.weight.numel()
-    tc = config.get_text_config()
-    hidden = tc.hidden_size
-    heads = getattr(tc, "num_attention_heads", 1)
-    head_dim = getattr(tc, "head_dim", None) or hidden // heads
-    kv = (getattr(tc, "num_key_value_heads", None) or heads) * head_dim
-    inter = getattr(tc, "intermediate_size", None) or 4 * hidden
-    layers = getattr(tc, "num_hidden_layers", None) or getattr(tc, "n_layer", 1)
+    hidden, attn, kv, inter, layers = text_sizes(config)
     return ModelShape(cfg.model.name_or_path, layers, hidden, inter, kv, emb.num_embeddings, linear,
-                      emb.weight.numel(), head_n, total - linear - emb.weight.numel() - head_n, lora, source)
+                      emb.weight.numel(), head_n, total - linear - emb.weight.numel() - head_n, lora, source,
+                      attn)
 
 
 # ---- workload ----------------------------------------------------------------------------------------------
@@ -340,7 +336,8 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         G = tc.num_generations
         g = min(mb, G) if mb % G == 0 or G % mb == 0 else 1  # rows of one prompt in a micro-batch
         packed = (g > 1 and cfg.algorithm in PACKED_ROLLOUT_TRAINERS
-                  and packed_cost(s.hidden, s.hidden, s.kv_dim, s.intermediate, mb, P, C, g) < PACKING_MARGIN)
+                  and packed_cost(s.hidden, s.attn_dim or s.hidden, s.kv_dim, s.intermediate, mb, P, C, g)
+                  < PACKING_MARGIN)
         rows, length, what = ((mb // g, P + g * C, f"{mb // g} packed sequence(s) of {P} + {g} x {C} tokens")
                               if packed else (mb, T, f"micro-batch of {mb} x {T} tokens"))
         out.phases.append(("forward_backward", train_pass(rows, length) * (2 if n_train == 2 else 1),

@@ -109,12 +109,9 @@ def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids,
 def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float | None = None) -> bool:
     """Whether the packed forward's estimated FLOPs are under ``margin`` x the whole rows' (:func:`packed_cost`
     with ``config``'s sizes)."""
-    tc = config.get_text_config()
-    d = tc.hidden_size
-    heads = getattr(tc, "num_attention_heads", 1)
-    attn = heads * (getattr(tc, "head_dim", None) or d // heads)
-    kv = (getattr(tc, "num_key_value_heads", None) or heads) * (attn // heads)
-    inter = getattr(tc, "intermediate_size", None) or 4 * d
+    from lowalign.models import text_sizes
+
+    d, attn, kv, inter, _ = text_sizes(config)
     return packed_cost(d, attn, kv, inter, B, P, C, groups) < (PACKING_MARGIN if margin is None else margin)
 
 

@@ -7,6 +7,8 @@ import transformers
 
 from lowalign.prompt_sharing import packed_mask, packing_pays, prompt_groups
 
+from .algorithms.helpers import REPO
+
 
 def test_prompt_groups():
     ids = torch.tensor([[0, 5], [0, 5], [7, 8], [7, 8]])
@@ -44,6 +46,21 @@ def test_packing_pays_for_long_prompts_and_short_completions_only():
     assert packing_pays(smollm2, B=4, P=47, C=16, groups=4)  # the arithmetic task's chat prompts
     assert not packing_pays(smollm2, B=8, P=40, C=128, groups=8)  # long completions: attention grows more
     assert not packing_pays(smollm2, B=2, P=4, C=60, groups=2)
+
+
+def test_planner_and_runtime_read_the_same_attention_width():
+    """A model whose heads x head_dim is not its hidden size (Qwen3's head_dim 128): the planner's packed-pass
+    estimate uses the width the runtime's packing_pays uses."""
+    from lowalign.api import load_config
+    from lowalign.models import text_sizes
+    from lowalign.planner import _shape_from_config
+
+    qwen3 = transformers.Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4, head_dim=32,
+                                     num_key_value_heads=2, num_hidden_layers=2, vocab_size=384)
+    assert text_sizes(qwen3) == (64, 128, 64, 96, 2)
+    cfg = load_config(REPO / "recipes/grpo_tiny.yaml")
+    s = _shape_from_config(qwen3, cfg, "test")
+    assert (s.hidden, s.attn_dim, s.kv_dim, s.intermediate, s.layers) == text_sizes(qwen3)
 
 
 def test_packed_training_forward_under_gradient_checkpointing_gives_the_whole_rows_gradients():
