@@ -117,8 +117,8 @@ def _default_type(model: C.ModelConfig, source_dtype: torch.dtype | None) -> tup
         t = _FILE_TYPE_DEFAULT.get(ft, "q8_0")
         import gguf
 
-        src = gguf.LlamaFileType(ft).name.removeprefix("MOSTLY_") if ft in gguf.LlamaFileType._value2member_map_ \
-            else str(ft)
+        known = {int(m): m.name.removeprefix("MOSTLY_") for m in gguf.LlamaFileType}
+        src = known.get(ft, str(ft))
         note = None if src.lower() == t or (src == "ALL_F32" and t == "f32") else \
             f"the source's type {src} is not one the gguf package encodes; writing {t}"
         return t, note

@@ -131,6 +131,8 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
     its group; finished rows leave the batch) or ``"hf"`` (transformers' ``generate`` on every row's prompt:
     the reference path, and the one used inside :meth:`ModelBundle.row_scales`, where rows cannot be dropped).
     Greedy and row-seeded completions are the same tokens on both."""
+    if engine not in ("lowalign", "hf"):
+        raise ValueError(f"engine: '{engine}' is not one of lowalign, hf")
     tok = bundle.tokenizer
     model = bundle.causal_lm
     ids, mask = encode_prompts(tok, prompts, bundle.device)
@@ -141,35 +143,36 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
                                 top_k=top_k) if do_sample and row_seeds is not None else None)
     was_training = model.training
     model.eval()
-    if engine == "lowalign" and not bundle.rows_pinned:
-        if sampler is not None:
-            pick = sampler.pick
-        elif do_sample:
-            warp = warpers(temperature, top_p, top_k)
+    try:
+        if engine == "lowalign" and not bundle.rows_pinned:
+            if sampler is not None:
+                pick = sampler.pick
+            elif do_sample:
+                warp = warpers(temperature, top_p, top_k)
 
-            def pick(scores, t, rows):
-                return torch.multinomial(torch.softmax(warp(None, scores.float()), -1), 1).squeeze(1)
+                def pick(scores, t, rows):
+                    return torch.multinomial(torch.softmax(warp(None, scores.float()), -1), 1).squeeze(1)
+            else:
+                def pick(scores, t, rows):
+                    return scores.argmax(-1)
+            comp = decode(model, ids, mask, groups=num_generations, max_new_tokens=max_new_tokens, pick=pick,
+                          eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=min_new_tokens)
         else:
-            def pick(scores, t, rows):
-                return scores.argmax(-1)
-        comp = decode(model, ids, mask, groups=num_generations, max_new_tokens=max_new_tokens, pick=pick,
-                      eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, min_new_tokens=min_new_tokens)
-        ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
-    elif engine in ("lowalign", "hf"):
-        ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
-        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                  use_cache=True, do_sample=do_sample and sampler is None, temperature=None, top_p=None, top_k=None)
-        if min_new_tokens:  # benchmarks: every row does the same work
-            kw["min_new_tokens"] = min_new_tokens
-        if sampler is not None:
-            kw["logits_processor"] = [sampler]
-        elif do_sample:
-            kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
-        comp = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, ids.shape[1]:]
-    else:
-        raise ValueError(f"engine: '{engine}' is not one of lowalign, hf")
-    if was_training:
-        model.train()
+            kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                      use_cache=True, do_sample=do_sample and sampler is None, temperature=None, top_p=None,
+                      top_k=None)
+            if min_new_tokens:  # benchmarks: every row does the same work
+                kw["min_new_tokens"] = min_new_tokens
+            if sampler is not None:
+                kw["logits_processor"] = [sampler]
+            elif do_sample:
+                kw.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
+            comp = model.generate(input_ids=ids.repeat_interleave(num_generations, 0),
+                                  attention_mask=mask.repeat_interleave(num_generations, 0), **kw)[:, ids.shape[1]:]
+    finally:
+        if was_training:
+            model.train()
+    ids, mask = ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0)
     if comp.shape[1] == 0:
         comp = torch.full((ids.shape[0], 1), tok.eos_token_id, device=ids.device, dtype=ids.dtype)
     cmask = completion_mask_from_ids(comp, tok.eos_token_id)

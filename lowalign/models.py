@@ -103,10 +103,13 @@ def resolve_path(name_or_path: str, gguf_file: str | None = None, console=None) 
         from lowalign.gguf_source import convert
 
         return str(convert(f, console))
-    check_source(name_or_path)
+    if name_or_path not in _CHECKED:  # the tokenizer and the bundle resolve one source: one check (and hub probe)
+        check_source(name_or_path)
+        _CHECKED.add(name_or_path)
     return name_or_path
 
 
+_CHECKED: set[str] = set()
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
 
