@@ -128,6 +128,42 @@ def run(argv: list[str], env: dict[str, str], cwd, timeout: float) -> subprocess
             os.unlink(f)
 
 
+def run_ranks(nproc: int, argv: list[str], env: dict[str, str], cwd, timeout: float) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node NPROC -m lowalign ARGV``, each rank forked: the variables
+    torchrun gives its workers (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and a
+    free MASTER_PORT, read by ``init_process_group``'s env:// rendezvous). Exit code: the first rank's that
+    failed, else 0; stdout and stderr: rank 0's then the others'."""
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = [start(argv, {**env, "RANK": str(r), "LOCAL_RANK": str(r), "GROUP_RANK": "0", "WORLD_SIZE": str(nproc),
+                          "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
+                   cwd) for r in range(nproc)]
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.exitcode is None for p, *_ in ranks):
+            failed = [p for p, *_ in ranks if p.exitcode not in (None, 0)]
+            if failed or time.monotonic() > deadline:  # torchrun stops the other ranks when one fails
+                for p, *_ in ranks:
+                    if p.exitcode is None:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.join()
+                if not failed:
+                    raise subprocess.TimeoutExpired(["lowalign", *argv], timeout)
+                break
+            time.sleep(0.05)
+        code = next((p.exitcode for p, *_ in ranks if p.exitcode != 0), 0)
+        return subprocess.CompletedProcess(["lowalign", *argv], code, "".join(_read(o) for _, o, _ in ranks),
+                                           "".join(_read(e) for *_, e in ranks))
+    finally:
+        for _, *files in ranks:
+            for f in files:
+                os.unlink(f)
+
+
 def _read(path: str) -> str:
     with open(path, encoding="utf-8", errors="replace") as f:
         return f.read()

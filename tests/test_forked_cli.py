@@ -53,3 +53,19 @@ def test_a_forked_run_equals_a_fresh_interpreters(tmp_path):
     assert same_adapters(tmp_path / "forked", tmp_path / "fresh", "policy")
     fa, fb = (json.loads((tmp_path / d / "summary.json").read_text())["final"] for d in ("forked", "fresh"))
     assert fa == fb
+
+
+def test_forked_ranks_get_torchruns_variables_and_fail_together(monkeypatch):
+    """``run_ranks``: each rank gets the variables torchrun sets and ``init_process_group`` reads (RANK,
+    WORLD_SIZE, one MASTER_PORT), rank 0's output comes first, and a rank that fails fails the run with its
+    code. (tests/reliability/test_data_parallel.py trains through it: two ranks equal one process.)"""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    assert forked_cli.forked_ok(env)
+    envs, start = [], forked_cli.start
+    monkeypatch.setattr(forked_cli, "start", lambda argv, e, cwd: envs.append(e) or start(argv, e, cwd))
+    ok = forked_cli.run_ranks(2, ["validate", "recipes/grpo_tiny.yaml"], env, REPO, timeout=600)
+    assert ok.returncode == 0 and ok.stdout == 2 * fresh("validate", "recipes/grpo_tiny.yaml").stdout
+    assert [(e["RANK"], e["LOCAL_RANK"], e["WORLD_SIZE"]) for e in envs] == [("0", "0", "2"), ("1", "1", "2")]
+    assert envs[0]["MASTER_PORT"] == envs[1]["MASTER_PORT"] and envs[0]["MASTER_ADDR"] == "127.0.0.1"
+    bad = forked_cli.run_ranks(2, ["validate", "recipes/no_such_recipe.yaml"], env, REPO, timeout=600)
+    assert bad.returncode == fresh("validate", "recipes/no_such_recipe.yaml").returncode != 0

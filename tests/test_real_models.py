@@ -1,7 +1,7 @@
 """The real pretrained models that install as packages, in their CI-sized form: Gemma-3-270M loads from its four
-chunk packages, its fused log-probs equal transformers' reading of the GGUF, and one GRPO and one DPO step run
-with policy == reference at step 1; SmolLM2-135M-Instruct runs its recipe for one short step with accuracy equal
-to the correctness reward's held-out mean (one checker). The full runs are benchmark commands
+chunk packages, its fused log-probs equal transformers' forward on the converted weights, and one GRPO and one
+DPO step run with policy == reference at step 1; SmolLM2-135M-Instruct runs its recipe for one short step with
+accuracy equal to the correctness reward's held-out mean (one checker). The full runs are benchmark commands
 (benchmarks/RESULTS.md, "Real models")."""
 
 import pytest
@@ -32,7 +32,9 @@ def test_gemma3_fused_logprobs_equal_transformers_on_its_real_weights():
     with torch.no_grad():
         with b.use("policy"):  # a fresh LoRA (B = 0) computes the base
             got = token_logprobs(b, batch.input_ids, batch.attention_mask, batch.target_mask).logps
-        ref = AutoModelForCausalLM.from_pretrained(str(f.parent), gguf_file=f.name, dtype=torch.float32)
+        # transformers' own forward on the weights its GGUF reader gave (the conversion lowalign cached: re-reading
+        # the 262k-vocabulary GGUF costs a minute of CI; test_gguf.py checks conversion == reader on SmolLM2)
+        ref = AutoModelForCausalLM.from_pretrained(str(gguf_source.convert(f)), dtype=torch.float32)
         pos = (batch.attention_mask.cumsum(-1) - 1).masked_fill(batch.attention_mask == 0, 1)
         logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=pos).logits
     want = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)

@@ -37,12 +37,19 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 
 def torchrun(nproc: int, *args, timeout=600):
-    """``torchrun --nproc_per_node NPROC -m lowalign ARGS`` (one thread per process)."""
+    """``torchrun --nproc_per_node NPROC -m lowalign ARGS`` (one thread per process): each rank forked with
+    torchrun's variables (``forked_cli.run_ranks``) when the environment allows, else torchrun itself."""
+    from tests import forked_cli
+
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([*TORCHRUN, str(nproc), "-m", "lowalign", *map(str, args)], capture_output=True, text=True,
-                       timeout=timeout, env=env, cwd=REPO)
+    argv = list(map(str, args))
+    if forked_cli.forked_ok(env):
+        p = forked_cli.run_ranks(nproc, argv, env, REPO, timeout)
+    else:
+        p = subprocess.run([*TORCHRUN, str(nproc), "-m", "lowalign", *argv], capture_output=True, text=True,
+                           timeout=timeout, env=env, cwd=REPO)
     if p.returncode != 0:
-        raise AssertionError(f"torchrun {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+        raise AssertionError(f"torchrun {' '.join(argv)} failed ({p.returncode}):\n{p.stderr[-4000:]}")
     return p
 
 
