@@ -16,6 +16,7 @@ folder and renamed, so a killed conversion never leaves a half directory that a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -80,11 +81,18 @@ def packaged_gguf(name: str) -> Path:
         if not target.exists():
             import importlib
 
-            try:
-                importlib.import_module(p.module).assemble(target)
-            except (FileNotFoundError, ImportError, ValueError) as e:
-                raise ConfigError(f"model.name_or_path: '{name}': its chunk packages are incomplete ({e}); "
-                                  f"reinstall with `{p.install}`") from e
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with _exclusive(target.with_name(f".{p.file}.lock"), lambda: None):  # a reader never sees half a file
+                if not target.exists():
+                    tmp = target.with_name(f".{p.file}.{os.getpid()}.tmp")
+                    try:
+                        importlib.import_module(p.module).assemble(tmp, overwrite=True)
+                        os.replace(tmp, target)
+                    except (FileNotFoundError, ImportError, ValueError) as e:
+                        raise ConfigError(f"model.name_or_path: '{name}': its chunk packages are incomplete ({e}); "
+                                          f"reinstall with `{p.install}`") from e
+                    finally:
+                        tmp.unlink(missing_ok=True)
         return target
     f = Path(next(iter(spec.submodule_search_locations))) / p.file
     if not f.exists():
@@ -306,10 +314,36 @@ def convert(path: str | Path, console=None) -> Path:
     out = cached_dir(h.path)
     if is_converted(out):
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    waiting = f"gguf: another process is converting {h.path.name} into {out}; waiting for it"
+    with _exclusive(out.with_name(f".{out.name}.lock"), lambda: console.print(waiting)):
+        if is_converted(out):  # the process we waited for converted it
+            return out
+        return _convert_locked(h, out, console)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path, on_wait):
+    """Hold an exclusive lock on ``lock_path`` (``flock``; ``on_wait()`` first if another process holds it).
+    Without ``fcntl`` (Windows) no lock: concurrent conversions each finish and the first rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(lock_path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            on_wait()
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _convert_locked(h: GGUFHeader, out: Path, console) -> Path:
     t0 = time.time()
     console.print(f"gguf: converting {h.path.name} ({h.path.stat().st_size / 2**20:.0f} MiB, {h.architecture}) "
                   f"once into {out} (dequantized to float32; later runs load it in seconds)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh --real  # the tests load SmolLM2-135M-Instruct and Gemma-3-270M from their packages
 .venv/bin/ruff check .
-.venv/bin/pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
+.venv/bin/pytest -q -n "${PYTEST_WORKERS:-2}" --dist worksteal "$@"  # long tests first (tests/conftest.py)

@@ -48,3 +48,16 @@ def tiny_qwen2_dir(tmp_path_factory):
     from transformers import Qwen2Config
 
     return _save_random(tmp_path_factory, "qwen2", Qwen2Config, tie_word_embeddings=True)
+
+
+# The modules with the longest tests (a clean clone's `bash scripts/test.sh --durations=50`: real models, notebooks,
+# GGUF conversion, two-process runs, measured memory peaks), collected first. scripts/test.sh runs the workers with
+# `--dist worksteal`, where an idle worker takes half of the other's queue: long tests first end the run on short
+# ones instead of one worker finishing a notebook while the other idles.
+SLOW_FIRST = ("test_real_models.py", "test_notebooks.py", "test_gguf.py", "test_data_parallel.py", "test_planner.py",
+              "test_kl.py", "test_essa.py", "test_exporter.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: modules stay in order

@@ -115,3 +115,29 @@ def test_smollm2_through_lowalign_equals_transformers_and_converts_once(smol_fil
     copy = tmp_path / "renamed.gguf"
     shutil.copyfile(smol_file, copy)
     assert resolve_path(str(copy)) == d
+
+
+def test_two_processes_converting_at_once_convert_once(smol_file, tmp_path, monkeypatch):
+    """A second process (here a thread: flock locks per open file) that asks for a conversion in progress waits
+    for it and loads its result; nobody converts twice."""
+    import threading
+    import time
+
+    monkeypatch.setenv("LOWALIGN_CACHE", str(tmp_path / "cache"))  # nothing converted yet
+    calls = []
+
+    def slow_convert(h, out, console):
+        calls.append(out)
+        time.sleep(1.0)
+        out.mkdir(parents=True)
+
+    monkeypatch.setattr(gguf_source, "_convert_into", slow_convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(gguf_source.convert(smol_file))) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and got[0] == got[1] == gguf_source.cached_dir(smol_file)
+    assert gguf_source.is_converted(got[0])
