@@ -293,13 +293,17 @@ class RunLock:
 
         if info.get("host") != socket.gethostname():
             return True  # another machine's process cannot be checked: assume it runs
+        pid = int(info["pid"])
         try:
-            os.kill(int(info["pid"]), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        return True
+        try:  # a killed process whose parent died too stays a zombie until init reaps it: dead all the same
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return True
 
     def holder(self) -> dict | None:
         """The live holder's record, or None when unlocked or the holder is gone."""

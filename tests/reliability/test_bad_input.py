@@ -139,3 +139,30 @@ def test_second_run_on_a_live_run_directory_fails_naming_the_holder(tmp_path):
             "train.prompts_per_step=2", "train.num_generations=2", check=False)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "taking over the stale lock" in p.stderr and not (run / ".lock").exists()
+
+
+def test_a_zombie_holder_is_gone():
+    """A SIGKILLed run whose parent died too (torchrun's agent killed with its ranks) is a zombie until init reaps
+    it: its lock is stale, not "in use by another run"."""
+    import signal
+    import socket
+    import time
+
+    from lowalign.runtime import RunLock
+
+    def state(pid):
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    info = {"pid": child.pid, "host": socket.gethostname()}
+    try:
+        assert RunLock._alive(info)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.time() + 10
+        while time.time() < deadline and state(child.pid) != "Z":  # not reaped (no wait() yet): a zombie
+            time.sleep(0.01)
+        assert state(child.pid) == "Z" and not RunLock._alive(info)
+    finally:
+        child.kill()
+        child.wait()
+    assert not RunLock._alive(info)  # reaped: no such process
