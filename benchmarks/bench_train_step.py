@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py --model package:smollm2-135m-instruct
     python benchmarks/bench_train_step.py --model package:smollm2-135m-instruct --micro-batch 8 --checkpointing
+    python benchmarks/bench_train_step.py --micro-batch 8 --checkpointing --new-tokens 128 --profile
 
 One optimizer step of ``--completions`` rollout rows (the built-in task's chat prompts, completions of
 ``--new-tokens`` sampled tokens), micro-batches of ``--micro-batch`` rows, through the path the trainers take:
@@ -63,6 +64,26 @@ def linear_macs(model) -> tuple[int, int]:
     return blocks, head
 
 
+def profile_step(step) -> None:
+    """One step (whole rows) under torch.profiler: the top ops by self CPU time, and the share of aten::mm (the
+    linear layers, forward and backward): what is left for everything else (attention, elementwise, autograd)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in ops)
+    print("\none step under torch.profiler (whole rows), ops by self CPU time:\n")
+    print("| op | self s | share | calls |")
+    print("|---|---|---|---|")
+    for e in ops[:12]:
+        print(f"| {e.key} | {e.self_cpu_time_total / 1e6:.2f} | {e.self_cpu_time_total / total * 100:.1f}% | "
+              f"{e.count} |")
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm"))
+    print(f"\nmatmuls (aten::mm, addmm, bmm): {mm / total * 100:.1f}% of the step's {total / 1e6:.2f} s of self "
+          "time")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="package:smollm2-135m-instruct")
@@ -71,6 +92,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing on")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true",
+                    help="also one step under torch.profiler: the ops' self time, and matmul's share of it")
     args = ap.parse_args()
 
     from bench_rollout import chat_prompts
@@ -155,6 +178,9 @@ def main() -> None:
           f"the head's ({comp_tokens // (full.shape[0] // args.micro_batch)} x {d} @ {d} x {cfg.vocab_size}).")
     print(f"achieved / matmul: forward {ach_f / mm_lin:.2f}, backward {ach_b / mm_lin:.2f}, step "
           f"{(f_fwd + f_bwd) / total / 1e9 / mm_lin:.2f}")
+
+    if args.profile:
+        profile_step(step)
 
     times: dict[bool, list[float]] = {False: [], True: []}
     for _ in range(args.reps):
