@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import subprocess
@@ -53,10 +54,33 @@ def torchrun(nproc: int, *args, timeout=600):
     return p
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: float = 300, nproc: int = 0) -> None:
     """Start ``lowalign run ARGS output_dir=RUN_DIR`` (under torchrun with ``nproc`` processes when > 0),
-    SIGKILL its whole process group once checkpoint ``at_least`` (e.g. ``step_000004``) is the latest, and
-    check it had not yet written checkpoint ``last``."""
+    SIGKILL every process of the run (its process group, and under torchrun each rank's, since torchrun starts
+    ranks in sessions of their own) once checkpoint ``at_least`` (e.g. ``step_000004``) is the latest, and check
+    that none outlived the kill and that it had not yet written checkpoint ``last``."""
     import signal
     import time
 
@@ -70,7 +94,7 @@ def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: floa
     else:
         launch = [*TORCHRUN, str(nproc)] if nproc else [sys.executable]
         proc = subprocess.Popen([*launch, "-m", "lowalign", *argv], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)  # the kill takes every rank
+                                stderr=subprocess.DEVNULL, start_new_session=True)
         running, wait, outs = (lambda: proc.poll() is None), proc.wait, []
     latest = Path(run_dir) / "checkpoints" / "latest"
     deadline = time.time() + timeout
@@ -78,8 +102,18 @@ def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: floa
         if not running():
             break
         time.sleep(0.05)
+    ranks = _descendants(proc.pid)  # torchrun starts each rank in its own session: kill those groups too
     os.killpg(proc.pid, signal.SIGKILL)
+    for pid in ranks:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # a rank is its session's leader: the group is the rank and its own children
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(_running(pid) for pid in ranks):
+        time.sleep(0.05)
+    assert not any(_running(pid) for pid in ranks), "a rank outlived the kill"
     for f in outs:
         os.unlink(f)
     assert latest.read_text() < last, "the run finished before it could be killed"
