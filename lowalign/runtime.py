@@ -276,6 +276,15 @@ def interrupted_message(run_dir: Path) -> str:
 # ---- one process per run directory ------------------------------------------------------------------
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: [state, ppid, ...]; ``["?"]`` when unreadable
+    (no /proc, or the process is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split() or ["?"]
+    except (OSError, IndexError):
+        return ["?"]
+
+
 class RunLock:
     """``run_dir/.lock`` holding the owner's PID, host and start time, created exclusively (O_EXCL). A second
     run on the same directory fails at once naming the holder; a lock whose process is gone (a killed run)
@@ -300,10 +309,8 @@ class RunLock:
             return False
         except PermissionError:
             return True
-        try:  # a killed process whose parent died too stays a zombie until init reaps it: dead all the same
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-        except (OSError, IndexError):
-            return True
+        # a killed process whose parent died too stays a zombie until init reaps it: dead all the same
+        return proc_stat(pid)[0] not in ("Z", "X")
 
     def holder(self) -> dict | None:
         """The live holder's record, or None when unlocked or the holder is gone."""

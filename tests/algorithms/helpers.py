@@ -56,11 +56,13 @@ def torchrun(nproc: int, *args, timeout=600):
 
 def _descendants(pid: int) -> list[int]:
     """Every live process below ``pid`` (Linux /proc)."""
+    from lowalign.runtime import proc_stat
+
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(stat.parent.name))
+    for d in Path("/proc").glob("[0-9]*"):
+        fields = proc_stat(int(d.name))
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(d.name))
     out, todo = [], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
@@ -70,10 +72,9 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
+    from lowalign.runtime import proc_stat
+
+    return proc_stat(pid)[0] not in ("Z", "X", "?")
 
 
 def kill_after_checkpoint(args, run_dir, at_least: str, last: str, timeout: float = 300, nproc: int = 0) -> None:
