@@ -13,7 +13,8 @@ checker, 16 new tokens):
   ``nf4_keep_attention`` / ``nf4_keep_down`` / ``nf4_keep_first_last``: those layers left in float32.
 * ``nf4_bnb``: loaded with ``model.quantization: nf4`` (bitsandbytes' kernels).
 * ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch);
-  ``loftq_64_iter5``: LoftQ's alternation run 5 times (Q = nf4(W - L), L = the rank-r SVD of W - Q).
+  ``loftq_64_iter5``: LoftQ's alternation run 5 times (Q = nf4(W - L), L = the rank-r SVD of W - Q);
+  ``loftq_<r>_block32``: nf4 in blocks of 32 (the GGUF's Q4_1 blocks) under the correction.
 * ``grads``: an nf4 bundle with a LoftQ adapter next to a float32 bundle holding the dequantized nf4 weights and
   the same adapter: the largest difference of their log-probs and of the LoRA gradients of a policy-gradient
   loss through lowalign's fused log-prob path (and eval vs train mode).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
-         "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "loftq_64_iter5", "grads")
+         "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "loftq_64_iter5", "loftq_64_block32",
+         "loftq_16_block32", "grads")
 
 
 def nf4(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
@@ -73,11 +76,11 @@ def main() -> None:
         for n, m in linears:
             m.weight.copy_(fn(n, orig[n + ".weight"]))
 
-    def loftq(r: int, iters: int = 1):
+    def loftq(r: int, iters: int = 1, blocksize: int = 64):
         def fn(n, w):
             low = torch.zeros_like(w)
             for _ in range(iters):  # LoftQ's alternation: Q = nf4(W - L), L = the rank-r SVD of W - Q
-                q = nf4(w - low)
+                q = nf4(w - low, blocksize)
                 u, s, vh = torch.linalg.svd(w - q, full_matrices=False)
                 low = (u[:, :r] * s[:r]) @ vh[:r]
             return q + low
@@ -103,8 +106,8 @@ def main() -> None:
             elif mode in keep:
                 set_weights(lambda n, w, k=keep[mode]: w if any(x in n for x in k) else nf4(w))
             else:
-                parts = mode.split("_")
-                set_weights(loftq(int(parts[1]), int(parts[2][4:]) if len(parts) > 2 else 1))
+                opts = {m[1]: int(m[2]) for m in re.finditer(r"_(iter|block)(\d+)", mode)}
+                set_weights(loftq(int(mode.split("_")[1]), opts.get("iter", 1), opts.get("block", 64)))
             acc = accuracy(b)
         print(f"| {mode} | {acc:.3f} | {time.time() - t0:.0f} |", flush=True)
 

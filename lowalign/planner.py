@@ -62,6 +62,7 @@ class ModelShape:
     lora_params: int  # one adapter of the recipe's rank on its target modules
     source: str = "config.json"
     attn_dim: int = 0  # query heads x head dim (0: the hidden size)
+    packing: str | None = "block"  # how a shared prompt's rows pack for training (prompt_sharing.packing_mode)
 
 
 @dataclass
@@ -146,6 +147,7 @@ def _shape_from_config(config, cfg, source: str) -> ModelShape:
     import torch
 
     from lowalign.models import resolve_target_modules, skeleton, text_sizes
+    from lowalign.prompt_sharing import packing_mode
 
     model = skeleton(config, cfg.model.trust_remote_code)
     targets = resolve_target_modules(model, cfg.lora.target_modules)
@@ -163,7 +165,7 @@ def _shape_from_config(config, cfg, source: str) -> ModelShape:
     hidden, attn, kv, inter, layers = text_sizes(config)
     return ModelShape(cfg.model.name_or_path, layers, hidden, inter, kv, emb.num_embeddings, linear,
                       emb.weight.numel(), head_n, total - linear - emb.weight.numel() - head_n, lora, source,
-                      attn)
+                      attn, packing_mode(model.config))
 
 
 # ---- workload ----------------------------------------------------------------------------------------------
@@ -335,9 +337,9 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
 
         G = tc.num_generations
         g = min(mb, G) if mb % G == 0 or G % mb == 0 else 1  # rows of one prompt in a micro-batch
-        packed = (g > 1 and cfg.algorithm in PACKED_ROLLOUT_TRAINERS
-                  and packed_cost(s.hidden, s.attn_dim or s.hidden, s.kv_dim, s.intermediate, mb, P, C, g)
-                  < PACKING_MARGIN)
+        packed = (g > 1 and cfg.algorithm in PACKED_ROLLOUT_TRAINERS and s.packing is not None
+                  and packed_cost(s.hidden, s.attn_dim or s.hidden, s.kv_dim, s.intermediate, mb, P, C, g,
+                                  block=s.packing == "block") < PACKING_MARGIN)
         rows, length, what = ((mb // g, P + g * C, f"{mb // g} packed sequence(s) of {P} + {g} x {C} tokens")
                               if packed else (mb, T, f"micro-batch of {mb} x {T} tokens"))
         out.phases.append(("forward_backward", train_pass(rows, length) * (2 if n_train == 2 else 1),

@@ -10,13 +10,18 @@ attends only to earlier prompt positions, so its states do not depend on the com
 * :func:`packed_prompt_hidden_states` (training): one packed sequence per run, ``prompt, completion 1, ...,
   completion g``, with a block mask (each completion attends to the prompt and to itself, causally) and each
   completion's positions continuing its prompt's. One ordinary forward, so gradient checkpointing applies as
-  usual; the prompt's gradient is the sum over its run's completions, as it is on whole rows.
+  usual; the prompt's gradient is the sum over its run's completions, as it is on whole rows. Under sdpa the
+  attention runs block by block (:func:`packed_attention`): the prompt's queries on the prompt, each
+  completion's on the prompt and itself, so the packed row's attention costs what the whole rows' costs and
+  packing pays at any completion length.
 * :func:`completion_hidden_states` picks one, or the whole rows when sharing does not pay or does not apply
   (prompts repeated unequally, sliding-window attention, an attention kernel without custom masks). Rows of
   one prompt need not be adjacent (:func:`prompt_groups`: DPO's chosen and rejected halves).
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -79,6 +84,95 @@ def packed_mask(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, groups
     return (visible[None] & keys[:, None, :]) | torch.eye(L, dtype=torch.bool, device=dev)[None]
 
 
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+    """Where a packed row's blocks are, for :func:`packed_attention`: ``prompt_len`` P, ``groups`` g completions
+    of ``completion_len`` C each; the prompt's (n, 1, P, P) and the completions' (n g, 1, C, P + C) boolean
+    masks (True: may attend), both restrictions of :func:`packed_mask`."""
+
+    prompt_len: int
+    groups: int
+    completion_len: int
+    prompt_mask: torch.Tensor
+    completion_mask: torch.Tensor
+
+
+LAYOUT_KWARG = "lowalign_packed"  # the decoder passes it down to every attention call (and the recompute's)
+
+
+def block_masks(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, groups: int) -> PackedLayout:
+    """:func:`packed_mask` cut into its non-empty blocks: the prompt on itself (causal, real keys) and each
+    completion on [prompt, itself] (every real prompt key, its own real keys causally). A query that would
+    see nothing sees itself, as in :func:`packed_mask`."""
+    B, P = prompt_mask.shape
+    C = completion_mask.shape[1]
+    dev = prompt_mask.device
+    causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
+    pm = (causal_p[None] & prompt_mask[::groups, None, :].bool()) | torch.eye(P, dtype=torch.bool, device=dev)
+    own = torch.ones(C, C, dtype=torch.bool, device=dev).tril()[None] & completion_mask[:, None, :].bool()
+    own |= torch.eye(C, dtype=torch.bool, device=dev)
+    cm = torch.cat([prompt_mask[:, None, :].bool().expand(B, C, P), own], 2)
+    return PackedLayout(P, groups, C, pm[:, None], cm[:, None])
+
+
+def packed_attention(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention, block by block when the call carries a :class:`PackedLayout` (else sdpa
+    itself). On a packed row [prompt (P), completion 1 (C), ..., completion g] with query/key/value (n, heads,
+    P + g C, head_dim), the dense block mask would make the row's attention cost (P + g C)^2 query-key pairs;
+    here it is
+
+        out[prompt]       = sdpa(q[prompt], k[prompt], v[prompt], causal on the prompt)
+        out[completion j] = sdpa(q[j], [k[prompt]; k[j]], [v[prompt]; v[j]], all of the prompt + causal on j)
+
+    P^2 + g C (P + C) pairs, as on whole rows (where the prompt repeats g times). The prompt's keys and values
+    are expanded to the g completions, so their gradients are the sums over them. Returns sdpa's
+    ((n, P + g C, heads, head_dim), None)."""
+    layout = kwargs.pop(LAYOUT_KWARG, None)
+    if layout is None:
+        return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
+    P, g, C = layout.prompt_len, layout.groups, layout.completion_len
+    n, h, d = query.shape[0], key.shape[1], key.shape[-1]
+    out_p, _ = _SDPA(module, query[:, :, :P], key[:, :, :P], value[:, :, :P], layout.prompt_mask, *args, **kwargs)
+
+    def per_completion(x):  # (n, heads, P + g C, d) -> (n g, heads, C, d)
+        return x[:, :, P:].unflatten(2, (g, C)).transpose(1, 2).flatten(0, 1)
+
+    def with_prompt(x):  # keys / values: [prompt; completion j] for every completion, (n g, kv heads, P + C, d)
+        prompt = x[:, None, :, :P].expand(n, g, h, P, d).flatten(0, 1)
+        return torch.cat([prompt, per_completion(x)], 2)
+
+    out_c, _ = _SDPA(module, per_completion(query), with_prompt(key), with_prompt(value), layout.completion_mask,
+                     *args, **kwargs)  # (n g, C, heads, d)
+    return torch.cat([out_p, out_c.unflatten(0, (n, g)).flatten(1, 2)], 1), None
+
+
+_SDPA = None
+
+
+def _install_packed_attention() -> bool:
+    """Register :func:`packed_attention` as transformers' "sdpa" (once per process). Without the layout it is
+    sdpa unchanged, so every other model and call is unaffected; with it, the packed rows' blocks."""
+    global _SDPA
+    if _SDPA is None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        current = ALL_ATTENTION_FUNCTIONS.get("sdpa")
+        if current is None:
+            return False
+        _SDPA = current
+        ALL_ATTENTION_FUNCTIONS.register("sdpa", packed_attention)
+    return True
+
+
+def packing_mode(config) -> str | None:
+    """How the packed training forward runs on a model: "block" (sdpa: :func:`packed_attention`), "dense"
+    (eager: the additive block mask), None (not at all: sliding-window attention, or an attention kernel that
+    takes no custom mask)."""
+    if _sliding(config):
+        return None
+    return {"sdpa": "block", "eager": "dense"}.get(getattr(config, "_attn_implementation", None))
+
+
 def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                 groups: int) -> torch.Tensor | None:
     """Backbone output (B, P + C, d) of rows in runs of ``groups`` per prompt, gradients included, from one
@@ -87,8 +181,8 @@ def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids,
     do) or the model has sliding-window attention."""
     from lowalign.bundle import position_ids_from_mask
 
-    impl = getattr(bundle.base.config, "_attn_implementation", None)
-    if impl not in ("sdpa", "eager") or _sliding(bundle.base.config):
+    mode = packing_mode(bundle.base.config)
+    if mode is None:
         return None
     B, P = prompt_ids.shape
     C = completion_ids.shape[1]
@@ -97,34 +191,42 @@ def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids,
     ids = torch.cat([prompt_ids[::groups], completion_ids.reshape(n, groups * C)], 1)
     packed_pos = torch.cat([pos[::groups, :P], pos[:, P:].reshape(n, groups * C)], 1)
     allowed = packed_mask(prompt_mask, completion_mask, groups)[:, None]  # (n, 1, L, L)
-    if impl == "eager":  # an additive mask
+    extra = {}
+    if mode == "dense":  # eager: an additive mask
         dtype = bundle.base.get_input_embeddings().weight.dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(~allowed,
                                                                                         torch.finfo(dtype).min)
+    elif _install_packed_attention():  # the blocks; the dense mask stays the meaning for any layer without them
+        extra[LAYOUT_KWARG] = block_masks(prompt_mask, completion_mask, groups)
     h = bundle.base.get_decoder()(input_ids=ids, attention_mask=allowed, position_ids=packed_pos,
-                                  use_cache=False).last_hidden_state  # (n, L, d)
+                                  use_cache=False, **extra).last_hidden_state  # (n, L, d)
     return torch.cat([h[:, :P].repeat_interleave(groups, 0), h[:, P:].reshape(B, C, h.shape[-1])], 1)
 
 
 def packing_pays(config, B: int, P: int, C: int, groups: int, margin: float | None = None) -> bool:
-    """Whether the packed forward's estimated FLOPs are under ``margin`` x the whole rows' (:func:`packed_cost`
-    with ``config``'s sizes)."""
+    """Whether the model packs (:func:`packing_mode`) and the packed forward's estimated FLOPs are under
+    ``margin`` x the whole rows' (:func:`packed_cost` with ``config``'s sizes)."""
     from lowalign.models import text_sizes
 
     d, attn, kv, inter, _ = text_sizes(config)
-    return packed_cost(d, attn, kv, inter, B, P, C, groups) < (PACKING_MARGIN if margin is None else margin)
+    mode = packing_mode(config)
+    cost = packed_cost(d, attn, kv, inter, B, P, C, groups, block=mode == "block")
+    return mode is not None and cost < (PACKING_MARGIN if margin is None else margin)
 
 
-def packed_cost(hidden: int, attn: int, kv: int, intermediate: int, B: int, P: int, C: int, groups: int) -> float:
+def packed_cost(hidden: int, attn: int, kv: int, intermediate: int, B: int, P: int, C: int, groups: int,
+                block: bool = True) -> float:
     """The packed forward's FLOPs over the whole rows' (estimates): linear layers (per token, ~2 x a layer's
-    weights) fall by (B - B / groups) * P tokens, while attention (per query-key pair, ~4 x the query width,
-    the mask computed dense) grows from B (P + C)^2 pairs to B / groups (P + groups C)^2. Long completions make
-    the packed row's attention cost more than the prompt saves."""
+    weights) fall by (B - B / groups) * P tokens. Attention (per query-key pair, ~4 x the query width) goes
+    from B (P + C)^2 pairs to B / groups (P^2 + groups C (P + C)) block by block (``block``: sdpa), or to
+    B / groups (P + groups C)^2 on the dense mask (eager), where long completions make the packed row's
+    attention cost more than the prompt saves."""
     per_token = 2 * (2 * hidden * attn + 2 * hidden * kv + 3 * hidden * intermediate)
     per_pair = 4 * attn
     n, L = B // groups, P + groups * C
+    pairs = n * (P * P + groups * C * (P + C)) if block else n * L ** 2
     whole = B * (P + C) * per_token + B * (P + C) ** 2 * per_pair
-    return (n * L * per_token + n * L ** 2 * per_pair) / whole
+    return (n * L * per_token + pairs * per_pair) / whole
 
 
 PACKING_MARGIN = 0.8

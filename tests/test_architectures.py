@@ -207,7 +207,7 @@ def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
-def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir):
+def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir, monkeypatch):
     """Rows sharing a prompt compute it once (lowalign.prompt_sharing): without gradients from a cached prompt,
     with them from one packed sequence per run. Both give the whole rows' log-probs, in the policy and the
     reference role, and the packed one the same LoRA gradients; prompts of unequal length (left padding),
@@ -235,12 +235,28 @@ def test_shared_prompt_forwards_equal_whole_rows(name, arch_dir):
             h = S.cached_prompt_hidden_states(b, *parts, 4)
             assert (h is None) == sliding
             torch.testing.assert_close(logps(S.completion_hidden_states(b, *parts)), whole, rtol=1e-5, atol=1e-5)
+    dense_calls, block_calls = [], []
+
+    def spy(module, query, key, value, attention_mask, *a, **k):  # which masks the attention calls saw
+        if attention_mask is not None and attention_mask.shape[-1] == query.shape[2] == packed_len:
+            dense_calls.append(query.shape)  # the packed row on its dense (L, L) mask: the blocks were not used
+        elif query.shape[2] == roll.completion_ids.shape[1] and key.shape[2] == roll.input_ids.shape[1]:
+            block_calls.append(query.shape)  # a completion block on [prompt; itself]
+        return sdpa(module, query, key, value, attention_mask, *a, **k)
+
+    packed_len = roll.prompt_ids.shape[1] + 4 * roll.completion_ids.shape[1]
+    S._install_packed_attention()
+    sdpa = S._SDPA
+    monkeypatch.setattr(S, "_SDPA", spy)
     with b.use("policy"):
         params = b.adapter_parameters("policy")
         lps, grads = [], []
         for packed in (False, True):
             h = S.packed_prompt_hidden_states(b, *parts, 4) if packed else b.hidden_states(roll.input_ids,
                                                                                          roll.attention_mask)
+            if packed and h is not None and S.packing_mode(b.base.config) == "block":  # forward and recompute: blocks
+                layers = b.base.config.get_text_config().num_hidden_layers
+                assert not dense_calls and len(block_calls) == layers, (len(dense_calls), len(block_calls))
             if h is None:
                 assert sliding
                 break

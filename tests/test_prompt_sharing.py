@@ -40,12 +40,43 @@ def test_packed_mask_worked_example():
     assert torch.equal(got[0], want)
 
 
-def test_packing_pays_for_long_prompts_and_short_completions_only():
+def test_packing_pays_at_any_length_block_by_block_and_for_short_completions_on_a_dense_mask():
     smollm2 = transformers.LlamaConfig(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                        num_key_value_heads=3, num_hidden_layers=30, vocab_size=49152)
+    smollm2._attn_implementation = "eager"  # the dense mask: the packed row's attention grows as (P + g C)^2
     assert packing_pays(smollm2, B=4, P=47, C=16, groups=4)  # the arithmetic task's chat prompts
     assert not packing_pays(smollm2, B=8, P=40, C=128, groups=8)  # long completions: attention grows more
     assert not packing_pays(smollm2, B=2, P=4, C=60, groups=2)
+    smollm2._attn_implementation = "sdpa"  # block by block: attention as on whole rows, the prompt once
+    assert packing_pays(smollm2, B=8, P=40, C=128, groups=8)
+    assert not packing_pays(smollm2, B=2, P=4, C=60, groups=2)  # a 4-token prompt saves too little
+
+
+def test_packed_cost_worked_example():
+    """hidden 1, attention width 1, kv 1, intermediate 1: 14 FLOPs per token, 4 per query-key pair. B = 4 rows
+    of P = 2 + C = 3 in groups of 2: whole rows 4 * 5 * 14 + 4 * 25 * 4 = 680; packed, 2 rows of 2 + 6 tokens:
+    2 * 8 * 14 = 224 plus block pairs 2 * (4 + 2 * 3 * 5) * 4 = 272 (dense: 2 * 64 * 4 = 512)."""
+    from lowalign.prompt_sharing import packed_cost
+
+    assert packed_cost(1, 1, 1, 1, B=4, P=2, C=3, groups=2) == (224 + 272) / 680
+    assert packed_cost(1, 1, 1, 1, B=4, P=2, C=3, groups=2, block=False) == (224 + 512) / 680
+
+
+def test_block_masks_are_the_packed_mask_cut_into_blocks():
+    """The worked example's packed mask, read back out of :func:`block_masks`' prompt and completion blocks."""
+    from lowalign.prompt_sharing import block_masks
+
+    prompt_mask = torch.tensor([[0, 1], [0, 1]])
+    completion_mask = torch.tensor([[1, 1], [1, 0]])
+    dense = packed_mask(prompt_mask, completion_mask, 2)[0]
+    lay = block_masks(prompt_mask, completion_mask, 2)
+    assert lay.prompt_mask.shape == (1, 1, 2, 2) and lay.completion_mask.shape == (2, 1, 2, 4)
+    assert torch.equal(lay.prompt_mask[0, 0], dense[:2, :2])
+    for j in range(2):  # completion j's queries: [prompt keys; its own keys]
+        rows = dense[2 + 2 * j:4 + 2 * j]
+        assert torch.equal(lay.completion_mask[j, 0], torch.cat([rows[:, :2], rows[:, 2 + 2 * j:4 + 2 * j]], 1))
+        others = torch.cat([rows[:, 2:2 + 2 * j], rows[:, 4 + 2 * j:]], 1)
+        assert not others.any()  # nothing outside the blocks was visible
 
 
 def test_planner_and_runtime_read_the_same_attention_width():
@@ -118,3 +149,40 @@ def test_rows_with_their_own_adapter_scales_are_never_regrouped():
         want = b.hidden_states(r.input_ids, r.attention_mask)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert not torch.allclose(got[0, :r.prompt_ids.shape[1]], got[1, :r.prompt_ids.shape[1]])  # variants differ
+
+
+def test_packed_attention_equals_sdpa_on_the_dense_mask():
+    """Block by block equals one dense attention under :func:`packed_mask` (the spec), values and gradients,
+    on odd sizes with grouped-query heads (6 query heads on 2 key/value heads), left-padded prompts and
+    right-padded completions; rows whose query sees only itself included. Without a layout it is sdpa."""
+    import torch.nn.functional as F
+
+    from lowalign import prompt_sharing as S
+
+    assert S._install_packed_attention()
+    torch.manual_seed(0)
+    n, g, P, C, heads, kv_heads, d = 2, 3, 5, 4, 6, 2, 7
+    prompt_mask = torch.ones(n * g, P, dtype=torch.long)
+    prompt_mask[3:, :2] = 0  # the second prompt is left-padded
+    completion_mask = torch.ones(n * g, C, dtype=torch.long)
+    completion_mask[1, 2:] = 0
+    completion_mask[5, 1:] = 0
+    L = P + g * C
+    q = torch.randn(n, heads, L, d, requires_grad=True)
+    k = torch.randn(n, kv_heads, L, d, requires_grad=True)
+    v = torch.randn(n, kv_heads, L, d, requires_grad=True)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = heads // kv_heads, True
+    dense = packed_mask(prompt_mask, completion_mask, g)[:, None]
+    got, _ = S.packed_attention(module, q, k, v, dense, dropout=0.0, scaling=0.3,
+                                **{S.LAYOUT_KWARG: S.block_masks(prompt_mask, completion_mask, g)})
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=dense,
+                                          scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    w = torch.randn_like(want)
+    grads_got = torch.autograd.grad((got * w).sum(), (q, k, v))
+    grads_want = torch.autograd.grad((want * w).sum(), (q, k, v))
+    for a, b in zip(grads_got, grads_want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    plain, _ = S.packed_attention(module, q, k, v, dense, dropout=0.0, scaling=0.3)  # no layout: sdpa
+    torch.testing.assert_close(plain, want, rtol=1e-5, atol=1e-6)
