@@ -23,6 +23,9 @@ gradient checkpointing, dropout off, the same learning rate, torch threads and s
 
 ``--model`` runs both tools on a real model instead (a directory, a .gguf, or
 ``package:smollm2-135m-instruct`` converted once from its GGUF): the same prompts, pairs and settings.
+``--chat`` (with ``--model``) sends GRPO's prompts as a user message through the model's chat template, as an
+instruct model's users do (lowalign ``data.chat_template: true``, TRL conversational prompts; on SmolLM2 the
+template's system prompt makes each prompt ~40 tokens): the prompts the group's completions share.
 ``--micro-batch N`` sets the GRPO micro-batch (TRL: ``per_device_train_batch_size=N``,
 ``gradient_accumulation_steps=64/N``) and the DPO batch (N pairs per step) for both tools; a user short of
 memory picks the smaller.
@@ -56,8 +59,10 @@ LR = 1e-5
 
 
 def char_reward(prompts, completions, **_):
-    """The benchmark's reward, for both tools: the share of letters among the completion's characters."""
-    return [sum(ch.isalpha() for ch in c) / max(1, len(c)) for c in completions]
+    """The benchmark's reward, for both tools: the share of letters among the completion's characters (TRL's
+    conversational completions are [{"role": "assistant", "content": ...}])."""
+    texts = [c if isinstance(c, str) else c[0]["content"] for c in completions]
+    return [sum(ch.isalpha() for ch in t) / max(1, len(t)) for t in texts]
 
 
 # ---- the shared inputs -----------------------------------------------------------------------------------
@@ -117,7 +122,7 @@ def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool
                         "device": "cpu"},
               "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}, "eval": {"num_examples": 0}}
     if algo == "grpo":
-        cfg = {**common, "algorithm": "grpo", "data": {"path": str(work / "prompts.jsonl")},
+        cfg = {**common, "algorithm": "grpo", "data": {"path": str(work / "prompts.jsonl"), "chat_template": args.chat},
                "rewards": [{"fn": "vs_trl:char_reward"}],
                "train": {"steps": args.grpo_steps, "prompts_per_step": 8, "num_generations": 8,
                          "max_new_tokens": 128, "beta": 0.04, "loss_type": "dapo", "micro_batch_size": args.micro_batch,
@@ -186,6 +191,8 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
                   dataloader_num_workers=0)
     if algo == "grpo":
         rows = [json.loads(x) for x in (work / "prompts.jsonl").read_text().splitlines()]
+        if args.chat:  # conversational: TRL renders them with the chat template, as lowalign does
+            rows = [{"prompt": [{"role": "user", "content": r["prompt"]}]} for r in rows]
         cfg = trl.GRPOConfig(**common, max_steps=args.grpo_steps, per_device_train_batch_size=args.micro_batch,
                              gradient_accumulation_steps=64 // args.micro_batch, num_generations=8,
                              max_completion_length=128, beta=0.04, loss_type="dapo", temperature=1.0)
@@ -228,6 +235,7 @@ def run_one(setup: str, work: Path, args, rep: int) -> dict:
            "--micro-batch", str(args.micro_batch), "--dpo-batch", str(args.dpo_batch)]
     cmd += ["--profile-memory"] if args.profile_memory else []
     cmd += ["--model", args.model] if args.model else []
+    cmd += ["--chat"] if args.chat else []
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
@@ -288,7 +296,8 @@ def report(results: list[dict], args) -> None:
 
     what = (f"{args.model}" if args.model else
             f"Qwen2-style random weights, vocab 151936, hidden {args.hidden}, {args.layers} layers")
-    print(f"\n{what}, fp32, GRPO micro-batch {args.micro_batch}, DPO batch {args.dpo_batch}, LoRA r16 "
+    chat = ", chat prompts" if args.chat else ""
+    print(f"\n{what}, fp32, GRPO micro-batch {args.micro_batch}{chat}, DPO batch {args.dpo_batch}, LoRA r16 "
           f"on {'/'.join(TARGETS)}, gradient checkpointing, {args.threads} torch threads; {args.reps} rep(s), "
           f"GRPO {args.grpo_steps} steps, DPO {args.dpo_steps} steps. torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}, TRL {trl_v}; "
@@ -340,6 +349,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--model", default=None, help="a real model (directory, .gguf, package:...) instead of the "
                                                   "random 152k-vocabulary one")
+    ap.add_argument("--chat", action="store_true", help="GRPO prompts through the model's chat template "
+                                                          "(needs --model)")
     ap.add_argument("--micro-batch", type=int, default=16, choices=[1, 2, 4, 8, 16, 32, 64],
                     help="GRPO micro-batch for both tools (64 completions per step)")
     ap.add_argument("--dpo-batch", type=int, default=None, help="DPO pairs per step (default: 4)")
@@ -361,6 +372,8 @@ def main() -> None:
             r = trl_worker(algo, work, out, args)
         print(json.dumps(r))
         return
+    if args.chat and not args.model:
+        ap.error("--chat needs --model: the random model's tokenizer has no chat template")
     if args.dpo_batch is None:
         args.dpo_batch = 4
     if args.quick:
