@@ -23,7 +23,9 @@ def test_essa_small_run_and_peft_export(tmp_path):
     cli("run", "recipes/es_tiny.yaml", f"output_dir={out}", "train.generations=3", *SMALL)
     s = summary(out)
     assert s["generations"] == 3 and s["num_singular_values"] == 14 * 64 and s["sigma"] >= 0.03
-    assert s["inference_peak_memory_bytes"] > 0 and s["peak_memory_ratio_to_inference"] >= 1.0
+    # the run's peak includes the inference pass's; Linux sums RSS from per-CPU counters, so two reads of the
+    # peak can disagree by a little (measured: a ratio of 0.999 on a 389 MiB run)
+    assert s["inference_peak_memory_bytes"] > 0 and s["peak_memory_ratio_to_inference"] >= 0.99
     rows = metrics(out)
     assert {"fitness/mean", "fitness/max", "fitness/min", "fitness/std", "update_norm", "evals_per_s"} <= rows[0].keys()
     assert any(r["update_norm"] > 0 for r in rows)  # the population differed and the values moved
