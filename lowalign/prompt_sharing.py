@@ -100,19 +100,14 @@ class PackedLayout:
 LAYOUT_KWARG = "lowalign_packed"  # the decoder passes it down to every attention call (and the recompute's)
 
 
-def block_masks(prompt_mask: torch.Tensor, completion_mask: torch.Tensor, groups: int) -> PackedLayout:
-    """:func:`packed_mask` cut into its non-empty blocks: the prompt on itself (causal, real keys) and each
-    completion on [prompt, itself] (every real prompt key, its own real keys causally). A query that would
-    see nothing sees itself, as in :func:`packed_mask`."""
-    B, P = prompt_mask.shape
-    C = completion_mask.shape[1]
-    dev = prompt_mask.device
-    causal_p = torch.ones(P, P, dtype=torch.bool, device=dev).tril()
-    pm = (causal_p[None] & prompt_mask[::groups, None, :].bool()) | torch.eye(P, dtype=torch.bool, device=dev)
-    own = torch.ones(C, C, dtype=torch.bool, device=dev).tril()[None] & completion_mask[:, None, :].bool()
-    own |= torch.eye(C, dtype=torch.bool, device=dev)
-    cm = torch.cat([prompt_mask[:, None, :].bool().expand(B, C, P), own], 2)
-    return PackedLayout(P, groups, C, pm[:, None], cm[:, None])
+def block_masks(allowed: torch.Tensor, prompt_len: int, completion_len: int, groups: int) -> PackedLayout:
+    """:func:`packed_mask`'s (n, L, L) ``allowed`` cut into its non-empty blocks: the prompt on itself, and each
+    completion on [prompt, itself]. Nothing else is visible in a packed row, so the blocks are all of it."""
+    P, C = prompt_len, completion_len
+    rows = allowed[:, P:].unflatten(1, (groups, C))  # (n, g, C, L): each completion's queries
+    own = torch.stack([rows[:, j, :, P + j * C:P + (j + 1) * C] for j in range(groups)], 1)  # (n, g, C, C)
+    completion = torch.cat([rows[..., :P], own], -1).flatten(0, 1)  # (n g, C, P + C)
+    return PackedLayout(P, groups, C, allowed[:, None, :P, :P], completion[:, None])
 
 
 def packed_attention(module, query, key, value, attention_mask, *args, **kwargs):
@@ -190,14 +185,15 @@ def packed_prompt_hidden_states(bundle, prompt_ids, prompt_mask, completion_ids,
     pos = position_ids_from_mask(torch.cat([prompt_mask, completion_mask], 1))
     ids = torch.cat([prompt_ids[::groups], completion_ids.reshape(n, groups * C)], 1)
     packed_pos = torch.cat([pos[::groups, :P], pos[:, P:].reshape(n, groups * C)], 1)
-    allowed = packed_mask(prompt_mask, completion_mask, groups)[:, None]  # (n, 1, L, L)
+    allowed = packed_mask(prompt_mask, completion_mask, groups)  # (n, L, L)
     extra = {}
+    if mode == "block" and _install_packed_attention():  # the dense mask stays the meaning for any layer without
+        extra[LAYOUT_KWARG] = block_masks(allowed, P, C, groups)  # the layout
+    allowed = allowed[:, None]  # (n, 1, L, L)
     if mode == "dense":  # eager: an additive mask
         dtype = bundle.base.get_input_embeddings().weight.dtype
         allowed = torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(~allowed,
                                                                                         torch.finfo(dtype).min)
-    elif _install_packed_attention():  # the blocks; the dense mask stays the meaning for any layer without them
-        extra[LAYOUT_KWARG] = block_masks(prompt_mask, completion_mask, groups)
     h = bundle.base.get_decoder()(input_ids=ids, attention_mask=allowed, position_ids=packed_pos,
                                   use_cache=False, **extra).last_hidden_state  # (n, L, d)
     return torch.cat([h[:, :P].repeat_interleave(groups, 0), h[:, P:].reshape(B, C, h.shape[-1])], 1)

@@ -69,7 +69,7 @@ def test_block_masks_are_the_packed_mask_cut_into_blocks():
     prompt_mask = torch.tensor([[0, 1], [0, 1]])
     completion_mask = torch.tensor([[1, 1], [1, 0]])
     dense = packed_mask(prompt_mask, completion_mask, 2)[0]
-    lay = block_masks(prompt_mask, completion_mask, 2)
+    lay = block_masks(dense[None], 2, 2, 2)
     assert lay.prompt_mask.shape == (1, 1, 2, 2) and lay.completion_mask.shape == (2, 1, 2, 4)
     assert torch.equal(lay.prompt_mask[0, 0], dense[:2, :2])
     for j in range(2):  # completion j's queries: [prompt keys; its own keys]
@@ -175,7 +175,7 @@ def test_packed_attention_equals_sdpa_on_the_dense_mask():
     module.num_key_value_groups, module.is_causal = heads // kv_heads, True
     dense = packed_mask(prompt_mask, completion_mask, g)[:, None]
     got, _ = S.packed_attention(module, q, k, v, dense, dropout=0.0, scaling=0.3,
-                                **{S.LAYOUT_KWARG: S.block_masks(prompt_mask, completion_mask, g)})
+                                **{S.LAYOUT_KWARG: S.block_masks(dense[:, 0], P, C, g)})
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=dense,
                                           scale=0.3).transpose(1, 2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
