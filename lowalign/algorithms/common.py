@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 
@@ -27,8 +28,93 @@ def add_policy(ctx, name: str = POLICY) -> None:
         ctx.bundle.set_reference_soup(cfg.reference_soup)
 
 
+def flat_views(params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One zeroed buffer per (device, dtype) of ``params`` and, per parameter, a view of it shaped like it."""
+    by_kind: dict = {}
+    for p in params:
+        by_kind.setdefault((p.device, p.dtype), []).append(p)
+    flats, views = [], {}
+    for (device, dtype), ps in by_kind.items():
+        flat = torch.zeros(sum(p.numel() for p in ps), device=device, dtype=dtype)
+        flats.append(flat)
+        off = 0
+        for p in ps:
+            views[id(p)] = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+    return flats, [views[id(p)] for p in params]
+
+
+class FlatGrads:
+    """The trainable parameters' gradients as views of one zeroed buffer per (device, dtype), allocated once.
+
+    Why: left to autograd, each LoRA factor's gradient is a fresh ~100 KB tensor allocated in the middle of the
+    first backward and freed after every optimizer step. On a CPU those small blocks land all over glibc's heap
+    and pin it (measured on SmolLM2, DPO, 4 pairs: the process peak of 4 steps 1655 MiB, with flat gradients
+    and optimizer state 1334). With ``p.grad`` already defined, autograd adds into it in place, so the buffer
+    stays where it was put.
+
+    Semantics stay those of ``zero_grad(set_to_none=True)``: a parameter that no backward reached since the last
+    step has ``grad = None`` while the optimizer steps (AdamW skips it; ``sync_grads`` counts it as absent)."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.flats, self.views = flat_views(self.params)
+        self.touched: set[int] = set()
+        me = weakref.ref(self)  # the hooks outlive an optimizer that is dropped while its parameters live on
+        for p in self.params:
+            p.register_post_accumulate_grad_hook(lambda q: me() and me().touched.add(id(q)))
+        self.reset()
+
+    def drop_untouched(self) -> None:
+        """Before the step: ``grad = None`` for every parameter no backward reached since :meth:`reset`."""
+        for p in self.params:
+            if id(p) not in self.touched:
+                p.grad = None
+
+    def reset(self) -> None:
+        """After the step: every gradient back to its zeroed view (what ``zero_grad`` would have freed)."""
+        for p, v in zip(self.params, self.views):
+            if p.grad is not v:
+                p.grad = v
+        for flat in self.flats:
+            flat.zero_()
+        self.touched.clear()
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW whose gradients (:class:`FlatGrads`, cleared by :func:`optimizer_step`) and moment
+    estimates live in flat buffers allocated before the first step, for the reason ``FlatGrads`` gives. The
+    state is torch's own (``step``, ``exp_avg``, ``exp_avg_sq``, created here instead of at the first step;
+    a loaded state dict is copied into the buffers), so updates and checkpoints are unchanged."""
+
+    MOMENTS = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, **kw):
+        super().__init__(params, **kw)
+        ps = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        self.flat_grads = FlatGrads(ps)
+        self.moments = {k: flat_views(ps)[1] for k in self.MOMENTS}
+        self._params = ps
+        self._adopt_state()
+        self.register_load_state_dict_post_hook(lambda opt: opt._adopt_state())
+
+    def _adopt_state(self) -> None:
+        for i, p in enumerate(self._params):
+            st = self.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64
+                                          else torch.float32)  # what torch's first step creates
+            else:  # loaded: torch keeps the caller's step tensor, and steps add to it in place
+                st["step"] = st["step"].clone()
+            for k in self.MOMENTS:
+                v = self.moments[k][i]
+                if k in st and st[k] is not v:
+                    v.copy_(st[k])
+                st[k] = v
+
+
 def make_optimizer(params, oc, total_steps: int):
-    opt = torch.optim.AdamW(params, lr=oc.learning_rate, weight_decay=oc.weight_decay, betas=(0.9, 0.99))
+    opt = AdamW(params, lr=oc.learning_rate, weight_decay=oc.weight_decay, betas=(0.9, 0.99))
 
     def factor(step: int) -> float:
         if oc.warmup_steps and step < oc.warmup_steps:
@@ -47,13 +133,19 @@ def optimizer_step(dist, params, opt, sched, max_grad_norm: float) -> torch.Tens
     """The end of every update: gradients summed over torchrun ranks, clipped (0: no clipping), the optimizer
     and (when given) the schedule stepped, gradients cleared; the ``optimizer`` phase of ``--profile-memory``.
     Returns the gradient norm before clipping."""
+    flat = getattr(opt, "flat_grads", None)
     with PHASES.phase("optimizer"):
+        if flat is not None:
+            flat.drop_untouched()
         dist.sync_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         opt.step()
         if sched is not None:
             sched.step()
-        opt.zero_grad(set_to_none=True)
+        if flat is not None:
+            flat.reset()
+        else:
+            opt.zero_grad(set_to_none=True)
     return gn
 
 
