@@ -203,13 +203,18 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
     tokens equal those of transformers' ``generate`` on the repeated prompts."""
     from lowalign.bundle import position_ids_from_mask
 
-    kw = {"use_cache": True}
+    kw, first = {"use_cache": True}, {}
     key = cache_kwarg(model)
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         kw["logits_to_keep"] = 1
+        # the prefill's last position as an index, not transformers' slice ``[:, -1:]``: torch's CPU linear on
+        # that strided (B, 1, d) view ran 10x slower in float32 and in bfloat16 took 6.6 s and 5 GB for 100
+        # prompts (a contiguous copy: 8 ms; benchmarks/RESULTS.md, "bf16 on CPU")
+        first["logits_to_keep"] = torch.tensor([ids.shape[1] - 1], device=ids.device)
     cache = rollout_cache(model.config, max_new_tokens)
     pos = position_ids_from_mask(mask)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **kw, **{key: cache}).logits[:, -1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{**kw, **first},
+                   **{key: cache}).logits[:, -1]
     last = pos[:, -1]
     if groups > 1:
         cache.batch_repeat_interleave(groups)
