@@ -260,11 +260,18 @@ def _row_scaled(dropout: float):
     ids = torch.tensor([[5, 6, 7, 8]] * 3)
     s = torch.rand(3, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
     with b.use("policy"), b.row_scales("policy", {n: s for n in names}):
-        lean = [n for n, m in b.base.named_modules() if "forward" in m.__dict__]
+        lean = _forwards(b, "_lean_row_scaled_forward")
         h = b.hidden_states(ids, torch.ones_like(ids))
     h.sum().backward()
-    assert not [n for n, m in b.base.named_modules() if "forward" in m.__dict__]  # peft's forward restored
+    assert not _forwards(b, "_lean_row_scaled_forward")  # the module's own forward restored ...
+    assert _forwards(b, "_lean_forward") == names  # ... which is the bundle's lean LoRA forward
     return b, names, lean, h.detach(), s.grad, s.detach()
+
+
+def _forwards(b, maker: str) -> list[str]:
+    """The modules whose instance forward ``maker`` (a function of lowalign.bundle) made."""
+    return [n for n, m in b.base.named_modules()
+            if getattr(vars(m).get("forward"), "__qualname__", "").startswith(maker + ".")]
 
 
 def test_row_scales_lean_forward_equals_peft_forward_with_hook_and_the_formula():
