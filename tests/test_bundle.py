@@ -365,3 +365,40 @@ def test_loftq_reference_is_the_frozen_start():
     assert (_logits(b, "policy") - start).abs().max() > 1e-3
     torch.testing.assert_close(_logits(b, "reference"), start, rtol=0, atol=0)
     assert not any(p.requires_grad for p in b.adapter_parameters("init_reference"))
+
+
+def test_lean_lora_forward_equals_peft_forward_values_and_gradients():
+    """Every plain LoRA Linear runs ``_lean_forward`` (one addmm): the same hidden states and LoRA gradients as
+    peft's own forward, and the base alone in the reference role (adapters off: peft's path)."""
+    torch.manual_seed(0)
+    b = ModelBundle.load(ModelConfig())
+    b.add_adapter("policy", LoraConfig(r=4, alpha=8))
+    for _, _, B, _ in b.lora_factors("policy"):
+        B.data.normal_(0, 0.2)
+    names = [n for n, *_ in b.lora_factors("policy")]
+    assert _forwards(b, "_lean_forward") == names
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 3, 4, 5, 6]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    params = b.adapter_parameters("policy")
+
+    def run():
+        with b.use("policy"):
+            h = b.hidden_states(ids, mask)
+        (h * torch.linspace(-1, 1, h.shape[-1])).sum().backward()
+        grads = [p.grad.clone() for p in params]
+        b.base.zero_grad(set_to_none=True)
+        with torch.no_grad(), b.use("reference"):
+            ref = b.hidden_states(ids, mask)
+        return h.detach(), grads, ref
+
+    lean = run()
+    saved = {m: vars(m).pop("forward") for m in b.base.modules() if "forward" in vars(m)}
+    try:
+        peft = run()
+    finally:
+        for m, f in saved.items():
+            m.forward = f
+    torch.testing.assert_close(lean[0], peft[0], rtol=1e-6, atol=1e-6)
+    for g, g_ref in zip(lean[1], peft[1]):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lean[2], peft[2]) and not torch.allclose(lean[0], lean[2], atol=1e-3)
