@@ -86,9 +86,14 @@ def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=No
     return LogProbOutput(logps, ent, kl)
 
 
-def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap):
-    """Logits of one chunk (fp32; softcapped, then tempered) and the LoRA projection (for backward)."""
-    x = (h @ weight.T).float()  # (c, V); half inputs multiply in their dtype, accumulate fp32 after
+def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap, out=None):
+    """Logits of one chunk (fp32; softcapped, then tempered) and the LoRA projection (for backward). ``out``:
+    an fp32 (>= c, V) buffer to write them into (used when the head is fp32), so a loop over chunks reuses one
+    buffer instead of allocating [c, V] per chunk."""
+    if out is not None and h.dtype == weight.dtype == torch.float32:
+        x = torch.mm(h, weight.T, out=out[:h.shape[0]])
+    else:
+        x = (h @ weight.T).float()  # (c, V); half inputs multiply in their dtype, accumulate fp32 after
     u = None
     if bias is not None:
         x += bias.float()
@@ -97,7 +102,15 @@ def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap):
         x += scale * (u @ lora_b.T).float()
     if softcap:
         x = x.div_(softcap).tanh_().mul_(softcap)
-    return x / temperature if temperature != 1.0 else x, u
+    return x.div_(temperature) if temperature != 1.0 else x, u
+
+
+def _chunk_buffer(hidden, weight, chunk: int):
+    """One fp32 (chunk, V) buffer for a pass over several chunks of an fp32 head (None otherwise, or when the
+    tokens fit one chunk): allocating and freeing [c, V] per chunk grows a CPU process's heap."""
+    if hidden.shape[0] <= chunk or not hidden.dtype == weight.dtype == torch.float32:
+        return None
+    return torch.empty(chunk, weight.shape[0], device=hidden.device, dtype=torch.float32)
 
 
 class ChunkedLogProbs(torch.autograd.Function):
@@ -111,15 +124,22 @@ class ChunkedLogProbs(torch.autograd.Function):
         lse = torch.empty(N, device=dev, dtype=torch.float32)
         logps = torch.empty_like(lse)
         ent = torch.zeros_like(lse)
+        buf = _chunk_buffer(hidden, weight, chunk_size)
         with torch.no_grad():
             for s in range(0, N, chunk_size):
                 e = min(N, s + chunk_size)
-                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature, softcap)
-                m = torch.logsumexp(z, dim=-1)  # (c,)
-                lse[s:e] = m
-                logps[s:e] = z.gather(-1, targets[s:e, None].long()).squeeze(-1) - m
+                z, _ = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, lora_scale, temperature, softcap,
+                                     out=buf)
+                zy = z.gather(-1, targets[s:e, None].long()).squeeze(-1)
                 if with_entropy:  # ent = lse - sum_j p_j z_j: two extra passes over the chunk, only on request
+                    m = torch.logsumexp(z, dim=-1)  # (c,)
                     ent[s:e] = m - (torch.softmax(z, dim=-1) * z).sum(-1)
+                else:  # logsumexp's own steps, in the chunk's buffer (torch.logsumexp holds two more [c, V])
+                    mx = z.amax(-1, keepdim=True)
+                    mx.masked_fill_(mx.isinf(), 0.0)
+                    m = z.sub_(mx).exp_().sum(-1).log_().add_(mx.squeeze(-1))
+                lse[s:e] = m
+                logps[s:e] = zy - m
         kl = (kl_from_logps(logps, ref_logps.float(), kl_estimator) if ref_logps is not None
               else torch.zeros_like(logps))
         ctx.save_for_backward(hidden, weight, bias, lora_a, lora_b, targets, ref_logps, lse, logps, ent)
@@ -138,9 +158,10 @@ class ChunkedLogProbs(torch.autograd.Function):
         g_ent = None if g_ent is None or not ctx.with_entropy or not torch.any(g_ent != 0) else g_ent.float()
 
         grads = HeadGrads(hidden, weight, bias, lora_a, lora_b, scale, ctx.needs_input_grad[:5])
+        buf = _chunk_buffer(hidden, weight, chunk)
         for s in range(0, N, chunk):
             e = min(N, s + chunk)
-            z, u = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, scale, temperature, softcap)
+            z, u = _chunk_logits(hidden[s:e], weight, bias, lora_a, lora_b, scale, temperature, softcap, out=buf)
             # softcap derivative 1 - tanh^2(x/c) = 1 - (z T / c)^2, taken before z is overwritten
             dcap = None if not softcap else 1.0 - (z * (temperature / softcap)) ** 2
             logp_all = z.sub_(lse[s:e, None])  # in place: z is not needed any more
