@@ -296,9 +296,11 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     def forward_nograd(rows: int, T: int) -> int:  # one layer's temporaries at a time + the output states
         return rows * T * (s.hidden * 3 + 2 * s.intermediate + 2 * s.kv_dim) * dt + rows * T * s.hidden * dt
 
-    def logprob_chunk(backward: bool, tokens: int) -> int:  # kernels/logprobs: default_chunk_size
+    def logprob_chunk(tokens: int) -> int:  # kernels/logprobs: default_chunk_size
+        # one fp32 [chunk, vocab] buffer per pass, reused by every chunk (forward: logsumexp in it; backward:
+        # dz in it); the Triton kernels on CUDA are planned the same, as an upper bound
         chunk = max(LOGPROB_MIN_CHUNK, min(4096, LOGPROB_CHUNK_ELEMENTS // s.vocab))
-        return min(chunk, tokens) * s.vocab * 4 * (3 if backward else 2)
+        return min(chunk, tokens) * s.vocab * 4
 
     def train_pass(rows: int, T: int, vocab_chunk: bool = True) -> int:
         per_layer = rows * T * (10 * s.hidden + 4 * s.intermediate + 4 * s.kv_dim) * dt  # saved for backward
@@ -309,7 +311,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         acts = ckpt if cfg.model.gradient_checkpointing is True else per_layer * s.layers
         if device == "cpu":
             acts = int(acts * CPU_TRAIN_RSS_FACTOR)
-        return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(True, rows * T) if vocab_chunk else 0)
+        return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(rows * T) if vocab_chunk else 0)
 
     def decode(rows: int, T_total: int, sampled: bool) -> int:
         kv = 2 * s.layers * s.kv_dim * rows * T_total * dt
@@ -333,7 +335,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
                            f"{SAMPLER_COPIES} [rows, vocab] fp32 sampler buffers"))
         passes = (1 if getattr(tc, "beta", 0) else 0) + (getattr(tc, "num_iterations", 1) > 1) + ("critic" in names) * 2
         if passes:
-            out.phases.append(("scoring", forward_nograd(B, T) + logprob_chunk(False, B * T),
+            out.phases.append(("scoring", forward_nograd(B, T) + logprob_chunk(B * T),
                                f"no-grad forwards of all {B} rows ({passes} pass(es): reference/old/value/reward)"))
         mb = getattr(tc, "micro_batch_size", 0) or B
         if "critic" in names and not getattr(tc, "micro_batch_size", 0):
@@ -360,7 +362,7 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
                            f"{rows} sequences x {T} tokens, gradient checkpointing "
                            f"{'on' if cfg.model.gradient_checkpointing is True else 'off'}"))
         if getattr(tc, "precompute_ref", False):
-            out.phases.append(("reference", forward_nograd(rows, T) + logprob_chunk(False, rows * T),
+            out.phases.append(("reference", forward_nograd(rows, T) + logprob_chunk(rows * T),
                                f"reference log-probs precomputed once, {rows} sequences per batch"))
         elif "beta" in names and kind in ("preferences", "feedback") and cfg.algorithm not in ("orpo", "simpo"):
             out.phases[-1] = (out.phases[-1][0], out.phases[-1][1] + forward_nograd(rows, T) // 4,
