@@ -49,9 +49,9 @@ class FlatGrads:
 
     Why: left to autograd, each LoRA factor's gradient is a fresh ~100 KB tensor allocated in the middle of the
     first backward and freed after every optimizer step. On a CPU those small blocks land all over glibc's heap
-    and pin it (measured on SmolLM2, DPO, 4 pairs: the process peak of 4 steps 1655 MiB, with flat gradients
-    and optimizer state 1334). With ``p.grad`` already defined, autograd adds into it in place, so the buffer
-    stays where it was put.
+    and pin it (SmolLM2, DPO, 4 pairs, in a one-off script: the process peak over 4 steps 1655 MiB, ~1410 with
+    flat gradients and moments; ``benchmarks/RESULTS.md``, "The CPU heap, again"). With ``p.grad`` already
+    defined, autograd adds into it in place, so the buffer stays where it was put.
 
     Semantics stay those of ``zero_grad(set_to_none=True)``: a parameter that no backward reached since the last
     step has ``grad = None`` while the optimizer steps (AdamW skips it; ``sync_grads`` counts it as absent)."""
