@@ -137,10 +137,16 @@ def _lean_forward(m: nn.Module):
         A, B = m.lora_A[name].weight, m.lora_B[name].weight
         result = m.base_layer(x)
         h = torch.nn.functional.linear(x.to(A.dtype), A)  # (..., r)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t(),
-                          alpha=m.scaling[name])
-        return out.view(result.shape).to(result.dtype)
+        return _add_lora(result, h, B, m.scaling[name])
     return forward
+
+
+def _add_lora(result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``result + alpha * h B^T`` as one addmm (h = A x, (..., r)), in the adapter's dtype, returned in
+    ``result``'s: the last step of both lean LoRA forwards."""
+    out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t(),
+                      alpha=alpha)
+    return out.view(result.shape).to(result.dtype)
 
 
 def _lean_row_scaled_forward(m: nn.Module, name: str, s: torch.Tensor, mod_name: str):
@@ -158,8 +164,7 @@ def _lean_row_scaled_forward(m: nn.Module, name: str, s: torch.Tensor, mod_name:
         h = torch.nn.functional.linear(x.to(A.dtype), A)  # (rows, ..., r)
         sv = _row_view(s, h)
         h = h * sv if torch.is_grad_enabled() else h.mul_(sv)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t())
-        return out.view(result.shape).to(result.dtype)
+        return _add_lora(result, h, B)
     return forward
 
 

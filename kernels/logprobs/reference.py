@@ -89,8 +89,8 @@ def naive_logprobs(hidden, weight, targets, *, bias=None, lora_a=None, lora_b=No
 def _chunk_logits(h, weight, bias, lora_a, lora_b, scale, temperature, softcap, out=None):
     """Logits of one chunk (fp32; softcapped, then tempered) and the LoRA projection (for backward). ``out``:
     an fp32 (>= c, V) buffer to write them into (used when the head is fp32), so a loop over chunks reuses one
-    buffer instead of allocating [c, V] per chunk."""
-    if out is not None and h.dtype == weight.dtype == torch.float32:
+    buffer instead of allocating [c, V] per chunk (:func:`_chunk_buffer` gives one only for an fp32 head)."""
+    if out is not None:
         x = torch.mm(h, weight.T, out=out[:h.shape[0]])
     else:
         x = (h @ weight.T).float()  # (c, V); half inputs multiply in their dtype, accumulate fp32 after

@@ -91,15 +91,13 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, params, **kw):
         super().__init__(params, **kw)
-        ps = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        self.flat_grads = FlatGrads(ps)
-        self.moments = {k: flat_views(ps)[1] for k in self.MOMENTS}
-        self._params = ps
+        self.flat_grads = FlatGrads(p for g in self.param_groups for p in g["params"])
+        self.moments = {k: flat_views(self.flat_grads.params)[1] for k in self.MOMENTS}
         self._adopt_state()
         self.register_load_state_dict_post_hook(lambda opt: opt._adopt_state())
 
     def _adopt_state(self) -> None:
-        for i, p in enumerate(self._params):
+        for i, p in enumerate(self.flat_grads.params):
             st = self.state[p]
             if not st:
                 st["step"] = torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64
@@ -132,20 +130,16 @@ def make_optimizer(params, oc, total_steps: int):
 def optimizer_step(dist, params, opt, sched, max_grad_norm: float) -> torch.Tensor:
     """The end of every update: gradients summed over torchrun ranks, clipped (0: no clipping), the optimizer
     and (when given) the schedule stepped, gradients cleared; the ``optimizer`` phase of ``--profile-memory``.
-    Returns the gradient norm before clipping."""
-    flat = getattr(opt, "flat_grads", None)
+    ``opt`` comes from :func:`make_optimizer` (its gradients are :class:`FlatGrads`). Returns the gradient norm
+    before clipping."""
     with PHASES.phase("optimizer"):
-        if flat is not None:
-            flat.drop_untouched()
+        opt.flat_grads.drop_untouched()
         dist.sync_grads(params)
         gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm or float("inf"))
         opt.step()
         if sched is not None:
             sched.step()
-        if flat is not None:
-            flat.reset()
-        else:
-            opt.zero_grad(set_to_none=True)
+        opt.flat_grads.reset()
     return gn
 
 
