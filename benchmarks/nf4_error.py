@@ -11,7 +11,10 @@ checker, 16 new tokens):
 * ``nf4_torch``: every block linear quantized to nf4 and back in plain torch (``quantize_4bit`` /
   ``dequantize_4bit``, block 64), so no 4-bit kernel runs; ``nf4_torch_block32``: blocks of 32;
   ``nf4_keep_attention`` / ``nf4_keep_down`` / ``nf4_keep_first_last``: those layers left in float32.
+* ``nf4_mse``: nf4 with each block's scale searched (0.5-1 x absmax) for the least squared weight error.
 * ``nf4_bnb``: loaded with ``model.quantization: nf4`` (bitsandbytes' kernels).
+* ``nf4_gptq``: loaded with ``model.quantization: nf4`` and ``model.gptq_rows: 256`` (GPTQ onto the nf4 grid,
+  calibrated on 256 training prompts with their answers; ``lowalign.quantize``).
 * ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch);
   ``loftq_64_iter5``: LoftQ's alternation run 5 times (Q = nf4(W - L), L = the rank-r SVD of W - Q);
   ``loftq_<r>_block32``: nf4 in blocks of 32 (the GGUF's Q4_1 blocks) under the correction.
@@ -33,7 +36,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
+MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_mse", "nf4_gptq",
+         "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
          "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "loftq_64_iter5", "loftq_64_block32",
          "loftq_16_block32", "grads")
 
@@ -45,6 +49,23 @@ def nf4(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     return F.dequantize_4bit(q, st, quant_type="nf4")
 
 
+def nf4_mse(w: torch.Tensor, blocksize: int = 64, steps: int = 21) -> torch.Tensor:
+    """nf4 with each block's scale chosen for the least squared error (a clip search over 0.5-1 of absmax)."""
+    blocks = w.reshape(-1, blocksize)
+    amax = blocks.abs().amax(1, keepdim=True)
+    best, err = None, None
+    for c in torch.linspace(0.5, 1.0, steps):
+        s = amax * c
+        q = nf4(torch.maximum(torch.minimum(blocks, s), -s).reshape(w.shape), blocksize).reshape(blocks.shape)
+        e = (q - blocks).pow(2).sum(1, keepdim=True)
+        if best is None:
+            best, err = q, e
+        else:
+            take = e < err
+            best, err = torch.where(take, q, best), torch.minimum(e, err)
+    return best.reshape(w.shape)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modes", nargs="*", default=list(MODES), choices=MODES)
@@ -53,14 +74,14 @@ def main() -> None:
 
     from lowalign import api
     from lowalign.bundle import ModelBundle
-    from lowalign.data import prepare_prompts, render_rows
+    from lowalign.data import prepare_prompts
     from lowalign.evaluation import heldout_eval
 
     cfg = api.load_config(REPO / "recipes" / "grpo_smollm2.yaml")
     data = api.load_data(cfg, None)
     b = ModelBundle.load(cfg.model)
     prepare_prompts(data, b.tokenizer, cfg.data)
-    rows = render_rows(data.eval_rows_all[:args.rows], data.render)
+    rows = data.eval_rows_all[:args.rows]  # prepare_prompts rendered them (the chat template) already
     orig = {n: p.detach().clone() for n, p in b.base.named_parameters()}
     linears = [(n, m) for n, m in b.base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     last = b.base.config.num_hidden_layers - 1
@@ -96,11 +117,16 @@ def main() -> None:
             continue
         if mode == "nf4_bnb":
             acc = accuracy(ModelBundle.load(dataclasses.replace(cfg.model, quantization="nf4")))
+        elif mode == "nf4_gptq":  # what model.gptq_rows: 256 loads (lowalign.quantize; cached after the first)
+            gcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="nf4", gptq_rows=256))
+            acc = accuracy(api.load_bundle(gcfg, b.tokenizer, data))
         else:
             if mode == "float32":
                 set_weights(lambda n, w: w)
             elif mode == "nf4_torch":
                 set_weights(lambda n, w: nf4(w))
+            elif mode == "nf4_mse":
+                set_weights(lambda n, w: nf4_mse(w))
             elif mode == "nf4_torch_block32":
                 set_weights(lambda n, w: nf4(w, 32))
             elif mode in keep:
@@ -118,7 +144,7 @@ def grads(cfg, data) -> None:
 
     from lowalign.bundle import ModelBundle
     from lowalign.config import LoraConfig
-    from lowalign.data import prepare_prompts, render_rows
+    from lowalign.data import prepare_prompts
     from lowalign.generation import generate, row_seed
     from lowalign.logprobs import token_logprobs
 
@@ -136,7 +162,7 @@ def grads(cfg, data) -> None:
             if "lora_" in n:
                 p.copy_(pq[n])
     prepare_prompts(data, bq.tokenizer, cfg.data)
-    rows = render_rows(data.eval_rows_all[:8], data.render)
+    rows = data.eval_rows_all[:8]
     with bq.use("policy"):
         roll = generate(bq, [r["prompt"] for r in rows], max_new_tokens=16, num_generations=4,
                         row_seeds=[row_seed(0, i) for i in range(32)])

@@ -165,6 +165,35 @@ def load_data(cfg: C.RunConfig, tokenizer):
     return load_prompt_data(cfg.data, cfg.seed, cfg.eval.num_examples)
 
 
+def calibration_texts(cfg: C.RunConfig, data) -> list[str]:
+    """``model.gptq_rows`` training prompts (as the run renders them), each followed by its answer when the data
+    has one: what GPTQ calibrates an nf4 base on. Deterministic in the config, so a resumed run, ``bon`` and
+    ``export`` find the same cached calibration."""
+    n = cfg.model.gptq_rows
+    if data.task is not None:
+        rows = data.batch(0, n, cfg.seed)
+    elif data.train_rows:
+        rows = data.train_rows[:n]
+    else:  # preference and feedback files: their prompts and chosen (or rated) replies
+        rows = [{"prompt": r["prompt"], "answer": r.get("chosen", r.get("completion"))} for r in data.pairs.train[:n]]
+    return [r["prompt"] + (str(r["answer"]) if r.get("answer") is not None else "") for r in rows]
+
+
+def load_bundle(cfg: C.RunConfig, tokenizer, data, console=None):
+    """The run's base, once (:meth:`ModelBundle.load`), with its nf4 weights calibrated when
+    ``model.gptq_rows`` asks for it (after ``prepare_prompts``)."""
+    from lowalign.bundle import ModelBundle
+
+    bundle = ModelBundle.load(cfg.model, tokenizer=tokenizer)
+    if cfg.model.gptq_rows:
+        info = bundle.calibrate_nf4(calibration_texts(cfg, data))
+        if console is not None:
+            how = "cached" if info["cached"] else "computed"
+            console.print(f"model: nf4 weights calibrated with GPTQ on {info['tokens']} tokens "
+                          f"({cfg.model.gptq_rows} prompts; {info['layers']} linears, {how}: {info['path']})")
+    return bundle
+
+
 def resolve_memory(cfg: C.RunConfig, device: str, world: int = 1, console=None) -> None:
     """Fill in ``train.micro_batch_size: auto`` and ``model.gradient_checkpointing: auto`` (in place) from the
     planner and the memory budget, and say what was chosen; before any weights load. Nothing fitting is a
@@ -282,7 +311,6 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
         torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
 
-    from lowalign.bundle import ModelBundle
     from lowalign.data import prepare_prompts
     from lowalign.models import load_tokenizer, resolve_path
 
@@ -307,7 +335,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     resolve_memory(cfg, device.type, dist.world, console)
     PHASES.start(device, cfg.profile_memory)
     with PHASES.phase("load"):
-        bundle = ModelBundle.load(cfg.model, tokenizer=tok)
+        bundle = load_bundle(cfg, tok, data, console)
     fresh = not out.exists()  # the run directory is created only once everything before it worked
     run_dir = RunDir(out, writer=dist.main)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")

@@ -23,7 +23,7 @@ def best_of_n(recipe, overrides=(), *, out: str, n: int = 8, adapter: str | None
     """Write the best of ``n`` samples per prompt to ``out``; returns the summary printed at the end."""
     from rich.console import Console
 
-    from lowalign.api import load_data, resolve_config
+    from lowalign.api import load_bundle, load_data, resolve_config
     from lowalign.config import ConfigError
 
     console = Console(stderr=True, quiet=quiet)
@@ -43,7 +43,6 @@ def best_of_n(recipe, overrides=(), *, out: str, n: int = 8, adapter: str | None
     max_new_tokens = max_new_tokens or getattr(tc, "max_new_tokens", None) or cfg.eval.max_new_tokens
 
     from lowalign.algorithms.common import reward_sources, step_seed
-    from lowalign.bundle import ModelBundle
     from lowalign.data import prepare_prompts
     from lowalign.generation import generate
     from lowalign.losses.filtering import best_of_n_mask
@@ -67,7 +66,7 @@ def best_of_n(recipe, overrides=(), *, out: str, n: int = 8, adapter: str | None
     if not rows:
         raise ConfigError(f"--split {split}: no prompts to sample")
     RewardSources(cfg.rewards, checker=data.checker).probe(rows[:2])  # a broken reward fails before the model loads
-    bundle = ModelBundle.load(cfg.model, tokenizer=tok)
+    bundle = load_bundle(cfg, tok, data, console)
     role = "reference"
     if adapter:
         bundle.add_adapter("policy", cfg.lora, init_from=adapter)

@@ -643,6 +643,60 @@ class ModelBundle:
             self.heads[h].requires_grad_(False)
         self.freeze_adapter(name)
 
+    @torch.no_grad()
+    def calibrate_nf4(self, texts: list[str], batch_size: int = 16) -> dict:
+        """GPTQ onto the nf4 grid (:mod:`lowalign.quantize`) for every 4-bit linear of the decoder layers,
+        calibrated on ``texts``; call before any adapter is added. The result is cached in ``$LOWALIGN_CACHE``,
+        keyed by the model's weights and the texts, so a resumed run or an export gets the same weights
+        without recomputing. Returns ``{"layers", "tokens", "cached", "path"}``."""
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+        from tqdm.auto import tqdm
+
+        import lowalign.quantize as Q
+        from lowalign.gguf_source import cache_root
+        from lowalign.models import fingerprint, safetensors_reader
+
+        if self.peft is not None:
+            raise RuntimeError("calibrate_nf4: adapters are attached already")
+        if self.cfg.quantization != "nf4":
+            raise ConfigError("model.gptq_rows: GPTQ calibrates an nf4 base; set model.quantization: nf4")
+        read = safetensors_reader(self.source or "")
+        if read is None:
+            raise ConfigError(f"model.gptq_rows: GPTQ reads the full-precision weights from safetensors, and "
+                              f"{self.source} has none (pytorch_model.bin only, or not cached)")
+        h = hashlib.sha256(f"gptq-nf4 v1 damp=0.01\n{fingerprint(self.cfg.name_or_path, self.cfg.gguf_file)}"
+                           .encode())
+        for t in texts:
+            h.update(hashlib.sha256(t.encode()).digest())
+        path = cache_root() / "nf4-gptq" / f"{h.hexdigest()[:24]}.safetensors"
+        modules = dict(self.base.named_modules())
+        enc = [self.tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True).to(self.device)
+               for s in range(0, len(texts), batch_size)]
+        tokens = int(sum(e["attention_mask"].sum() for e in enc))
+        if path.is_file():
+            stored = load_file(str(path))
+            names = sorted({k.rsplit(".", 1)[0] for k in stored})
+            for n in names:
+                Q.set_nf4_weight(modules[n], stored[f"{n}.codes"], stored[f"{n}.absmax"])
+            return {"layers": len(names), "tokens": tokens, "cached": True, "path": str(path)}
+        was_training = self.base.training
+        self.base.eval()
+        try:
+            written = Q.calibrate_nf4(self.base, [{k: e[k] for k in ("input_ids", "attention_mask")} for e in enc],
+                                      read, lambda it: tqdm(it, desc="gptq nf4", unit="layer", leave=False))
+        finally:
+            self.base.train(was_training)
+        if not written:
+            raise ConfigError(f"model.gptq_rows: no 4-bit linear of {self.source} has a full-precision weight in "
+                              "its safetensors")
+        tensors = {}
+        for n, (packed, absmax) in written.items():
+            tensors[f"{n}.codes"], tensors[f"{n}.absmax"] = packed.cpu().contiguous(), absmax.cpu().contiguous()
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        return {"layers": len(written), "tokens": tokens, "cached": False, "path": str(path)}
+
     # ---- export ---------------------------------------------------------------------------------
 
     @torch.no_grad()

@@ -48,6 +48,10 @@ class ModelConfig:
     gguf_file: str | None = F(None, "A .gguf file inside the directory model.name_or_path names (as "
                                     "transformers' gguf_file); converted once like a .gguf path.")
     quantization: Literal["none", "nf4", "int8"] = F("none", "bitsandbytes quantization of the base.")
+    gptq_rows: int = F(0, "With quantization: nf4: calibrate the 4-bit weights with GPTQ (arXiv 2210.17323) on "
+                          "this many of the run's training prompts (with their answers, when the data has them) "
+                          "instead of bitsandbytes' round-to-nearest; cached per model and prompts, same "
+                          "bitsandbytes format. 0: round to nearest.", ge=0)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = F(
         "auto", "Compute dtype of the base (auto: float32 on CPU, bfloat16 on CUDA when supported).")
     gradient_checkpointing: Union[bool, Literal["auto"]] = F(  # noqa: UP007 (the parser reads typing.Union)
@@ -476,6 +480,9 @@ def _check_semantics(cfg: RunConfig) -> None:
             raise ConfigError(f"logging.backends[{i}]: unknown backend '{b}'.{_suggest(b, LOGGING_BACKENDS)}")
     if len(set(cfg.logging.backends)) != len(cfg.logging.backends):
         raise ConfigError(f"logging.backends: {cfg.logging.backends} names a backend twice")
+    if cfg.model.gptq_rows and cfg.model.quantization != "nf4":
+        raise ConfigError(f"model.gptq_rows: GPTQ calibrates an nf4 base; model.quantization is "
+                          f"'{cfg.model.quantization}' (set model.quantization: nf4, or model.gptq_rows: 0)")
     if cfg.lora.loftq_rank and cfg.lora.init != "loftq":
         raise ConfigError("lora.loftq_rank: the frozen LoftQ ranks need lora.init: loftq")
     if cfg.lora.init == "loftq":

@@ -209,7 +209,8 @@ def plan_export(run_dir: str | Path, out: str | Path, format: str = "merged", dt
                           f"{est / 2**20:.0f} MiB ({n_params / 1e6:.1f}M weights as {kind})")
     if model.quantization == "nf4":
         notes.append("the base was trained in nf4: reloaded in full precision with each 4-bit linear dequantized "
-                     "(the weights the adapter was trained against), and merged there")
+                     "(the weights the adapter was trained against), and merged there"
+                     + (" (GPTQ-calibrated, as in training)" if model.gptq_rows else ""))
     elif model.quantization == "int8":
         notes.append("the base was trained in int8: reloaded in full precision from its source and merged there")
     return ExportPlan(root, adapter_dir, role, model, loftq, format, kind, out, model_type, n_params, est, notes,
@@ -229,6 +230,14 @@ def merged_model(plan: ExportPlan):
     m = dataclasses.replace(plan.model, dtype="float32", device="cpu", gradient_checkpointing=False,
                             backend="hf", quantization="nf4" if plan.model.quantization == "nf4" else "none")
     bundle = ModelBundle.load(m)
+    if m.gptq_rows:  # the calibrated 4-bit weights the run trained against (from the cache, or recomputed)
+        from lowalign.api import calibration_texts, config_from_dict, load_data
+        from lowalign.data import prepare_prompts
+
+        cfg = config_from_dict(C.load_raw(plan.root / "config.yaml"))
+        data = load_data(cfg, bundle.tokenizer)
+        prepare_prompts(data, bundle.tokenizer, cfg.data)
+        bundle.calibrate_nf4(calibration_texts(cfg, data))
     if m.quantization == "nf4":
         bundle.dequantize_base()
     bundle.add_adapter(plan.role, saved_lora_config(plan.adapter_dir), init_from=str(plan.adapter_dir))

@@ -119,8 +119,9 @@ def test_gguf_of_a_llama_run_reads_back_in_transformers(tiny_run, tmp_path):
     assert prov["type"] == "q8_0" and prov["format"] == "gguf"
 
 
-def _fake_run(root, model_dir, quantization="none", init="default", head=False, noise=0.05):
-    """A run directory holding config.yaml and a saved adapter with random B (no training needed)."""
+def _fake_run(root, model_dir, quantization="none", init="default", head=False, noise=0.05, gptq_rows=0):
+    """A run directory holding config.yaml and a saved adapter with random B (no training needed); with
+    ``gptq_rows``, the nf4 base calibrated as a run calibrates it."""
     import yaml
 
     from lowalign.bundle import ModelBundle
@@ -128,11 +129,19 @@ def _fake_run(root, model_dir, quantization="none", init="default", head=False, 
 
     role = "reward" if head else "policy"
     root.mkdir(parents=True)
-    (root / "config.yaml").write_text(yaml.safe_dump({
-        "algorithm": "reward_model" if head else "grpo",
-        "model": {"name_or_path": str(model_dir), "quantization": quantization},
-        "lora": {"r": 4, "alpha": 8, "init": init}}))
+    raw = {"algorithm": "reward_model" if head else "grpo",
+           "model": {"name_or_path": str(model_dir), "quantization": quantization, "gptq_rows": gptq_rows},
+           "lora": {"r": 4, "alpha": 8, "init": init}}
+    (root / "config.yaml").write_text(yaml.safe_dump(raw))
     b = ModelBundle.load(ModelConfig(name_or_path=str(model_dir), dtype="float32", quantization=quantization))
+    if gptq_rows:
+        from lowalign import api
+        from lowalign.data import prepare_prompts
+
+        cfg = api.config_from_dict(raw)
+        data = api.load_data(cfg, b.tokenizer)
+        prepare_prompts(data, b.tokenizer, cfg.data)
+        b.calibrate_nf4(api.calibration_texts(cfg, data))
     torch.manual_seed(1)  # A's init and B's noise: the same adapter every run
     b.add_adapter(role, LoraConfig(r=4, alpha=8, init=init))
     for _, _, B, _ in b.lora_factors(role):
@@ -193,22 +202,33 @@ def test_gguf_of_an_architecture_it_cannot_map_is_refused_naming_it(name, arch, 
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("init", ["default", "loftq"])
-def test_an_nf4_run_exports_the_model_it_trained(init, tmp_path):
+@pytest.mark.parametrize("init,gptq_rows", [("default", 0), ("loftq", 0), ("loftq", 16)])
+def test_an_nf4_run_exports_the_model_it_trained(init, gptq_rows, tmp_path, monkeypatch):
     """Merged into the dequantized nf4 weights in full precision: the export computes what the nf4 bundle
     computed (a LoftQ adapter holds the quantization error's correction, so merging it into the original
-    weights would count that correction twice)."""
+    weights would count that correction twice; GPTQ-calibrated weights are calibrated again, or read from the
+    cache, the same way)."""
     from transformers import AutoModelForCausalLM
 
     from lowalign.tiny import resolve_builtin
 
-    b = _fake_run(tmp_path / "run", resolve_builtin("builtin:tiny"), quantization="nf4", init=init, noise=0.02)
+    monkeypatch.setenv("LOWALIGN_CACHE", str(tmp_path / "cache"))
+    b = _fake_run(tmp_path / "run", resolve_builtin("builtin:tiny"), quantization="nf4", init=init, noise=0.02,
+                  gptq_rows=gptq_rows)
     with torch.no_grad(), b.use("policy"):
         want = _logits(b.base)
+    if gptq_rows:  # the export must not fall back to plain rounding: it would compute something else
+        import shutil
+
+        rtn = _fake_run(tmp_path / "rtn", resolve_builtin("builtin:tiny"), quantization="nf4", init=init, noise=0.02)
+        with torch.no_grad(), rtn.use("policy"):
+            assert (_logits(rtn.base) - want).abs().max() > 1e-2
+        shutil.rmtree(tmp_path / "cache" / "nf4-gptq")  # and without the cache it calibrates again, the same
     E.export(tmp_path / "run", tmp_path / "merged")
     got = _logits(AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged")).eval())
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    assert "nf4" in json.loads((tmp_path / "merged" / E.MARKER).read_text())["notes"][0]
+    notes = json.loads((tmp_path / "merged" / E.MARKER).read_text())["notes"][0]
+    assert "nf4" in notes and ("GPTQ" in notes) == bool(gptq_rows)
 
 
 def test_a_reward_adapter_exports_merged_with_its_head(arch, tmp_path):
