@@ -143,6 +143,7 @@ def run_ranks(nproc: int, argv: list[str], env: dict[str, str], cwd, timeout: fl
                           "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)},
                    cwd) for r in range(nproc)]
     deadline = time.monotonic() + timeout
+    failed = []
     try:
         while any(p.exitcode is None for p, *_ in ranks):
             failed = [p for p, *_ in ranks if p.exitcode not in (None, 0)]
@@ -155,7 +156,9 @@ def run_ranks(nproc: int, argv: list[str], env: dict[str, str], cwd, timeout: fl
                     raise subprocess.TimeoutExpired(["lowalign", *argv], timeout)
                 break
             time.sleep(0.05)
-        code = next((p.exitcode for p, *_ in ranks if p.exitcode != 0), 0)
+        # the rank that failed first, not one killed because of it (rank 0's -9 when rank 1 failed first)
+        failed = failed or [p for p, *_ in ranks if p.exitcode != 0]
+        code = failed[0].exitcode if failed else 0
         return subprocess.CompletedProcess(["lowalign", *argv], code, "".join(_read(o) for _, o, _ in ranks),
                                            "".join(_read(e) for *_, e in ranks))
     finally:
