@@ -645,10 +645,10 @@ class ModelBundle:
 
     @torch.no_grad()
     def calibrate_nf4(self, texts: list[str], batch_size: int = 16) -> dict:
-        """GPTQ onto the nf4 grid (:mod:`lowalign.quantize`) for every 4-bit linear of the decoder layers,
-        calibrated on ``texts``; call before any adapter is added. The result is cached in ``$LOWALIGN_CACHE``,
-        keyed by the model's weights and the texts, so a resumed run or an export gets the same weights
-        without recomputing. Returns ``{"layers", "tokens", "cached", "path"}``."""
+        """GPTQ onto the nf4 grid (:mod:`lowalign.quantize`, act-order, each block's scale its absmax) for every
+        4-bit linear of the decoder layers, calibrated on ``texts``; call before any adapter is added. The
+        result is cached in ``$LOWALIGN_CACHE``, keyed by the model's weights and the texts, so a resumed run
+        or an export gets the same weights without recomputing. Returns ``{"layers", "tokens", "cached", "path"}``."""
         import hashlib
 
         from safetensors.torch import load_file, save_file
@@ -666,8 +666,8 @@ class ModelBundle:
         if read is None:
             raise ConfigError(f"model.gptq_rows: GPTQ reads the full-precision weights from safetensors, and "
                               f"{self.source} has none (pytorch_model.bin only, or not cached)")
-        h = hashlib.sha256(f"gptq-nf4 v1 damp=0.01\n{fingerprint(self.cfg.name_or_path, self.cfg.gguf_file)}"
-                           .encode())
+        key = f"gptq-nf4 v1 damp=0.01 act_order\n{fingerprint(self.cfg.name_or_path, self.cfg.gguf_file)}"
+        h = hashlib.sha256(key.encode())
         for t in texts:
             h.update(hashlib.sha256(t.encode()).digest())
         path = cache_root() / "nf4-gptq" / f"{h.hexdigest()[:24]}.safetensors"
@@ -685,7 +685,8 @@ class ModelBundle:
         self.base.eval()
         try:
             written = Q.calibrate_nf4(self.base, [{k: e[k] for k in ("input_ids", "attention_mask")} for e in enc],
-                                      read, lambda it: tqdm(it, desc="gptq nf4", unit="layer", leave=False))
+                                      read, lambda it: tqdm(it, desc="gptq nf4", unit="layer", leave=False),
+                                      act_order=True)
         finally:
             self.base.train(was_training)
         if not written:

@@ -6,8 +6,10 @@ arXiv 2210.17323) quantizes a linear's input columns one at a time and spreads e
 over the columns not yet quantized, through the inverse of the layer's input Hessian ``H = X^T X``, so that
 the layer's *output* on the calibration inputs moves as little as possible. The result is stored in
 bitsandbytes' own format (packed codes plus each block's absmax), so the 4-bit kernels, LoRA and export run
-unchanged. Measured on SmolLM2-135M-Instruct (a Q4_1 GGUF re-quantized to nf4), first 200 held-out chat
-arithmetic problems, greedy: float32 0.155, nf4 RTN 0.05, nf4 GPTQ 0.200 (``benchmarks/nf4_error.py``).
+unchanged. Measured on SmolLM2-135M-Instruct (a Q4_1 GGUF re-quantized to nf4), KL from the float32 model per
+token over 200 held-out chat problems and their answers: round to nearest 1.12 nats, GPTQ in input order
+0.04-0.05, GPTQ in act-order 0.011-0.018 (three calibration samples of 256 prompts;
+``benchmarks/nf4_error.py``, ``benchmarks/RESULTS.md``).
 
 Layer by layer (:func:`calibrate_nf4`): the calibration hidden states run through the decoder layers in order,
 each layer's linears are quantized from its inputs (already through the calibrated layers before it), and the
@@ -36,8 +38,8 @@ def nearest_code(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 
 def gptq_nf4(w: torch.Tensor, h: torch.Tensor, blocksize: int = 64, damp: float = 0.01,
-             absmax: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ of one linear onto the nf4 grid, in input-column order.
+             absmax: torch.Tensor | None = None, act_order: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ of one linear onto the nf4 grid.
 
     ``w``: [out, in] full-precision weight; ``h``: [in, in] sum of ``x x^T`` over calibration inputs x.
     Returns ``codes`` [out, in] (uint8, 0..15) and ``absmax`` [out, in / blocksize] (float32): weight
@@ -45,45 +47,58 @@ def gptq_nf4(w: torch.Tensor, h: torch.Tensor, blocksize: int = 64, damp: float 
     row-major weight whose rows are whole blocks.
 
     With ``U`` the upper Cholesky factor of ``(H + lambda I)^-1`` (lambda = ``damp`` x mean diagonal), column
-    ``j`` is rounded to ``q_j``, and the later columns absorb its error::
+    ``j`` is rounded to ``q_j``, and the columns after it absorb its error::
 
-        w_k <- w_k - (w_j - q_j) U[j, k] / U[j, j]        for k > j
+        w_k <- w_k - (w_j - q_j) U[j, k] / U[j, j]        for k after j
 
     (the closed-form optimal update of the remaining weights for the layer's squared output error; the paper's
     Eq. 3 in Cholesky form). Each block's absmax is taken when the block's first column is reached, from the
     weights as updated so far, unless ``absmax`` [out, in / blocksize] fixes the scales beforehand (then a
-    weight pushed past its block's absmax takes the outermost level). With ``h`` diagonal no error moves, and
-    the codes are bitsandbytes' own rounding.
+    weight pushed past its block's absmax takes the outermost level). ``act_order`` (fixed scales only) takes
+    the columns in order of decreasing ``H[j, j]`` instead of input order: the inputs with the most energy are
+    rounded first, while the most columns are left to absorb their error (the paper's "act-order"; fixed
+    scales keep bitsandbytes' contiguous blocks valid in any order). With ``h`` diagonal no error moves, and the
+    codes are bitsandbytes' own rounding.
     """
     out, n = w.shape
     if n % blocksize:
         raise ValueError(f"gptq_nf4: {n} input columns are not whole blocks of {blocksize}")
+    if act_order and absmax is None:
+        raise ValueError("gptq_nf4: act_order needs fixed absmax (a block's columns are no longer contiguous)")
     levels = nf4_levels(w.device).double()
     w = w.double().clone()
     h = h.double().clone()
     dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    h.diagonal().add_(damp * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)
     fixed = absmax is not None
     absmax = (absmax.to(w.device, torch.float64) if fixed
               else torch.empty(out, n // blocksize, dtype=torch.float64, device=w.device))
-    for b0 in range(0, n, blocksize):  # one block at a time; the later blocks get its error in one matmul
+    scales = absmax.repeat_interleave(blocksize, 1)  # [out, in]: each column's block scale
+    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+             else torch.arange(n, device=w.device))
+    w, h, scales = w[:, order], h[order][:, order], scales[:, order]
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)
+    tiny = torch.finfo(torch.float32).tiny
+    for b0 in range(0, n, blocksize):  # 64 columns at a time; the later ones get their error in one matmul
         b1 = b0 + blocksize
-        if not fixed:
+        if not fixed:  # input order: these 64 columns are one block
             absmax[:, b0 // blocksize] = w[:, b0:b1].abs().amax(1)
-        scale = absmax[:, b0 // blocksize].clamp_min(torch.finfo(torch.float32).tiny)
+            scales[:, b0:b1] = absmax[:, b0 // blocksize, None]
         err = torch.empty(out, blocksize, dtype=w.dtype, device=w.device)
         for j in range(b0, b1):
+            scale = scales[:, j].clamp_min(tiny)
             c = nearest_code(w[:, j] / scale, levels)
             codes[:, j] = c.to(torch.uint8)
             e = (w[:, j] - levels[c] * scale) / u[j, j]
             w[:, j + 1:b1] -= e[:, None] * u[j, j + 1:b1][None]
             err[:, j - b0] = e
         w[:, b1:] -= err @ u[b0:b1, b1:]
-    return codes, absmax.float()
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, order] = codes
+    return unpermuted, absmax.float()
 
 
 def pack_nf4(codes: torch.Tensor) -> torch.Tensor:
@@ -173,7 +188,8 @@ def _hessians(layer: nn.Module, quant: dict, caught: list) -> dict:
 
 @torch.no_grad()
 def calibrate_nf4(model: nn.Module, batches: Iterable[dict], read_weight: Callable[[str], torch.Tensor | None],
-                  progress: Callable[[Iterable], Iterable] = iter, damp: float = 0.01) -> dict:
+                  progress: Callable[[Iterable], Iterable] = iter, damp: float = 0.01, act_order: bool = False
+                  ) -> dict:
     """GPTQ every bitsandbytes 4-bit linear inside the decoder layers of ``model``, layer by layer.
 
     ``batches``: tokenized calibration inputs (``input_ids``, ``attention_mask``); ``read_weight(name)``: the
@@ -227,7 +243,7 @@ def calibrate_nf4(model: nn.Module, batches: Iterable[dict], read_weight: Callab
             w = w.to(hs[n].device)
             absmax = w.reshape(w.shape[0], -1, bs).abs().amax(-1)  # fixed from the start: the scales the
             _, used = nf4_state(m, absmax)                          # kernels will use (double-quantized)
-            codes, _ = gptq_nf4(w, hs[n], bs, damp, absmax=used)
+            codes, _ = gptq_nf4(w, hs[n], bs, damp, absmax=used, act_order=act_order)
             written[full] = (pack_nf4(codes), absmax)
             set_nf4_weight(m, *written[full])
         for k, ((args, kwargs), _) in enumerate(caught):  # the calibrated layer's outputs feed the next

@@ -25,23 +25,28 @@ def _dequant(codes, absmax, blocksize=64):
     return (levels[codes.long()] * absmax.double().repeat_interleave(blocksize, 1)).float()
 
 
-def _gptq_by_the_paper(w, h, blocksize=64, damp=0.01):
-    """GPTQ as the paper's Algorithm 1 states it before its Cholesky reformulation: quantize column j, move
-    the later columns by -(w_j - q_j) / [H^-1]_jj * [H^-1]_j,k, then drop j from H^-1 by Gaussian elimination."""
+def _gptq_by_the_paper(w, h, blocksize=64, damp=0.01, absmax=None, order=None):
+    """GPTQ as the paper states it before its Cholesky reformulation (the OBQ update): quantize column j, move
+    every column not yet quantized by -(w_j - q_j) / [H^-1]_jj * [H^-1]_j,k, then drop j from H^-1 by Gaussian
+    elimination. Columns in ``order`` (default: input order) at fixed ``absmax``, or each block's absmax taken
+    when its first column comes up."""
     w = w.double().clone()
     h = h.double().clone()
     h.diagonal().add_(damp * h.diagonal().mean())
     hinv = torch.linalg.inv(h)
     levels = Q.nf4_levels().double()
     codes = torch.zeros(w.shape, dtype=torch.long)
-    absmax = torch.zeros(w.shape[0], w.shape[1] // blocksize, dtype=torch.float64)
-    for j in range(w.shape[1]):
-        if j % blocksize == 0:
+    fixed = absmax is not None
+    absmax = absmax.double().clone() if fixed else torch.zeros(w.shape[0], w.shape[1] // blocksize, dtype=torch.float64)
+    left = list(range(w.shape[1])) if order is None else [int(j) for j in order]
+    while left:
+        j = left.pop(0)
+        if not fixed and j % blocksize == 0:
             absmax[:, j // blocksize] = w[:, j:j + blocksize].abs().amax(1)
         s = absmax[:, j // blocksize]
         codes[:, j] = (w[:, j:j + 1] / s[:, None] - levels).abs().argmin(1)
         err = (w[:, j] - levels[codes[:, j]] * s) / hinv[j, j]
-        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None]
+        w[:, left] -= err[:, None] * hinv[j, left][None]
         hinv = hinv - hinv[:, j:j + 1] @ hinv[j:j + 1, :] / hinv[j, j]
     return codes, absmax.float()
 
@@ -72,6 +77,25 @@ def test_gptq_matches_the_papers_update_and_beats_rounding_on_the_layer_output()
     # held-out inputs from the same distribution: the gain is not an overfit to the calibration tokens
     xh = _inputs(128, seed=1)
     assert (xh @ (w - _dequant(codes, absmax)).T).norm() < 0.5 * (xh @ (w - _dequant(rtn_codes, rtn_absmax)).T).norm()
+
+
+def test_act_order_matches_the_papers_update_in_that_order_and_cuts_the_output_error():
+    torch.manual_seed(0)
+    w = torch.randn(16, 128) * 0.05
+    x = _inputs(128) * torch.linspace(0.2, 3, 128)  # inputs of unequal energy: the order matters
+    h = x.T @ x
+    scales = w.reshape(16, 2, 64).abs().amax(-1)
+    codes, absmax = Q.gptq_nf4(w, h, absmax=scales, act_order=True)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    want, _ = _gptq_by_the_paper(w, h, absmax=scales, order=order)
+    assert (codes.long() == want).float().mean() > 0.99
+    plain, _ = Q.gptq_nf4(w, h, absmax=scales)
+    assert not torch.equal(codes, plain)
+    xh = _inputs(128, seed=1) * torch.linspace(0.2, 3, 128)
+    err = lambda c: (xh @ (w - _dequant(c, scales)).T).norm()  # noqa: E731
+    assert err(codes) < err(plain), (err(codes), err(plain))
+    with pytest.raises(ValueError, match="act_order needs fixed absmax"):
+        Q.gptq_nf4(w, h, act_order=True)
 
 
 def test_fixed_scales_and_weights_pushed_past_them():
