@@ -672,15 +672,24 @@ class ModelBundle:
             h.update(hashlib.sha256(t.encode()).digest())
         path = cache_root() / "nf4-gptq" / f"{h.hexdigest()[:24]}.safetensors"
         modules = dict(self.base.named_modules())
-        enc = [self.tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True).to(self.device)
-               for s in range(0, len(texts), batch_size)]
-        tokens = int(sum(e["attention_mask"].sum() for e in enc))
+
+        def encoded():
+            enc = [self.tokenizer(texts[s:s + batch_size], return_tensors="pt", padding=True).to(self.device)
+                   for s in range(0, len(texts), batch_size)]
+            return enc, int(sum(e["attention_mask"].sum() for e in enc))
+
         if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:  # the token count is stored with the weights (older: recount)
+                tokens = (f.metadata() or {}).get("tokens")
             stored = load_file(str(path))
             names = sorted({k.rsplit(".", 1)[0] for k in stored})
             for n in names:
                 Q.set_nf4_weight(modules[n], stored[f"{n}.codes"], stored[f"{n}.absmax"])
-            return {"layers": len(names), "tokens": tokens, "cached": True, "path": str(path)}
+            return {"layers": len(names), "tokens": int(tokens) if tokens else encoded()[1], "cached": True,
+                    "path": str(path)}
+        enc, tokens = encoded()
         was_training = self.base.training
         self.base.eval()
         try:
@@ -695,7 +704,7 @@ class ModelBundle:
         tensors = {}
         for n, (packed, absmax) in written.items():
             tensors[f"{n}.codes"], tensors[f"{n}.absmax"] = packed.cpu().contiguous(), absmax.cpu().contiguous()
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"tokens": str(tokens)}))
         return {"layers": len(written), "tokens": tokens, "cached": False, "path": str(path)}
 
     # ---- export ---------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_calibrated_tiny_model_is_closer_to_full_precision_and_cached(tmp_path, 
     assert err_gptq < 0.8 * err_rtn, (err_gptq, err_rtn)
     again = ModelBundle.load(cfg)
     info2 = again.calibrate_nf4(_texts())
-    assert info2["cached"] and info2["path"] == info["path"]
+    assert info2["cached"] and info2["path"] == info["path"] and info2["tokens"] == info["tokens"] > 0
     for (n, p), q in zip(gptq.base.state_dict().items(), again.base.state_dict().values()):
         assert torch.equal(p, q), n
     other = ModelBundle.load(cfg).calibrate_nf4(_texts()[:8])  # other texts: another cache entry
