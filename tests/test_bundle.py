@@ -367,11 +367,15 @@ def test_loftq_reference_is_the_frozen_start():
     assert not any(p.requires_grad for p in b.adapter_parameters("init_reference"))
 
 
-def test_lean_lora_forward_equals_peft_forward_values_and_gradients():
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_lean_lora_forward_equals_peft_forward_values_and_gradients(quantization):
     """Every plain LoRA Linear runs ``_lean_forward`` (one addmm): the same hidden states and LoRA gradients as
-    peft's own forward, and the base alone in the reference role (adapters off: peft's path)."""
+    peft's own forward, and the base alone in the reference role (adapters off: peft's path). On an nf4 base
+    too, where peft's LoRA class is its bitsandbytes Linear4bit."""
+    if quantization == "nf4":
+        pytest.importorskip("bitsandbytes")
     torch.manual_seed(0)
-    b = ModelBundle.load(ModelConfig())
+    b = ModelBundle.load(ModelConfig(quantization=quantization))
     b.add_adapter("policy", LoraConfig(r=4, alpha=8))
     for _, _, B, _ in b.lora_factors("policy"):
         B.data.normal_(0, 0.2)
