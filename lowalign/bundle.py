@@ -120,6 +120,21 @@ def _plain_lora(m: nn.Module, name: str) -> bool:
             and isinstance(m.lora_A[name], nn.Linear) and isinstance(m.lora_B[name], nn.Linear))
 
 
+@torch.no_grad()
+def _own_unquantized_tensors(model: nn.Module) -> None:
+    """Copy a CPU-loaded quantized model's full-precision tensors (embeddings, norms, head) into memory of its
+    own. transformers leaves them as views of the memory-mapped safetensors file, and that mapping then keeps in
+    the process's RSS every page the quantization read: all the full-precision block weights (405 MiB for
+    SmolLM2-135M in nf4, more than the 4-bit model itself). Without the views the file is unmapped."""
+    import bitsandbytes as bnb
+
+    quantized = tuple(getattr(bnb.nn, n) for n in ("Params4bit", "Int8Params") if hasattr(bnb.nn, n))
+    for m in model.modules():
+        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
+            if t is not None and not isinstance(t, quantized):
+                t.data = t.data.clone()
+
+
 def _peft_quantized_lora_types() -> tuple:
     """peft's LoRA modules on bitsandbytes' 4- and 8-bit linears (none without bitsandbytes). Their forward is
     lora.Linear's plus a defensive copy of the base output, so the lean forward serves them too: in an nf4
@@ -254,6 +269,8 @@ class ModelBundle:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=cfg.gradient_checkpointing is True)
             guard_avx512bf16(model)
+            if device.type == "cpu":
+                _own_unquantized_tensors(model)
         if cfg.gradient_checkpointing is True:  # "auto" that no run resolved: off
             # reentrant: the forward runs without autograd inside each layer, so no graph nodes are left
             # between the layer's freed temporaries. Non-reentrant's were, and on a CPU glibc could not reuse

@@ -406,3 +406,36 @@ def test_lean_lora_forward_equals_peft_forward_values_and_gradients(quantization
     for g, g_ref in zip(lean[1], peft[1]):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(lean[2], peft[2]) and not torch.allclose(lean[0], lean[2], atol=1e-3)
+
+
+def test_cpu_quantized_load_does_not_keep_the_full_precision_file_mapped(tmp_path):
+    """After an nf4 load on a CPU nothing of the model refers to its safetensors file any more, so the pages
+    quantization read are not held in memory (the file is no longer in the process's mappings), and the
+    copied full-precision tensors equal the file's."""
+    pytest.importorskip("bitsandbytes")
+    import pathlib
+
+    import transformers
+    from safetensors.torch import load_file
+
+    maps = pathlib.Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs /proc/self/maps (Linux) to see the process's file mappings")
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    d = tmp_path / "llama"
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    from lowalign.tiny import byte_tokenizer
+
+    byte_tokenizer().save_pretrained(d)
+    full = ModelBundle.load(ModelConfig(name_or_path=str(d)))  # float32: the weights are the mapped file
+    assert str(d / "model.safetensors") in maps.read_text()
+    del full
+    import gc
+
+    gc.collect()
+    assert str(d / "model.safetensors") not in maps.read_text()
+    b = ModelBundle.load(ModelConfig(name_or_path=str(d), quantization="nf4"))
+    assert str(d / "model.safetensors") not in maps.read_text()
+    saved = load_file(str(d / "model.safetensors"))
+    assert torch.equal(b.base.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
