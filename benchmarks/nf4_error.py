@@ -67,6 +67,23 @@ def nf4_mse(w: torch.Tensor, blocksize: int = 64, steps: int = 21) -> torch.Tens
     return best.reshape(w.shape)
 
 
+def kl_from(reference, rows: list[dict], batch: int = 25):
+    """A function of a bundle: its KL from ``reference`` (KL(reference || bundle), nats per token) over the
+    next-token distributions of ``rows``' prompts (rendered already) followed by their answers, adapters off.
+    A finer measure than greedy accuracy, which moves by 1 / len(rows) per problem."""
+    texts = [r["prompt"] + str(r["answer"]) for r in rows]
+    encs = [reference.tokenizer(texts[s:s + batch], return_tensors="pt", padding=True)
+            for s in range(0, len(texts), batch)]
+
+    @torch.no_grad()
+    def logps(bundle) -> list[torch.Tensor]:
+        return [torch.log_softmax(bundle.base(**e).logits.float(), -1)[e["attention_mask"].bool()] for e in encs]
+
+    ref = logps(reference)
+    tokens = sum(len(r) for r in ref)
+    return lambda bundle: sum((r.exp() * (r - q)).sum().item() for r, q in zip(ref, logps(bundle))) / tokens
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modes", nargs="*", default=list(MODES), choices=MODES)
@@ -87,22 +104,12 @@ def main() -> None:
     linears = [(n, m) for n, m in b.base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     last = b.base.config.num_hidden_layers - 1
 
-    # KL(float32 || mode) per token over the held-out prompts followed by their answers: a finer measure than
-    # greedy accuracy (which moves by 0.005 per problem)
-    texts = [r["prompt"] + str(r["answer"]) for r in rows]
-    encs = [b.tokenizer(texts[s:s + 25], return_tensors="pt", padding=True) for s in range(0, len(texts), 25)]
-
-    @torch.no_grad()
-    def logps(bundle) -> list[torch.Tensor]:
-        return [torch.log_softmax(bundle.base(**e).logits.float(), -1)[e["attention_mask"].bool()] for e in encs]
-
-    reference = logps(b)
+    kl = kl_from(b, rows)
 
     def accuracy(bundle) -> str:
         acc = heldout_eval(bundle, rows, checker=data.checker, batch_size=100, max_new_tokens=16,
                            role="reference")["accuracy"]
-        kl = sum((r.exp() * (r - q)).sum().item() for r, q in zip(reference, logps(bundle)))
-        return f"{acc:.3f} | {kl / sum(len(r) for r in reference):.4f}"
+        return f"{acc:.3f} | {kl(bundle):.4f}"
 
     @torch.no_grad()
     def set_weights(fn) -> None:

@@ -32,6 +32,7 @@ def main() -> None:
 
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
+    from nf4_error import kl_from  # benchmarks/, this script's folder
     from safetensors.torch import load_file
 
     from lowalign import api
@@ -47,18 +48,7 @@ def main() -> None:
     std = {n + ".weight": (F.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
                            - full[n + ".weight"]).std().item()
            for n, m in nf4.base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
-    texts = [r["prompt"] + str(r["answer"]) for r in data.eval_rows_all[:200]]
-    encs = [fp.tokenizer(texts[s:s + 25], return_tensors="pt", padding=True) for s in range(0, len(texts), 25)]
-
-    @torch.no_grad()
-    def logps(b):
-        return [torch.log_softmax(b.base(**e).logits.float(), -1)[e["attention_mask"].bool()] for e in encs]
-
-    ref = logps(fp)
-
-    def kl(b) -> float:
-        return sum((r.exp() * (r - q)).sum().item() for r, q in zip(ref, logps(b))) / sum(len(r) for r in ref)
-
+    kl = kl_from(fp, data.eval_rows_all[:200])
     target = kl(nf4)
     g = torch.Generator().manual_seed(args.seed)
     noise = {k: torch.randn(full[k].shape, generator=g) * s for k, s in std.items()}

@@ -129,10 +129,9 @@ def _own_unquantized_tensors(model: nn.Module) -> None:
     import bitsandbytes as bnb
 
     quantized = tuple(getattr(bnb.nn, n) for n in ("Params4bit", "Int8Params") if hasattr(bnb.nn, n))
-    for m in model.modules():
-        for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]:
-            if t is not None and not isinstance(t, quantized):
-                t.data = t.data.clone()
+    for t in [*model.parameters(), *model.buffers()]:  # each tensor once (a tied head is the embedding)
+        if not isinstance(t, quantized):
+            t.data = t.data.clone()
 
 
 def _peft_quantized_lora_types() -> tuple:
@@ -681,7 +680,7 @@ class ModelBundle:
         or an export gets the same weights without recomputing. Returns ``{"layers", "tokens", "cached", "path"}``."""
         import hashlib
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
         from tqdm.auto import tqdm
 
         import lowalign.quantize as Q
@@ -713,7 +712,7 @@ class ModelBundle:
 
             with safe_open(str(path), "pt") as f:  # the token count is stored with the weights (older: recount)
                 tokens = (f.metadata() or {}).get("tokens")
-            stored = load_file(str(path))
+                stored = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
             names = sorted({k.rsplit(".", 1)[0] for k in stored})
             for n in names:
                 Q.set_nf4_weight(modules[n], stored[f"{n}.codes"], stored[f"{n}.absmax"])

@@ -129,13 +129,14 @@ def nf4_state(layer: nn.Module, absmax: torch.Tensor):
     return state, used.reshape(absmax.shape)
 
 
-def set_nf4_weight(layer: nn.Module, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+def set_nf4_weight(layer: nn.Module, packed: torch.Tensor, absmax: torch.Tensor, state=None) -> None:
     """Write ``packed`` codes (:func:`pack_nf4`) and per-block ``absmax`` into bitsandbytes' ``Linear4bit``
-    ``layer`` in its own format (:func:`nf4_state`)."""
+    ``layer`` in its own format (``state``: :func:`nf4_state` of ``absmax``, built here when not given)."""
     if packed.numel() * 2 != layer.out_features * layer.in_features:
         raise ValueError(f"set_nf4_weight: {packed.numel() * 2} codes do not fit a {layer.out_features} x "
                          f"{layer.in_features} layer")
-    state, _ = nf4_state(layer, absmax)
+    if state is None:
+        state, _ = nf4_state(layer, absmax)
     layer.weight.data = packed.reshape(layer.weight.data.shape).to(layer.weight.data.device,
                                                                     layer.weight.data.dtype)
     layer.weight.quant_state = state
@@ -242,10 +243,10 @@ def calibrate_nf4(model: nn.Module, batches: Iterable[dict], read_weight: Callab
             bs = m.weight.quant_state.blocksize
             w = w.to(hs[n].device)
             absmax = w.reshape(w.shape[0], -1, bs).abs().amax(-1)  # fixed from the start: the scales the
-            _, used = nf4_state(m, absmax)                          # kernels will use (double-quantized)
+            state, used = nf4_state(m, absmax)                      # kernels will use (double-quantized)
             codes, _ = gptq_nf4(w, hs[n], bs, damp, absmax=used, act_order=act_order)
             written[full] = (pack_nf4(codes), absmax)
-            set_nf4_weight(m, *written[full])
+            set_nf4_weight(m, *written[full], state=state)
         for k, ((args, kwargs), _) in enumerate(caught):  # the calibrated layer's outputs feed the next
             out = layer(*args, **kwargs)
             hidden[k] = out[0] if isinstance(out, tuple) else out

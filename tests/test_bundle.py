@@ -413,10 +413,13 @@ def test_cpu_quantized_load_does_not_keep_the_full_precision_file_mapped(tmp_pat
     quantization read are not held in memory (the file is no longer in the process's mappings), and the
     copied full-precision tensors equal the file's."""
     pytest.importorskip("bitsandbytes")
+    import gc
     import pathlib
 
     import transformers
     from safetensors.torch import load_file
+
+    from lowalign.tiny import byte_tokenizer
 
     maps = pathlib.Path("/proc/self/maps")
     if not maps.exists():
@@ -425,14 +428,10 @@ def test_cpu_quantized_load_does_not_keep_the_full_precision_file_mapped(tmp_pat
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     d = tmp_path / "llama"
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    from lowalign.tiny import byte_tokenizer
-
     byte_tokenizer().save_pretrained(d)
     full = ModelBundle.load(ModelConfig(name_or_path=str(d)))  # float32: the weights are the mapped file
     assert str(d / "model.safetensors") in maps.read_text()
     del full
-    import gc
-
     gc.collect()
     assert str(d / "model.safetensors") not in maps.read_text()
     b = ModelBundle.load(ModelConfig(name_or_path=str(d), quantization="nf4"))
