@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh memory               # real-size GRPO / DPO memory and step time
 #   bash benchmarks/gpu_session.sh kl unsloth
 #   bash benchmarks/gpu_session.sh essa                 # ESSA population throughput, batched vs sequential
+#   bash benchmarks/gpu_session.sh tests memory15 kl rollout_short   # one 10-minute call: the quick proof
+#   bash benchmarks/gpu_session.sh tests memory05 expandable
 # Runs on a machine with one CUDA GPU and python3 holding torch, triton, transformers and peft. Missing
 # packages (bitsandbytes) can sit unpacked in .gpu/site. Every table goes to stdout and to $OUT/<section>.md.
 set -uo pipefail
@@ -34,8 +36,8 @@ for s in "$@"; do
       section logprobs_frozen 200 python3 benchmarks/bench_logprobs.py --frozen --reps 5 \
         --shapes 8192x128256x4096 8192x151936x1536
       section logprobs_trainable 120 python3 benchmarks/bench_logprobs.py --reps 5 --shapes 8192x128256x4096 ;;
-    tests)
-      section kernel_tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/kernels/test_logprobs_triton.py \
+    tests)  # every case, compiled in parallel (a failure list, not the first failure)
+      section kernel_tests 150 python3 -m pytest -q -n 8 -p no:cacheprovider tests/kernels/test_logprobs_triton.py \
         tests/kernels/test_kl.py ;;
     sweep)
       section sweep 200 python3 benchmarks/bench_logprobs.py --frozen --reps 3 --shapes 8192x151936x1536 --sweep \
@@ -45,6 +47,16 @@ for s in "$@"; do
         --json "$OUT/rollout_05b.json" ;;
     rollout15)
       section rollout_15b 240 python3 benchmarks/bench_rollout.py --size 1.5b --quantization nf4 ;;
+    memory15)  # the 1.5B rows only: nf4 and bf16, GRPO and DPO
+      section memory15 220 python3 benchmarks/gpu_memory.py --sizes 1.5b --json "$OUT/memory15.json" ;;
+    memory05)
+      section memory05 170 python3 benchmarks/gpu_memory.py --sizes 0.5b --json "$OUT/memory05.json" ;;
+    expandable)  # the 1.5B nf4 GRPO row again with the allocator's expandable segments (reserved vs allocated)
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True section expandable 90 python3 benchmarks/gpu_memory.py \
+        --sizes 1.5b --quantizations nf4 --algorithms grpo --json "$OUT/expandable.json" ;;
+    rollout_short)
+      section rollout_short 80 python3 benchmarks/bench_rollout.py --size 0.5b --reps 1 --variants dynamic static \
+        --variant-timeout 45 --json "$OUT/rollout_short.json" ;;
     memory)
       section memory 480 python3 benchmarks/gpu_memory.py --json "$OUT/memory.json" ;;
     essa)  # issue #14: batched population vs one member per generation call, where batching is meant to pay
@@ -52,7 +64,7 @@ for s in "$@"; do
       section essa_05b 300 python3 benchmarks/es_vs_grpo.py --throughput-only --size 0.5b --quantization none \
         --populations 8 32 --prompts 64 ;;
     kl)
-      section kl 200 python3 benchmarks/bench_kl.py --device cuda --dtype bfloat16 \
+      section kl 70 python3 benchmarks/bench_kl.py --device cuda --dtype bfloat16 \
         --shapes 8192x151936x1536 4096x128256x4096 ;;
     *) echo "unknown section $s"; exit 2 ;;
   esac

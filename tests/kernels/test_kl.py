@@ -31,13 +31,15 @@ def make(N, V, d, r=0, ref_r=0, dtype=torch.float64, bias=True, seed=0, frozen_w
     if ref_r:
         x["ref_lora_a"], x["ref_lora_b"] = t(ref_r, d, scale=0.3).detach(), t(V, ref_r, scale=0.3).detach()
         x["ref_lora_scale"] = 0.6
-    return x
+    # built on the CPU's generator (the same numbers everywhere), then moved to where the kernels run
+    return {k: v.detach().to(DEVICE).requires_grad_(v.requires_grad) if torch.is_tensor(v) else v
+            for k, v in x.items()}
 
 
 def run(fn, x, seed=1, **kw):
     g = torch.Generator().manual_seed(seed)
     N = x["hidden"].shape[0]
-    w_kl, w_lp = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    w_kl, w_lp = torch.randn(N, generator=g).to(DEVICE), torch.randn(N, generator=g).to(DEVICE)
     out = fn(**x, **kw)
     loss = (out.kl * w_kl.to(out.kl)).sum() + (out.logps * w_lp.to(out.kl)).sum()
     leaves = [k for k, v in x.items() if torch.is_tensor(v) and v.requires_grad]
@@ -126,7 +128,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="must match"):
         chunked_kl(**{**x, "ref_hidden": x["ref_hidden"][:3]})
     with pytest.raises(ValueError, match="both LoRA factors"):
-        chunked_kl(**x, ref_lora_a=torch.zeros(2, 3))
+        chunked_kl(**x, ref_lora_a=torch.zeros(2, 3, device=DEVICE))
 
 
 MEMORY_SCRIPT = textwrap.dedent("""
