@@ -77,6 +77,20 @@ def disable_dropout(model: nn.Module) -> int:
     return n
 
 
+def freeze_quantized_base(model: nn.Module) -> None:
+    """Freeze every base parameter of a 4-/8-bit model and leave the rest in the compute dtype.
+
+    This is peft's ``prepare_model_for_kbit_training`` without its cast of every unquantized parameter to
+    fp32. That cast made the embeddings (and a tied lm_head) fp32: 890 instead of 445 MiB for
+    Qwen2.5-1.5B, a residual stream carried in fp32 through every layer (embedding + bf16 = fp32), and the
+    log-prob kernels run on fp32 hidden states and head (benchmarks/RESULTS.md, GPU section: nf4 GRPO
+    above bf16's peak, its train phase 5x bf16's). Norms compute their statistics in fp32 inside the
+    layer whatever their weight's dtype; the frozen embeddings gain nothing from fp32. Gradient
+    checkpointing's input hook is set by ``ModelBundle.load`` for every base."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
 def guard_avx512bf16(model: nn.Module) -> int:
     """bitsandbytes' CPU path repacks a Linear4bit weight in place when it runs under eval()/no_grad on
     CPUs with AVX512-BF16; later backward passes then silently lose LoRA gradients. Turn that off on
@@ -263,10 +277,7 @@ class ModelBundle:
         if cfg.quantization == "none":
             model.to(device)
         else:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing is True)
+            freeze_quantized_base(model)
             guard_avx512bf16(model)
             if device.type == "cpu":
                 _own_unquantized_tensors(model)

@@ -438,3 +438,21 @@ def test_cpu_quantized_load_does_not_keep_the_full_precision_file_mapped(tmp_pat
     assert str(d / "model.safetensors") not in maps.read_text()
     saved = load_file(str(d / "model.safetensors"))
     assert torch.equal(b.base.get_input_embeddings().weight, saved["model.embed_tokens.weight"])
+
+
+def test_quantized_base_keeps_its_unquantized_weights_in_the_compute_dtype():
+    """peft's prepare_model_for_kbit_training casts embeddings, norms and a tied head to fp32: on a GPU that
+    doubled the embeddings' memory and carried the residual stream in fp32 (nf4 GRPO on Qwen2.5-1.5B peaked
+    above bf16's). A bf16 nf4 base stays bf16 outside its 4-bit layers, frozen, and still trains its LoRA
+    through gradient checkpointing."""
+    b = _bundle(quantization="nf4", dtype="bfloat16", gradient_checkpointing=True)
+    base = {n: p for n, p in b.base.named_parameters() if "lora_" not in n}
+    assert {p.dtype for p in base.values()} == {torch.bfloat16, torch.uint8}  # uint8: the packed 4-bit weights
+    assert b.base.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not any(p.requires_grad for p in base.values())
+    with b.use("policy"):
+        loss = b.causal_lm(input_ids=IDS, attention_mask=MASK, labels=IDS).loss
+    loss.backward()
+    grads = [p.grad for p in b.adapter_parameters("policy")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0

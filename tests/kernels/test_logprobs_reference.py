@@ -105,3 +105,24 @@ def test_softcap_is_the_gemma2_formula():
     assert_rel(got, want, 1e-6)  # naive computes in fp32
     assert (naive_logprobs(**kw, temperature=0.8).logps - got).abs().max() > 1e-2
     assert logits.abs().max() > 2.0  # the cap was active
+
+
+def test_auto_runs_triton_on_cuda_only_for_forward_only_calls(monkeypatch):
+    """The dispatch measured on the GPU: Triton's forward is faster than the chunked path, its backward
+    slower, so ``auto`` takes Triton on CUDA only when no gradient will flow; the environment overrides."""
+    from lowalign.kernels.logprobs import needs_grad, resolve_impl
+
+    monkeypatch.delenv("LOWALIGN_LOGPROB_IMPL", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert resolve_impl(None, "cuda", needs_grad=False) == "triton"
+    assert resolve_impl(None, "cuda", needs_grad=True) == "reference"
+    assert resolve_impl(None, "cpu", needs_grad=False) == "reference"
+    assert resolve_impl("triton", "cuda", needs_grad=True) == "triton"
+    monkeypatch.setenv("LOWALIGN_LOGPROB_IMPL", "triton")
+    assert resolve_impl(None, "cuda", needs_grad=True) == "triton"
+    h, w = torch.zeros(2, 3, requires_grad=True), torch.zeros(4, 3)
+    assert needs_grad(h, w, None) and not needs_grad(w, None)
+    with torch.no_grad():
+        assert not needs_grad(h, w)
+    with torch.inference_mode():
+        assert not needs_grad(torch.zeros(1))
