@@ -230,14 +230,17 @@ def prompt_tokens(cfg) -> tuple[int, str]:
 
 
 def completion_tokens(cfg, given: int | None) -> tuple[int, str]:
+    """The completion length: ``--completion-tokens``; a preference file's longest chosen/rejected (DPO and
+    its family train on those, whatever their ``max_new_tokens``, which only budgets built-in on-policy
+    pairs); the generation budget; else an assumption."""
     tc = cfg.train
     if given:
         return given, "--completion-tokens"
-    if hasattr(tc, "max_new_tokens"):
-        return tc.max_new_tokens, "train.max_new_tokens"
     m = data_lengths(cfg) if cfg.data.path is not None else "no data file"
     if not isinstance(m, str) and m[1] is not None:
         return m[1], "measured on the data"
+    if hasattr(tc, "max_new_tokens"):
+        return tc.max_new_tokens, "train.max_new_tokens"
     return 256, "assumed 256 (pass --completion-tokens)"
 
 
@@ -313,10 +316,12 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
             acts = int(acts * CPU_TRAIN_RSS_FACTOR)
         return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(rows * T) if vocab_chunk else 0)
 
-    def decode(rows: int, T_total: int, sampled: bool) -> int:
+    def decode(rows: int, T_total: int, sampled: bool, prompts: int | None = None) -> int:
         kv = 2 * s.layers * s.kv_dim * rows * T_total * dt
         scores = rows * s.vocab * 4 * (SAMPLER_COPIES if sampled else GREEDY_COPIES) + rows * s.vocab * dt
-        prefill = rows * P * (s.hidden * 5 + 4 * s.intermediate) * dt  # one layer's temporaries, whole prompts
+        # one layer's temporaries over whole prompts; generation.decode prefills each distinct prompt once
+        # (``prompts`` of them) and repeats its KV cache to the group
+        prefill = (prompts or rows) * P * (s.hidden * 5 + 4 * s.intermediate) * dt
         return kv + scores + prefill
 
     ev = cfg.eval
@@ -331,7 +336,8 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
     elif "num_generations" in names and "prompts_per_step" in names:
         B = tc.prompts_per_step * tc.num_generations // world
         T = P + C
-        out.phases.append(("rollout", decode(B, T, True), f"{B} completions x {T} tokens: KV cache + "
+        out.phases.append(("rollout", decode(B, T, True, max(1, tc.prompts_per_step // world)),
+                           f"{B} completions x {T} tokens: KV cache + "
                            f"{SAMPLER_COPIES} [rows, vocab] fp32 sampler buffers"))
         passes = (1 if getattr(tc, "beta", 0) else 0) + (getattr(tc, "num_iterations", 1) > 1) + ("critic" in names) * 2
         if passes:
