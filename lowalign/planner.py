@@ -513,6 +513,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"": GiB, "k": 2**10, "m": MiB, "g": GiB, "t": 2**40}[m.group(2)])
 
 
+RESULT_PRESERVING = ("train.micro_batch_size", "model.gradient_checkpointing", "train.eval_batch_rows",
+                     "eval.batch_size")  # changes of memory and speed only: the run's numbers stay the same
+
+
 def suggestions(cfg, budget: int, device: str, completion: int | None, world: int = 1) -> list[tuple[str, int]]:
     """Single changes (as ``key=value`` overrides) that bring the estimate under ``budget``, smallest change
     first; if none does alone, the first combination that does."""
@@ -539,6 +543,9 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
         cands += [f"train.batch_size={tc.batch_size // 2}", "train.batch_size=1"]
     if "eval_batch_rows" in names:
         cands.append(f"train.eval_batch_rows={max(1, tc.rows_per_call(device) // 4)}")
+    ev = cfg.eval  # evaluation's greedy decoding is a phase of its own; a smaller batch changes no result
+    if ev.num_examples and ev.batch_size > 1:
+        cands += [f"eval.batch_size={b}" for b in dict.fromkeys((ev.batch_size // 2, ev.batch_size // 4, 1)) if b]
     base = to_dict(cfg)
 
     def estimate(overrides):
@@ -551,18 +558,24 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
     fits = [(o, e) for o in cands if (e := estimate([o])) is not None and e <= budget]
     if fits:
         return fits[:4]
-    combo: list[str] = []  # greedy: add the change that lowers the estimate most, until it fits
-    for _ in range(4):
-        tried = [(e, o) for o in cands if o.split("=")[0] not in {c.split("=")[0] for c in combo}
-                 and (e := estimate(combo + [o])) is not None]
-        if not tried:
-            break
-        fitting = [t for t in tried if t[0] <= budget]
-        e, o = max(fitting) if fitting else min(tried)  # the mildest change that fits, else the strongest
-        combo.append(o)
-        if e <= budget:
-            return [(" ".join(combo), e)]
-    return []
+
+    def greedy(pool: list[str]) -> tuple[str, int] | None:  # add the change that lowers the estimate most
+        combo: list[str] = []
+        for _ in range(4):
+            tried = [(e, o) for o in pool if o.split("=")[0] not in {c.split("=")[0] for c in combo}
+                     and (e := estimate(combo + [o])) is not None]
+            if not tried:
+                return None
+            fitting = [t for t in tried if t[0] <= budget]
+            e, o = max(fitting) if fitting else min(tried)  # the mildest change that fits, else the strongest
+            combo.append(o)
+            if e <= budget:
+                return " ".join(combo), e
+        return None
+
+    # combinations of changes that leave the results alone first, then any
+    found = greedy([c for c in cands if c.split("=")[0] in RESULT_PRESERVING]) or greedy(cands)
+    return [found] if found else []
 
 
 def render(p: Plan, budget: int | None, fixes: list[tuple[str, int]] | None) -> str:

@@ -190,3 +190,15 @@ def test_rollout_prefills_each_prompt_once():
     (grouped, s, P), (spread, _, _) = rollout(8, 8), rollout(32, 2)
     per_prompt = P * (s.hidden * 5 + 4 * s.intermediate) * 2  # one layer's prefill temporaries, bf16
     assert spread - grouped == 24 * per_prompt
+
+
+def test_a_large_evaluation_batch_is_named_as_the_fix():
+    """Evaluation's greedy decoding is its own phase: when it is the peak, the fix is a smaller eval batch,
+    which changes no result. It was missing from the candidates, so no suggestion could fit."""
+    from lowalign.planner import suggestions
+
+    cfg = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml", ["eval.batch_size=128"])
+    p = plan(cfg)
+    assert p.peak_phase[0] == "evaluation" and p.on_card > 2.1 * GiB
+    fixes = suggestions(cfg, int(2.1 * GiB), "cuda", None)
+    assert fixes and fixes[0][0] == "eval.batch_size=32" and fixes[0][1] <= 2.1 * GiB
