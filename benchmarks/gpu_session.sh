@@ -2,10 +2,12 @@
 # The GPU measurements of benchmarks/RESULTS.md, in sections that fit one 10-minute device call each:
 #   bash benchmarks/gpu_session.sh kernels rollout      # Triton tests on CUDA, log-prob throughput, rollout speed
 #   bash benchmarks/gpu_session.sh memory               # real-size GRPO / DPO memory and step time
-#   bash benchmarks/gpu_session.sh kl unsloth
+#   bash benchmarks/gpu_session.sh kl                   # the fused KL kernel against the chunked and full-logits paths
 #   bash benchmarks/gpu_session.sh essa                 # ESSA population throughput, batched vs sequential
 #   bash benchmarks/gpu_session.sh tests memory15 kl rollout_short   # one 10-minute call: the quick proof
 #   bash benchmarks/gpu_session.sh tests memory05 expandable
+# The next session (RESULTS.md, "On an H200"): the nf4 rows again after the fp32-upcast fix, and the reserved memory:
+#   bash benchmarks/gpu_session.sh tests memory15 expandable        # ~8 minutes; bitsandbytes unpacked in .gpu/site
 # Runs on a machine with one CUDA GPU and python3 holding torch, triton, transformers and peft. Missing
 # packages (bitsandbytes) can sit unpacked in .gpu/site. Every table goes to stdout and to $OUT/<section>.md.
 set -uo pipefail
@@ -52,7 +54,7 @@ for s in "$@"; do
     memory05)
       section memory05 170 python3 benchmarks/gpu_memory.py --sizes 0.5b --json "$OUT/memory05.json" ;;
     expandable)  # the 1.5B nf4 GRPO row again with the allocator's expandable segments (reserved vs allocated)
-      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True section expandable 90 python3 benchmarks/gpu_memory.py \
+      PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True section expandable 150 python3 benchmarks/gpu_memory.py \
         --sizes 1.5b --quantizations nf4 --algorithms grpo --json "$OUT/expandable.json" ;;
     rollout_short)
       section rollout_short 80 python3 benchmarks/bench_rollout.py --size 0.5b --reps 1 --variants dynamic static \
