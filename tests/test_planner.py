@@ -156,8 +156,8 @@ def test_on_a_cpu_auto_checkpointing_stays_off():
     def fit(budget):
         return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.memory_budget={budget}"]), "cpu")
 
-    shipped, tight = fit("2GB"), fit("1.7GB")
-    assert tight.gradient_checkpointing is False and tight.micro_batch_size < shipped.micro_batch_size
+    roomy, tight = fit("2.5GB"), fit("1.7GB")
+    assert tight.gradient_checkpointing is False and tight.micro_batch_size < roomy.micro_batch_size
     assert tight.peak <= 1.7 * 2**30
 
 
