@@ -156,9 +156,9 @@ def test_on_a_cpu_auto_checkpointing_stays_off():
     def fit(budget):
         return fit_memory(load_config("recipes/grpo_smollm2.yaml", [f"train.memory_budget={budget}"]), "cpu")
 
-    roomy, tight = fit("2.5GB"), fit("1.7GB")
+    roomy, tight = fit("2.5GB"), fit("1.9GB")
     assert tight.gradient_checkpointing is False and tight.micro_batch_size < roomy.micro_batch_size
-    assert tight.peak <= 1.7 * 2**30
+    assert tight.peak <= 1.9 * 2**30
 
 
 def test_a_preference_file_sets_the_completion_length_not_the_sampling_budget(tmp_path):
