@@ -43,10 +43,10 @@ LOGPROB_MIN_CHUNK = 128  # ... never fewer tokens than this
 # forward_backward peaks after the lean LoRA forward (`--profile-memory`: 1632 MiB at micro-batch 8, 2114 at 16;
 # 1.75 plans 1637 and 2084): 1.5 planned micro-batch 16 inside a 2 GB budget that its runs exceeded.
 CPU_TRAIN_RSS_FACTOR = 1.75
-# CPU decoding: the KV cache grows by a copy per step (torch.cat) and glibc keeps the freed ones' pages, so RSS
-# runs ahead of the live tensors here too. SmolLM2's greedy evaluation of 100 prompts x (48 + 16) tokens measured
-# 681-762 MiB over the static terms (the baseline and final evaluations of two `grpo_smollm2` runs, 2026-12-04)
-# where the terms below count 503
+# CPU decoding: peak RSS runs ahead of the live tensors here too (freed transients of the prefill's layers, and
+# the cache copies made when finished rows leave the batch; not isolated further). SmolLM2's greedy evaluation
+# of 100 prompts x (48 + 16) tokens measured 681-762 MiB over the static terms (the baseline and final
+# evaluations of two `grpo_smollm2` runs, 2026-12-04) where the terms below count 503
 CPU_DECODE_RSS_FACTOR = 1.4
 SAMPLER_COPIES = 3  # [rows, vocab] fp32 buffers per decoding step (HF's scores copy, warped, the cdf)
 GREEDY_COPIES = 2
