@@ -13,6 +13,10 @@ GPU recipe with the model, data and length overrides below, in its own process:
   gradient checkpointing, micro-batch 16.
 * DPO: ``recipes/dpo_ultrafeedback.yaml``, batch 8, 512-token prompts + 512-token completions.
 
+With ``--cap-gib G`` each run's caching allocator may hold at most G GiB
+(``torch.cuda.set_per_process_memory_fraction``; the CUDA context is outside it): whether a run fits a smaller
+card, fragmentation included, rather than what it allocated on a large one.
+
 Two steps each; the table shows the second (the first includes one-off warm-up). Peak memory is the run's
 ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` (summary.json), and "report" is lowalign's
 own ``ModelBundle.memory_report`` total (base, adapters, heads) next to ``torch.cuda.memory_allocated`` at
@@ -51,6 +55,16 @@ SMOKE = {"grpo": ["train.max_new_tokens=4", "train.prompts_per_step=2", "train.n
          "dpo": ["train.batch_size=2", "train.eval_pairs=2", "train.precompute_ref=false"]}
 
 
+# ``python -c CAPPED G run ...``: lowalign's CLI under an allocator capped at G GiB (a no-op without CUDA)
+CAPPED = """import runpy, sys, torch
+cap = float(sys.argv.pop(1)) * 2**30
+if torch.cuda.is_available():
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory))
+sys.argv[0] = "lowalign"
+runpy.run_module("lowalign", run_name="__main__", alter_sys=True)
+"""
+
+
 def command(algo: str, model: Path, quant: str, data: Path, out: Path) -> list[str]:
     common = [f"model.name_or_path={model}", f"model.quantization={quant}", f"output_dir={out}", "train.steps=2",
               "train.checkpoint_every=0", "data.source=local", f"data.path={data}", "eval.num_examples=0"]
@@ -70,6 +84,7 @@ def main() -> None:
     ap.add_argument("--algorithms", nargs="*", default=["grpo", "dpo"])
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke", action="store_true", help="tiny lengths: check the commands work (CPU)")
+    ap.add_argument("--cap-gib", type=float, default=None, help="cap each run's CUDA allocator at this many GiB")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,7 +97,11 @@ def main() -> None:
                     out = work / f"run-{size}-{quant}-{algo}"
                     cmd = command(algo, model, quant, pp if algo == "grpo" else dp, out)
                     cmd += SMOKE[algo] if args.smoke else []
-                    print(f"# {size} {quant} {algo}: {' '.join(cmd[2:])}", file=sys.stderr, flush=True)
+                    if args.cap_gib:
+                        cmd[1:3] = ["-c", CAPPED, str(args.cap_gib)]  # in place of ``-m lowalign``
+                    cap = f" (allocator capped at {args.cap_gib} GiB)" if args.cap_gib else ""
+                    print(f"# {size} {quant} {algo}: lowalign {' '.join(cmd[cmd.index('run'):])}{cap}",
+                          file=sys.stderr, flush=True)
                     p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
                     if p.returncode != 0:
                         print(p.stderr[-3000:], file=sys.stderr)

@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu_session.sh tests memory05 expandable
 # The next session (RESULTS.md, "On an H200"): the nf4 rows again after the fp32-upcast fix, and the reserved memory:
 #   bash benchmarks/gpu_session.sh tests memory15 expandable        # ~8 minutes; bitsandbytes unpacked in .gpu/site
+#   bash benchmarks/gpu_session.sh fits8                            # does 1.5B nf4 GRPO / DPO run in 7 GiB
 # Runs on a machine with one CUDA GPU and python3 holding torch, triton, transformers and peft. Missing
 # packages (bitsandbytes) can sit unpacked in .gpu/site. Every table goes to stdout and to $OUT/<section>.md.
 set -uo pipefail
@@ -56,6 +57,9 @@ for s in "$@"; do
     expandable)  # the 1.5B nf4 GRPO row again with the allocator's expandable segments (reserved vs allocated)
       PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True section expandable 150 python3 benchmarks/gpu_memory.py \
         --sizes 1.5b --quantizations nf4 --algorithms grpo --json "$OUT/expandable.json" ;;
+    fits8)  # the 1.5B nf4 rows on an allocator capped at 7 GiB: does GRPO / DPO fit an 8 GB card (fragmentation too)
+      section fits8 200 python3 benchmarks/gpu_memory.py --sizes 1.5b --quantizations nf4 --cap-gib 7 \
+        --json "$OUT/fits8.json" ;;
     rollout_short)
       section rollout_short 80 python3 benchmarks/bench_rollout.py --size 0.5b --reps 1 --variants dynamic static \
         --variant-timeout 45 --json "$OUT/rollout_short.json" ;;
