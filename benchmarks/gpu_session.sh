@@ -10,7 +10,8 @@
 #   bash benchmarks/gpu_session.sh tests memory15 expandable        # ~8 minutes; bitsandbytes unpacked in .gpu/site
 #   bash benchmarks/gpu_session.sh fits8                            # does 1.5B nf4 GRPO / DPO run in 7 GiB
 # Runs on a machine with one CUDA GPU and python3 holding torch, triton, transformers and peft. Missing
-# packages (bitsandbytes) can sit unpacked in .gpu/site. Every table goes to stdout and to $OUT/<section>.md.
+# packages (bitsandbytes; TRL for vs_trl.py) sit unpacked in .gpu/site: `bash scripts/gpu_site.sh [trl]` here, then
+# carry .gpu. Every table goes to stdout and to $OUT/<section>.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_out}
