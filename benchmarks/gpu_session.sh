@@ -61,6 +61,8 @@ for s in "$@"; do
     fits8)  # the 1.5B nf4 rows on an allocator capped at 7 GiB: does GRPO / DPO fit an 8 GB card (fragmentation too)
       section fits8 200 python3 benchmarks/gpu_memory.py --sizes 1.5b --quantizations nf4 --cap-gib 7 \
         --json "$OUT/fits8.json" ;;
+    vs_trl)  # both tools on the GPU, random 152k-vocabulary model (needs `bash scripts/gpu_site.sh trl`)
+      section vs_trl 420 python3 benchmarks/vs_trl.py --quick --device cuda --json "$OUT/vs_trl.json" ;;
     rollout_short)
       section rollout_short 80 python3 benchmarks/bench_rollout.py --size 0.5b --reps 1 --variants dynamic static \
         --variant-timeout 45 --json "$OUT/rollout_short.json" ;;

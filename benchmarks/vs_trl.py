@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/vs_trl.py --quick               # <= 20 min on a 2-core CPU
     .venv/bin/python benchmarks/vs_trl.py --reps 3 --grpo-steps 3 --dpo-steps 8
     .venv/bin/python benchmarks/vs_trl.py --quick --model package:smollm2-135m-instruct --micro-batch 8
+    python3 benchmarks/vs_trl.py --quick --device cuda          # a GPU: both in bf16, max_memory_allocated
 
 The model is a random-weight Qwen2 with the real 151,936-token vocabulary (hidden 256, 4 layers, untied
 embeddings: a 0.3 GB model whose memory, like a real small model's, is dominated by the vocabulary), saved
@@ -98,6 +99,9 @@ def prepare(work: Path, args) -> None:
 # ---- workers (one process each) ----------------------------------------------------------------------------
 
 
+DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # the compute dtype both tools use on each device
+
+
 def _status(key: str) -> int:
     from lowalign.runtime import proc_status
 
@@ -118,8 +122,8 @@ def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool
 
     common = {"seed": 0, "output_dir": str(out), "threads": args.threads,
               "profile_memory": args.profile_memory,
-              "model": {"name_or_path": model_dir(work, args), "dtype": "float32", "gradient_checkpointing": True,
-                        "device": "cpu"},
+              "model": {"name_or_path": model_dir(work, args), "dtype": DTYPE[args.device],
+                        "gradient_checkpointing": True, "device": args.device},
               "lora": {"r": 16, "alpha": 32, "target_modules": TARGETS}, "eval": {"num_examples": 0}}
     if algo == "grpo":
         cfg = {**common, "algorithm": "grpo", "data": {"path": str(work / "prompts.jsonl"), "chat_template": args.chat},
@@ -138,7 +142,8 @@ def lowalign_worker(algo: str, work: Path, out: Path, args, precompute_ref: bool
               "train_s": r.get("time/train_s"),
               "completion_length": r.get("completion_length")} for r in rows]
     phases = s.get("memory_by_phase") or {}
-    return {"peak_bytes": max(s.get("peak_memory_bytes") or 0, _status("VmHWM")),
+    cuda = args.device == "cuda"  # summary.json's peak is max_memory_allocated there
+    return {"peak_bytes": s["peak_memory_bytes"] if cuda else max(s.get("peak_memory_bytes") or 0, _status("VmHWM")),
             "after_load_bytes": phases["after_load_mib"] * 2**20 if phases else None,
             "steps": steps, "setup_s": s.get("time/objective_setup_s"), "phases_mib": phases.get("peak_mib")}
 
@@ -154,6 +159,7 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
     from lowalign.models import load_tokenizer
 
     torch.set_num_threads(args.threads)
+    cuda = args.device == "cuda"
     timers: dict[str, float] = {}
 
     def log_metrics(self, duration):  # TRL's profiling timers, summed per step
@@ -164,7 +170,7 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
 
     class Timer(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            marks["after_load"] = _status("VmRSS")
+            marks["after_load"] = torch.cuda.memory_allocated() if cuda else _status("VmRSS")
 
         def on_step_begin(self, a, state, control, **kw):
             timers.clear()
@@ -184,9 +190,9 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
 
     tok = load_tokenizer(model_dir(work, args))
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir(work, args), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir(work, args), dtype=getattr(torch, DTYPE[args.device]))
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
-    common = dict(output_dir=str(out), use_cpu=True, bf16=False, learning_rate=LR, logging_steps=1, report_to=[],
+    common = dict(output_dir=str(out), use_cpu=not cuda, bf16=cuda, learning_rate=LR, logging_steps=1, report_to=[],
                   save_strategy="no", gradient_checkpointing=True, seed=0, disable_tqdm=True,
                   dataloader_num_workers=0)
     if algo == "grpo":
@@ -205,7 +211,8 @@ def trl_worker(algo: str, work: Path, out: Path, args) -> dict:
         tr = trl.DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tok,
                             peft_config=peft, callbacks=[Timer()])
     tr.train()
-    return {"peak_bytes": _status("VmHWM"), "after_load_bytes": marks.get("after_load"), "steps": steps,
+    peak = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+    return {"peak_bytes": peak, "after_load_bytes": marks.get("after_load"), "steps": steps,
             "setup_s": None, "phases_mib": None}
 
 
@@ -232,7 +239,7 @@ def run_one(setup: str, work: Path, args, rep: int) -> dict:
     out = work / "runs" / f"{setup}-{rep}"
     cmd = [sys.executable, __file__, "--worker", setup, "--work", str(work), "--out", str(out),
            "--threads", str(args.threads), "--grpo-steps", str(args.grpo_steps), "--dpo-steps", str(args.dpo_steps),
-           "--micro-batch", str(args.micro_batch), "--dpo-batch", str(args.dpo_batch)]
+           "--micro-batch", str(args.micro_batch), "--dpo-batch", str(args.dpo_batch), "--device", args.device]
     cmd += ["--profile-memory"] if args.profile_memory else []
     cmd += ["--model", args.model] if args.model else []
     cmd += ["--chat"] if args.chat else []
@@ -255,7 +262,8 @@ def run_one(setup: str, work: Path, args, rep: int) -> dict:
         raise SystemExit(f"{setup} failed ({p.returncode}):\n{stderr[-4000:]}")
     r = json.loads(stdout.strip().splitlines()[-1])
     r.update(setup=setup, rep=rep, wall_s=round(time.time() - t0, 1), tree_peak_bytes=peak[0])
-    r["peak_bytes"] = max(r["peak_bytes"], peak[0])
+    if args.device == "cpu":  # on CUDA the workers report max_memory_allocated; the process tree's RSS is beside it
+        r["peak_bytes"] = max(r["peak_bytes"], peak[0])
     print(f"  {setup} rep {rep}: peak {r['peak_bytes'] / 2**20:.0f} MiB, steps "
           f"{[s['step_s'] for s in r['steps']]} s, wall {r['wall_s']} s", file=sys.stderr, flush=True)
     return r
@@ -297,12 +305,14 @@ def report(results: list[dict], args) -> None:
     what = (f"{args.model}" if args.model else
             f"Qwen2-style random weights, vocab 151936, hidden {args.hidden}, {args.layers} layers")
     chat = ", chat prompts" if args.chat else ""
-    print(f"\n{what}, fp32, GRPO micro-batch {args.micro_batch}{chat}, DPO batch {args.dpo_batch}, LoRA r16 "
+    mem = "peak RSS" if args.device == "cpu" else "max_memory_allocated"
+    print(f"\n{what}, {DTYPE[args.device]} on {args.device}, GRPO micro-batch {args.micro_batch}{chat}, "
+          f"DPO batch {args.dpo_batch}, LoRA r16 "
           f"on {'/'.join(TARGETS)}, gradient checkpointing, {args.threads} torch threads; {args.reps} rep(s), "
           f"GRPO {args.grpo_steps} steps, DPO {args.dpo_steps} steps. torch {torch.__version__}, transformers "
           f"{transformers.__version__}, peft {peft.__version__}, TRL {trl_v}; "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs.\n")
-    print("| algorithm | tool | rep | peak RSS MiB | RSS after load MiB | s/step (median after the 1st) | all steps s "
+    print(f"| algorithm | tool | rep | {mem} MiB | after load MiB | s/step (median after the 1st) | all steps s "
           "| generate s | score s | train s | completion tokens | setup s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -355,6 +365,8 @@ def main() -> None:
                     help="GRPO micro-batch for both tools (64 completions per step)")
     ap.add_argument("--dpo-batch", type=int, default=None, help="DPO pairs per step (default: 4)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both tools on the GPU in bf16, peak = torch.cuda.max_memory_allocated")
     ap.add_argument("--json", help="also write every run's numbers to this file")
     ap.add_argument("--profile-memory", action="store_true",
                     help="lowalign's per-phase peaks (its phase resets hand the heap back to the OS, which slows "
