@@ -77,6 +77,15 @@ def command(algo: str, model: Path, quant: str, data: Path, out: Path) -> list[s
             "train.batch_size=8", "train.eval_pairs=8", "data.max_prompt_tokens=512"]
 
 
+def planned(cmd: list[str]) -> int:
+    """``lowalign plan``'s estimate of ``max_memory_allocated`` for the run ``cmd`` (from config.json alone)."""
+    from lowalign.api import load_config
+    from lowalign.planner import plan
+
+    i = cmd.index("run")
+    return plan(load_config(cmd[i + 1], cmd[i + 2:]), device="cuda").peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", nargs="*", default=["0.5b", "1.5b"])
@@ -111,26 +120,28 @@ def main() -> None:
                     s = json.loads((out / "summary.json").read_text())
                     m = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
                     last = [r for r in m if "time/step_s" in r][-1]
-                    rows.append({"size": size, "quant": quant, "algo": algo, "summary": s, "last": last})
+                    rows.append({"size": size, "quant": quant, "algo": algo, "summary": s, "last": last,
+                                 "plan_bytes": planned(cmd)})
                     print(json.dumps(rows[-1]["last"]), file=sys.stderr, flush=True)
                     if args.json:  # after every run: a time limit still leaves the finished ones
                         Path(args.json).write_text(json.dumps(rows, indent=1))
-    print("| model | base | algorithm | peak allocated MiB | peak reserved MiB | s/step | generate s | score s "
-          "| train s | tokens/s | report MiB | allocated at end MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | base | algorithm | peak allocated MiB | plan MiB (plan / measured) | peak reserved MiB | s/step "
+          "| generate s | score s | train s | tokens/s | report MiB | allocated at end MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     mib = 2**20
     for r in rows:
         name = f"Qwen2.5-{r['size'].upper()}"
         base = "nf4" if r["quant"] == "nf4" else "bf16"
         if "error" in r:
-            print(f"| {name} | {base} | {r['algo']} | failed: {r['error']} |" + " |" * 8)
+            print(f"| {name} | {base} | {r['algo']} | failed: {r['error']} |" + " |" * 9)
             continue
         s, m = r["summary"], r["last"]
 
         def t(k, m=m):
             return f"{m[k]:.2f}" if k in m else "-"
 
-        print(f"| {name} | {base} | {r['algo']} | {s['peak_memory_bytes'] / mib:.0f} | "
+        pl = f"{r['plan_bytes'] / mib:.0f} ({r['plan_bytes'] / s['peak_memory_bytes']:.2f})"
+        print(f"| {name} | {base} | {r['algo']} | {s['peak_memory_bytes'] / mib:.0f} | {pl} | "
               f"{s.get('peak_memory_reserved_bytes', 0) / mib:.0f} | {t('time/step_s')} | {t('time/generate_s')} | "
               f"{t('time/score_s')} | {t('time/train_s')} | {m.get('tokens_per_s', '-')} | "
               f"{s['memory']['total'] / mib:.0f} | {s.get('cuda_allocated_bytes', 0) / mib:.0f} |")
