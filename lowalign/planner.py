@@ -524,7 +524,7 @@ def parse_size(text: str) -> int:
 
 
 RESULT_PRESERVING = ("train.micro_batch_size", "model.gradient_checkpointing", "train.eval_batch_rows",
-                     "eval.batch_size")  # changes of memory and speed only: the run's numbers stay the same
+                     "eval.batch_size")  # memory and speed only: the same computation, up to float rounding
 
 
 def suggestions(cfg, budget: int, device: str, completion: int | None, world: int = 1) -> list[tuple[str, int]]:
