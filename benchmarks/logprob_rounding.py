@@ -3,8 +3,8 @@ tolerance of ``tests/kernels/test_logprobs_triton.py::test_gpu_sizes``.
 
     PYTHONPATH=. .venv/bin/python benchmarks/logprob_rounding.py            # 1031 x 32003 x 256, LoRA r8 (CPU)
 
-The inputs are the test's own (``make`` and ``_check(..., ref_near=True)``). The fp64 yardstick is the
-formula written out here in float64 (``naive_logprobs`` computes in fp32 whatever its inputs). For each
+The inputs are the test's own (``make`` and ``near_ref_logps``, as ``_check(..., ref_near=True)``). The fp64
+yardstick is the formula written out here in float64 (``naive_logprobs`` computes in fp32 whatever its inputs). For each
 gradient, the table gives max |fp32 - fp64| / max |fp64| for the full-logits path (``naive_logprobs``) and
 for the chunked path (the CPU path).
 """
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 from lowalign.kernels.logprobs import fused_logprobs, naive_logprobs
 
-from tests.kernels.test_logprobs_reference import grads_of, make
+from tests.kernels.test_logprobs_reference import grads_of, make, near_ref_logps
 
 
 def fp64_logprobs(hidden, weight, targets, *, bias, ref_logps, temperature, kl_estimator, with_entropy,
@@ -39,9 +39,7 @@ def main() -> None:
     ap.add_argument("--shape", default="1031x32003x256x8", help="N x V x d x LoRA rank")
     N, V, d, r = (int(x) for x in ap.parse_args().shape.split("x"))
     x = make(N, V, d, r, dtype=torch.float32)
-    with torch.no_grad():  # reference log-probs within 0.5 of the policy's, as in the test
-        lp = naive_logprobs(**{k: v for k, v in x.items() if k != "ref_logps"}).logps
-    x["ref_logps"] = lp + torch.rand(N, generator=torch.Generator().manual_seed(4)) - 0.5
+    x["ref_logps"] = near_ref_logps(x)  # as the test's ``ref_near``
     g = torch.Generator().manual_seed(3)
     w = [torch.randn(N, generator=g) for _ in range(3)]
     kw = dict(temperature=1.0, kl_estimator="k3", with_entropy=True)

@@ -553,7 +553,7 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
         cands += [f"train.batch_size={tc.batch_size // 2}", "train.batch_size=1"]
     if "eval_batch_rows" in names:
         cands.append(f"train.eval_batch_rows={max(1, tc.rows_per_call(device) // 4)}")
-    ev = cfg.eval  # evaluation's greedy decoding is a phase of its own; a smaller batch changes no result
+    ev = cfg.eval  # evaluation's greedy decoding is a phase of its own; a smaller batch only costs time
     if ev.num_examples and ev.batch_size > 1:
         cands += [f"eval.batch_size={b}" for b in dict.fromkeys((ev.batch_size // 2, ev.batch_size // 4, 1)) if b]
     base = to_dict(cfg)

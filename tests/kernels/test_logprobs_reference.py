@@ -21,6 +21,15 @@ def make(N, V, d, r, dtype=torch.float64, bias=True, seed=0, frozen_w=False):
     return x
 
 
+def near_ref_logps(x, temperature=1.0, softcap=None):
+    """(N,) reference log-probs within 0.5 of the policy's on ``make``'s inputs ``x``, as in training. make()'s
+    draw from [-8, 0] against a 32k vocabulary's ~-30 puts exp(ref - logp) in k3 near 1e26, past fp16's range."""
+    with torch.no_grad():
+        lp = naive_logprobs(**{k: v for k, v in x.items() if k != "ref_logps"}, temperature=temperature,
+                            softcap=softcap).logps
+    return lp + torch.rand(lp.shape[0], generator=torch.Generator().manual_seed(4)) - 0.5
+
+
 def assert_rel(got, want, tol=1e-5, msg=""):
     """max |got - want| <= tol * max(1, max |want|): relative to the tensor's scale."""
     err = (got.double() - want.double()).abs().max().item()
