@@ -194,6 +194,28 @@ def load_bundle(cfg: C.RunConfig, tokenizer, data, console=None):
     return bundle
 
 
+def run_root(path) -> Path | None:
+    """The run directory (the one holding ``config.yaml``) that ``path`` is, or that ``path`` is a checkpoint
+    of (``checkpoints/step_N``); None for anything else (a bare saved adapter folder)."""
+    p = Path(path).expanduser()
+    if (p / "config.yaml").is_file():
+        return p
+    if (p / "adapters").is_dir() and (p.parent.parent / "config.yaml").is_file():
+        return p.parent.parent
+    return None
+
+
+def calibrate_as_run(bundle, root: Path) -> None:
+    """Give ``bundle`` (an nf4 base, adapters not yet attached) the GPTQ-calibrated 4-bit weights the run at
+    ``root`` trained against (``model.gptq_rows``): from the cache, or calibrated again on the same texts."""
+    from lowalign.data import prepare_prompts
+
+    cfg = config_from_dict(C.load_raw(root / "config.yaml"))
+    data = load_data(cfg, bundle.tokenizer)
+    prepare_prompts(data, bundle.tokenizer, cfg.data)
+    bundle.calibrate_nf4(calibration_texts(cfg, data))
+
+
 def resolve_memory(cfg: C.RunConfig, device: str, world: int = 1, console=None) -> None:
     """Fill in ``train.micro_batch_size: auto`` and ``model.gradient_checkpointing: auto`` (in place) from the
     planner and the memory budget, and say what was chosen; before any weights load. Nothing fitting is a
@@ -414,27 +436,40 @@ def _write_report(console, out: Path) -> None:
 
 
 def complete(model: str, prompts: list[str], *, adapter: str | None = None, n: int = 1, temperature: float = 1.0,
-             max_new_tokens: int = 16, seed: int = 0, quantization: str = "none",
+             max_new_tokens: int = 16, seed: int = 0, quantization: str | None = None,
              device: str = "auto", chat: bool = False) -> list[list[str]]:
     """``n`` completions of each prompt from ``model`` (a hub id, local directory or builtin), with a trained
-    policy adapter when ``adapter`` names one (a run directory, or a saved PEFT adapter folder); greedy at
-    ``temperature=0``; ``chat=True`` sends each prompt as a user message through the tokenizer's chat template
-    (an instruct model, as ``data.chat_template: true`` does in a run). Loads the model on each call: for
-    looking at a few completions in a notebook."""
+    policy adapter when ``adapter`` names one (a run directory, one of its checkpoints, or a saved PEFT adapter
+    folder); greedy at ``temperature=0``; ``chat=True`` sends each prompt as a user message through the
+    tokenizer's chat template (an instruct model, as ``data.chat_template: true`` does in a run). Loads the
+    model on each call: for looking at a few completions in a notebook.
+
+    ``quantization``: None (the default) loads the base as the adapter's run did (``model.quantization`` of its
+    ``config.yaml``, and an nf4 base with the GPTQ calibration of ``model.gptq_rows``), else "none" when the
+    adapter comes without a run; "none" / "nf4" / "int8" choose (an nf4 base of a calibrated run is still the
+    calibrated one: plain rounding is not the model the adapter learned on)."""
     from lowalign.bundle import ModelBundle, saved_lora_config
     from lowalign.generation import generate
     from lowalign.models import load_tokenizer, resolve_path
 
-    mc = C.build(C.ModelConfig, {"name_or_path": model, "quantization": quantization, "device": device}, "model")
-    adir = None
+    adir = root = None
     if adapter is not None:
         adir = next((d for d in (Path(adapter) / "adapters" / "policy", Path(adapter))
                      if (d / "adapter_config.json").exists()), None)
         if adir is None:
             raise C.ConfigError(f"adapter: no saved adapter (adapter_config.json) in {adapter} or its adapters/policy")
+        root = run_root(adapter)
+    trained = C.build(C.ModelConfig, C.load_raw(root / "config.yaml").get("model") or {}, "model") \
+        if root is not None else None
+    if quantization is None:
+        quantization = trained.quantization if trained is not None else "none"
+    gptq = quantization == "nf4" and trained is not None and trained.quantization == "nf4" and trained.gptq_rows
+    mc = C.build(C.ModelConfig, {"name_or_path": model, "quantization": quantization, "device": device}, "model")
     if n < 1 or temperature < 0:
         raise C.ConfigError("n must be >= 1 and temperature >= 0")
     bundle = ModelBundle.load(mc, tokenizer=load_tokenizer(resolve_path(model), False))
+    if gptq:
+        calibrate_as_run(bundle, root)
     role = "reference"
     if adir is not None:
         bundle.add_adapter("policy", saved_lora_config(adir), init_from=str(adir))

@@ -82,10 +82,11 @@ def _find_adapter(run_dir: str | Path, role: str) -> tuple[Path, Path]:
     p = Path(run_dir).expanduser()
     if not p.is_dir():
         raise ExportError(f"RUN_DIR: {p} is not a directory")
-    if (p / "config.yaml").is_file():
-        root, adapters = p, p / "adapters"
-    elif (p / "adapters").is_dir() and (p.parent.parent / "config.yaml").is_file():  # checkpoints/step_N
-        root, adapters = p.parent.parent, p / "adapters"
+    from lowalign.api import run_root
+
+    root = run_root(p)
+    if root is not None:  # the run directory, or one of its checkpoints (checkpoints/step_N)
+        adapters = p / "adapters"
     elif p.name == "checkpoints" and (p.parent / "config.yaml").is_file():
         raise ExportError(f"RUN_DIR: {p} holds checkpoints; name one of them (step_*) or the run directory")
     else:
@@ -231,13 +232,9 @@ def merged_model(plan: ExportPlan):
                             backend="hf", quantization="nf4" if plan.model.quantization == "nf4" else "none")
     bundle = ModelBundle.load(m)
     if m.gptq_rows:  # the calibrated 4-bit weights the run trained against (from the cache, or recomputed)
-        from lowalign.api import calibration_texts, config_from_dict, load_data
-        from lowalign.data import prepare_prompts
+        from lowalign.api import calibrate_as_run
 
-        cfg = config_from_dict(C.load_raw(plan.root / "config.yaml"))
-        data = load_data(cfg, bundle.tokenizer)
-        prepare_prompts(data, bundle.tokenizer, cfg.data)
-        bundle.calibrate_nf4(calibration_texts(cfg, data))
+        calibrate_as_run(bundle, plan.root)
     if m.quantization == "nf4":
         bundle.dequantize_base()
     bundle.add_adapter(plan.role, saved_lora_config(plan.adapter_dir), init_from=str(plan.adapter_dir))
