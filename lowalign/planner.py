@@ -527,6 +527,11 @@ RESULT_PRESERVING = ("train.micro_batch_size", "model.gradient_checkpointing", "
                      "eval.batch_size")  # memory and speed only: the same computation, up to float rounding
 
 
+def preserves_results(change: str) -> bool:
+    """Whether a suggestion (``key=value`` overrides, space-separated) changes only memory and speed."""
+    return all(c.split("=")[0] in RESULT_PRESERVING for c in change.split())
+
+
 def suggestions(cfg, budget: int, device: str, completion: int | None, world: int = 1) -> list[tuple[str, int]]:
     """Single changes (as ``key=value`` overrides) that bring the estimate under ``budget``, smallest change
     first; if none does alone, the first combination that does."""
@@ -566,8 +571,8 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
         return plan(c, device=device, completion=completion, world=world).on_card
 
     fits = [(o, e) for o in cands if (e := estimate([o])) is not None and e <= budget]
-    if fits:
-        return fits[:4]
+    if fits:  # those that leave the results alone first: a user short of memory should not change the task
+        return sorted(fits, key=lambda f: not preserves_results(f[0]))[:4]
 
     def greedy(pool: list[str]) -> tuple[str, int] | None:  # add the change that lowers the estimate most
         combo: list[str] = []
@@ -613,7 +618,8 @@ def render(p: Plan, budget: int | None, fixes: list[tuple[str, int]] | None) -> 
         if not ok:
             if fixes:
                 lines.append("changes that make it fit (estimate on the card):")
-                lines += [f"  {o}   -> {e / GiB:.2f} GiB" for o, e in fixes]
+                lines += [f"  {o}   -> {e / GiB:.2f} GiB"
+                          + ("" if preserves_results(o) else "   (changes what the run computes)") for o, e in fixes]
             else:
                 lines.append("no single change or combination tried here makes it fit: a smaller model, or fewer "
                              "tokens per step")

@@ -202,3 +202,23 @@ def test_a_large_evaluation_batch_is_named_as_the_fix():
     assert p.peak_phase[0] == "evaluation" and p.on_card > 2.4 * GiB
     fixes = suggestions(cfg, int(2.4 * GiB), "cuda", None)
     assert fixes and fixes[0][0] == "eval.batch_size=32" and fixes[0][1] <= 2.4 * GiB
+
+
+def test_a_suggestion_that_changes_the_run_says_so():
+    """Fewer or shorter completions fit too, but they train something else: the plan says which suggestions
+    change what the run computes, and lists memory-only changes first."""
+    from lowalign.planner import preserves_results, render, suggestions
+
+    cfg = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml")
+    budget = int(2.0 * GiB)
+    fixes = suggestions(cfg, budget, "cuda", None)
+    assert fixes and all(e <= budget for _, e in fixes)
+    text = render(plan(cfg), budget, fixes)
+    for o, _ in fixes:
+        line = next(x for x in text.splitlines() if x.strip().startswith(o))
+        assert ("changes what the run computes" in line) == (not preserves_results(o)), line
+    assert not preserves_results("train.max_new_tokens=128 eval.batch_size=8")
+    assert preserves_results("train.micro_batch_size=4 eval.batch_size=8")
+    mb = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml", ["train.micro_batch_size=32"])
+    fixes = suggestions(mb, int(0.8 * plan(mb).on_card), "cuda", None)
+    assert fixes and all(preserves_results(o) for o, _ in fixes)
