@@ -19,6 +19,16 @@ prompts followed by their answers):
 * ``loftq_<r>``: nf4 plus the rank-r LoftQ correction (``lora.init: loftq``'s start, computed in torch);
   ``loftq_64_iter5``: LoftQ's alternation run 5 times (Q = nf4(W - L), L = the rank-r SVD of W - Q);
   ``loftq_<r>_block32``: nf4 in blocks of 32 (the GGUF's Q4_1 blocks) under the correction.
+* ``gptq_aware_<r>``: the GPTQ base (as ``nf4_gptq``, put into the float32 model dequantized: the same
+  computation, see ``grads``) plus an activation-aware rank-r correction of each linear's error E = W - Q: the
+  L of rank r minimizing E_x ||(E - L) x||^2 over the inputs x of 128 training prompts with their answers,
+  L = SVD_r(E H^1/2) H^-1/2 with H = E[x x^T] (1% damping); ``gptq_svd_<r>``: the plain rank-r SVD of E
+  (``gptq_svd_0``: the GPTQ base alone).
+* ``gptq_sensitivity``: the GPTQ base with one decoder layer (each in turn), or one kind of projection in
+  every layer, left in float32: the KL to float32 over 64 training prompts with their answers (no accuracy).
+* ``--adapter DIR``: accuracy with a trained policy adapter (a run directory's ``adapters/policy``) on each
+  base put into the float32 model (every mode but ``nf4_bnb`` and ``nf4_gptq``, which load a bundle of their
+  own and stay without it); the KL stays that of the base alone.
 * ``grads``: an nf4 bundle with a LoftQ adapter next to a float32 bundle holding the dequantized nf4 weights and
   the same adapter: the largest difference of their log-probs and of the LoRA gradients of a policy-gradient
   loss through lowalign's fused log-prob path (and eval vs train mode).
@@ -38,6 +48,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 MODES = ("float32", "nf4_torch", "nf4_torch_block32", "nf4_mse", "nf4_gptq",
+         "gptq_svd_0", "gptq_svd_16", "gptq_aware_16", "gptq_svd_64", "gptq_aware_64", "gptq_sensitivity",
          "nf4_keep_attention", "nf4_keep_down", "nf4_keep_first_last",
          "nf4_bnb", "loftq_16", "loftq_32", "loftq_48", "loftq_64", "loftq_64_iter5", "loftq_64_block32",
          "loftq_16_block32", "grads")
@@ -88,6 +99,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("modes", nargs="*", default=list(MODES), choices=MODES)
     ap.add_argument("--rows", type=int, default=200)
+    ap.add_argument("--adapter", help="a trained policy adapter folder: accuracy with it on each base")
     args = ap.parse_args()
 
     from lowalign import api
@@ -100,20 +112,29 @@ def main() -> None:
     b = ModelBundle.load(cfg.model)
     prepare_prompts(data, b.tokenizer, cfg.data)
     rows = data.eval_rows_all[:args.rows]  # prepare_prompts rendered them (the chat template) already
-    orig = {n: p.detach().clone() for n, p in b.base.named_parameters()}
+    params = dict(b.base.named_parameters())
+    orig = {n: p.detach().clone() for n, p in params.items()}
     linears = [(n, m) for n, m in b.base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
     last = b.base.config.num_hidden_layers - 1
 
     kl = kl_from(b, rows)
+    gptq = GptqBase(cfg, data, b) if any(m.startswith("gptq") for m in args.modes) else None
+    role = "reference"
+    if args.adapter:  # after the inputs were recorded (adapters off)
+        from lowalign.bundle import saved_lora_config
+
+        b.add_adapter("policy", saved_lora_config(args.adapter), init_from=args.adapter)
+        role = "policy"
 
     def accuracy(bundle) -> str:
         acc = heldout_eval(bundle, rows, checker=data.checker, batch_size=100, max_new_tokens=16,
-                           role="reference")["accuracy"]
-        return f"{acc:.3f} | {kl(bundle):.4f}"
+                           role=role if bundle is b else "reference")["accuracy"]
+        with bundle.use("reference"):
+            return f"{acc:.3f} | {kl(bundle):.4f}"
 
     @torch.no_grad()
     def set_weights(fn) -> None:
-        for n, p in b.base.named_parameters():
+        for n, p in params.items():  # taken before any adapter wrapped the modules (the same tensors)
             p.copy_(orig[n])
         for n, m in linears:
             m.weight.copy_(fn(n, orig[n + ".weight"]))
@@ -136,6 +157,9 @@ def main() -> None:
         if mode == "grads":
             grads(cfg, data)
             continue
+        if mode == "gptq_sensitivity":
+            gptq.sensitivity(b, set_weights)
+            continue
         if mode == "nf4_bnb":
             acc = accuracy(ModelBundle.load(dataclasses.replace(cfg.model, quantization="nf4")))
         elif mode == "nf4_gptq":  # what model.gptq_rows: 256 loads (lowalign.quantize; cached after the first)
@@ -150,6 +174,10 @@ def main() -> None:
                 set_weights(lambda n, w: nf4_mse(w))
             elif mode == "nf4_torch_block32":
                 set_weights(lambda n, w: nf4(w, 32))
+            elif mode.startswith("gptq_"):
+                r = int(mode.rsplit("_", 1)[1])
+                corr = gptq.aware if "aware" in mode else gptq.svd
+                set_weights(lambda n, w, r=r, corr=corr: gptq.q[n] + corr(n, r))  # n: the module
             elif mode in keep:
                 set_weights(lambda n, w, k=keep[mode]: w if any(x in n for x in k) else nf4(w))
             else:
@@ -157,6 +185,66 @@ def main() -> None:
                 set_weights(loftq(int(mode.split("_")[1]), opts.get("iter", 1), opts.get("block", 64)))
             acc = accuracy(b)
         print(f"| {mode} | {acc} | {time.time() - t0:.0f} |", flush=True)
+
+
+class GptqBase:
+    """The GPTQ-calibrated nf4 weights of ``model.gptq_rows: 256`` (dequantized, by module name) and the
+    float32 model's input second moments of each block linear over 128 calibration texts."""
+
+    def __init__(self, cfg, data, b):
+        import bitsandbytes as bnb
+
+        from lowalign import api
+
+        gcfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, quantization="nf4", gptq_rows=256))
+        g = api.load_bundle(gcfg, b.tokenizer, data)
+        self.q = {n: bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                  for n, m in g.base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        del g
+        lin = {n: m for n, m in b.base.named_modules() if n in self.q}  # by module name
+        self.w = {n: m.weight.detach().clone() for n, m in lin.items()}
+        texts = api.calibration_texts(gcfg, data)
+        self.train_rows = [{"prompt": t, "answer": ""} for t in texts[128:192]]  # for sensitivity: not the H's
+        self.h = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()}
+        real = None
+
+        def add(n, x):
+            self.h[n].addmm_(x[real].double().T, x[real].double())
+
+        hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add(n, a[0])) for n, m in lin.items()]
+        with torch.no_grad():
+            for s in range(0, 128, 16):
+                enc = b.tokenizer(texts[s:s + 16], return_tensors="pt", padding=True)
+                real = enc["attention_mask"].bool()
+                b.base(**enc)
+        for h in hooks:
+            h.remove()
+
+    def svd(self, n: str, r: int) -> torch.Tensor:
+        u, s, vh = torch.linalg.svd(self.w[n] - self.q[n], full_matrices=False)
+        return (u[:, :r] * s[:r]) @ vh[:r]
+
+    def aware(self, n: str, r: int, damp: float = 0.01) -> torch.Tensor:
+        h = self.h[n]
+        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype)
+        ev, vec = torch.linalg.eigh(h)
+        root, inv = (vec * ev.clamp_min(0).sqrt()) @ vec.T, (vec * ev.clamp_min(1e-12).rsqrt()) @ vec.T
+        u, s, vh = torch.linalg.svd((self.w[n] - self.q[n]).double() @ root, full_matrices=False)
+        return ((u[:, :r] * s[:r]) @ vh[:r] @ inv).float()
+
+    def sensitivity(self, b, set_weights) -> None:
+        set_weights(lambda n, w: w)  # the reference: float32, adapters off
+        with b.use("reference"):
+            kl = kl_from(b, self.train_rows, batch=16)
+        layers = sorted({int(re.search(r"layers\.(\d+)\.", n)[1]) for n in self.q})
+        kinds = sorted({n.split(".")[-1] for n in self.q})
+        print("| left in float32 | KL to float32 over training texts |\n|---|---|")
+        for what, keep in ([("nothing", lambda n: False)]
+                           + [(f"layer {i}", lambda n, i=i: f"layers.{i}." in n) for i in layers]
+                           + [(f"every {k}", lambda n, k=k: n.split(".")[-1] == k) for k in kinds]):
+            set_weights(lambda n, w, keep=keep: w if keep(n) else self.q[n])
+            with b.use("reference"):
+                print(f"| {what} | {kl(b):.4f} |", flush=True)
 
 
 def grads(cfg, data) -> None:
