@@ -183,7 +183,12 @@ def _lean_forward(m: nn.Module):
 
 def _add_lora(result: torch.Tensor, h: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``result + alpha * h B^T`` as one addmm (h = A x, (..., r)), in the adapter's dtype, returned in
-    ``result``'s: the last step of both lean LoRA forwards."""
+    ``result``'s: the last step of both lean LoRA forwards. Without autograd, into ``result`` itself when it
+    is the adapter's dtype (the base output is this module's own temporary): no copy of the (tokens, d_out)
+    output per module, the same values."""
+    if not torch.is_grad_enabled() and result.dtype == h.dtype and result.is_contiguous():
+        result.view(-1, result.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=alpha)
+        return result
     out = torch.addmm(result.reshape(-1, result.shape[-1]).to(h.dtype), h.reshape(-1, h.shape[-1]), B.t(),
                       alpha=alpha)
     return out.view(result.shape).to(result.dtype)

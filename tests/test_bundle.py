@@ -406,6 +406,8 @@ def test_lean_lora_forward_equals_peft_forward_values_and_gradients(quantization
     for g, g_ref in zip(lean[1], peft[1]):
         torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
     assert torch.equal(lean[2], peft[2]) and not torch.allclose(lean[0], lean[2], atol=1e-3)
+    with torch.no_grad(), b.use("policy"):  # without autograd the LoRA update goes into the base output in place
+        assert torch.equal(b.hidden_states(ids, mask), lean[0])
 
 
 def test_cpu_quantized_load_does_not_keep_the_full_precision_file_mapped(tmp_path):
