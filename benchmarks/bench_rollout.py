@@ -27,6 +27,8 @@ variants run (``--variants plain plain_lora lowalign``; the baseline column is t
 
     python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 \
         --variants plain plain_lora lowalign lowalign_hf
+    python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 --reps 1 \
+        --variants lowalign --profile        # where a rollout's time goes, by op and shape
 
 Greedy completions of each variant are compared with the baseline's token by token. Prints a markdown table.
 """
@@ -202,6 +204,27 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def profile_rollout(variant: str, run) -> None:
+    """One more sampled rollout under torch.profiler, to stderr: the ops by self time and input shapes (a
+    matmul's GFLOP/s is 2 m k n over its time per call), and the machine's memory bandwidth (a 512 MiB copy),
+    against which a decode step that reads every weight once can be set."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run(True)
+    table = prof.key_averages(group_by_input_shape=True).table(
+        sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=60)
+    a = torch.ones(128 * 2**20)  # touched: untouched pages would all read the one zero page
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    gbs = 5 * 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
+    _log(variant, f"one rollout under torch.profiler:\n{table}\nmemory bandwidth (512 MiB copy, read + "
+                  f"write): {gbs:.1f} GB/s")
+
+
 def timed(variant: str, args, run, rows: int, cuda: bool) -> dict:
     """Warm up, time ``--reps`` sampled rollouts, save the greedy completions for the comparison."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -220,6 +243,8 @@ def timed(variant: str, args, run, rows: int, cuda: bool) -> dict:
         ts.append(time.perf_counter() - t0)
         _log(variant, f"rollout {ts[-1]:.2f} s")
     assert out.shape == (rows, args.new_tokens), out.shape
+    if args.profile:
+        profile_rollout(variant, run)
     greedy = run(False)
     np_ = Path(args.work) / f"greedy_{variant}.pt"
     torch.save(greedy.cpu(), np_)
@@ -243,6 +268,9 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--work", default=None, help="folder for the model (kept; default: a temporary folder)")
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true",
+                    help="each variant also profiles one rollout (ops by shape, to stderr) and measures the memory "
+                         "bandwidth")
     ap.add_argument("--variant-timeout", type=float, default=300, help="give up on a variant after this long")
     ap.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
