@@ -184,9 +184,11 @@ def load_bundle(cfg: C.RunConfig, tokenizer, data, console=None):
     ``model.gptq_rows`` asks for it (after ``prepare_prompts``)."""
     from lowalign.bundle import ModelBundle
 
-    bundle = ModelBundle.load(cfg.model, tokenizer=tokenizer)
+    with PHASES.phase("load"):
+        bundle = ModelBundle.load(cfg.model, tokenizer=tokenizer)
     if cfg.model.gptq_rows:
-        info = bundle.calibrate_nf4(calibration_texts(cfg, data))
+        with PHASES.phase("calibration"):  # a phase of its own: the planner plans it apart (its Hessians)
+            info = bundle.calibrate_nf4(calibration_texts(cfg, data))
         if console is not None:
             how = "cached" if info["cached"] else "computed"
             console.print(f"model: nf4 weights calibrated with GPTQ on {info['tokens']} tokens "
@@ -356,8 +358,7 @@ def run(config, overrides=None, *, quiet: bool = False) -> dict:
     device = resolve_device(cfg.model.device)
     resolve_memory(cfg, device.type, dist.world, console)
     PHASES.start(device, cfg.profile_memory)
-    with PHASES.phase("load"):
-        bundle = load_bundle(cfg, tok, data, console)
+    bundle = load_bundle(cfg, tok, data, console)  # phases "load" and "calibration"
     fresh = not out.exists()  # the run directory is created only once everything before it worked
     run_dir = RunDir(out, writer=dist.main)
     console.print(f"[bold]lowalign[/] {cfg.algorithm} -> run directory [cyan]{out}[/]")

@@ -50,6 +50,12 @@ CPU_TRAIN_RSS_FACTOR = 1.75
 # of 100 prompts x (48 + 16) tokens measured 681-762 MiB over the static terms (the baseline and final
 # evaluations of two `grpo_smollm2` runs, 2026-12-04) where the terms below count 503
 CPU_DECODE_RSS_FACTOR = 1.4
+# CPU GPTQ calibration (model.gptq_rows): peak RSS of the phase over the resident set after loading, against
+# the live terms of ``calibration`` below: SmolLM2, 256 texts, 626 MiB over 216 planned; builtin:tiny 61 over
+# 28 (`lowalign run recipes/grpo_smollm2_nf4.yaml --profile-memory train.steps=1 eval.num_examples=0` with a
+# fresh cache, 2026-12-04; the float64 Hessians and Cholesky factors of each layer are freed and allocated again
+# at the next, and the heap keeps what they leave). Not measured on CUDA, where the terms are counted as they are.
+CPU_CALIBRATION_RSS_FACTOR = 2.5
 SAMPLER_COPIES = 3  # [rows, vocab] fp32 buffers per decoding step (HF's scores copy, warped, the cdf)
 GREEDY_COPIES = 2
 
@@ -325,6 +331,15 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
             acts = int(acts * CPU_TRAIN_RSS_FACTOR)
         return acts + rows * T * s.hidden * 4 * 2 + (logprob_chunk(rows * T) if vocab_chunk else 0)
 
+    def calibration(n: int, T: int) -> int:  # lowalign.quantize.calibrate_nf4, decoder layer by decoder layer
+        d, a, i = s.hidden, s.attn_dim or s.hidden, s.intermediate
+        states = 2 * n * T * d * dt  # every text's hidden states in and out of the layer (the embeddings kept)
+        hessians = 8 * (5 * d * d + a * a + i * i)  # float64 X^T X per linear: q, k, v, gate, up read d; o; down
+        widest = max(d, a, i)
+        gptq = 8 * (4 * widest * widest + 2 * d * widest) + 4 * d * widest  # H's copy, Cholesky factors, W
+        total = states + hessians + gptq + forward_nograd(min(n, 16), T)  # batches of 16 through the layer
+        return int(total * CPU_CALIBRATION_RSS_FACTOR) if device == "cpu" else total
+
     def decode(rows: int, T_total: int, sampled: bool, prompts: int | None = None) -> int:
         kv = 2 * s.layers * s.kv_dim * rows * T_total * dt
         scores = rows * s.vocab * 4 * (SAMPLER_COPIES if sampled else GREEDY_COPIES) + rows * s.vocab * dt
@@ -333,6 +348,11 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         prefill = (prompts or rows) * P * (s.hidden * 5 + 4 * s.intermediate) * dt
         total = kv + scores + prefill
         return int(total * CPU_DECODE_RSS_FACTOR) if device == "cpu" else total
+
+    if cfg.model.gptq_rows and q == "nf4":
+        out.phases.append(("calibration", calibration(cfg.model.gptq_rows, P + C),
+                           f"GPTQ of {cfg.model.gptq_rows} texts x {P + C} tokens: their hidden states, one "
+                           f"layer's float64 input Hessians, the largest linear's GPTQ buffers"))
 
     ev = cfg.eval
     if ev.num_examples and kind == "prompts":
@@ -508,8 +528,9 @@ def fit_memory(cfg, device: str, world: int = 1) -> MemoryFit:
     raise ConfigError(f"train.memory_budget: nothing fits in {budget / GiB:.2f} GiB ({how}); the smallest setting, "
                       f"{setting}, plans {least / GiB:.2f} GiB (largest phase: {phase.get((mb, g), '?')}). Raise "
                       f"train.memory_budget to at least {need:.2f}GB, or lower the work per step (fewer generations, "
-                      "shorter completions, smaller eval.batch_size, model.quantization=nf4 on a GPU); "
-                      "`lowalign plan` shows where the memory goes")
+                      "shorter completions, smaller eval.batch_size, model.quantization=nf4 on a GPU"
+                      + (", fewer model.gptq_rows" if phase.get((mb, g)) == "calibration" else "")
+                      + "); `lowalign plan` shows where the memory goes")
 
 
 # ---- fitting a budget --------------------------------------------------------------------------------------
@@ -552,6 +573,8 @@ def suggestions(cfg, budget: int, device: str, completion: int | None, world: in
         cands.append("model.quantization=nf4")
     if "num_generations" in names and tc.num_generations > 2:
         cands += [f"train.num_generations={g}" for g in (tc.num_generations // 2, 2) if g >= 2]
+    if cfg.model.gptq_rows > 16:  # GPTQ's calibration texts are held as hidden states through every layer
+        cands += [f"model.gptq_rows={n}" for n in (cfg.model.gptq_rows // 2, cfg.model.gptq_rows // 4) if n >= 16]
     if "max_new_tokens" in names and tc.max_new_tokens > 64:
         cands.append(f"train.max_new_tokens={tc.max_new_tokens // 2}")
     if "batch_size" in names and tc.batch_size > 1 and "micro_batch_size" not in names:

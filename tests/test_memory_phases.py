@@ -1,5 +1,6 @@
 """`--profile-memory`: each phase's own peak (the counter resets per phase), per step and in summary.json."""
 
+import pytest
 import torch
 
 from lowalign.runtime import PHASES, MemoryPhases, peak_memory_bytes
@@ -96,3 +97,16 @@ def test_profile_memory_without_a_peak_reset_is_a_config_error(tmp_path, monkeyp
     with pytest.raises(ConfigError, match="profile_memory"):
         MemoryPhases().start("cpu", True)
     MemoryPhases().start("cpu", False)  # off: nothing to check
+
+
+def test_gptq_calibration_is_a_phase_of_its_own(tmp_path, monkeypatch):
+    """The planner plans GPTQ's calibration apart (its float64 Hessians can be a run's peak), so the run
+    measures it apart from loading."""
+    pytest.importorskip("bitsandbytes")
+    monkeypatch.setenv("LOWALIGN_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "g"
+    cli("run", "recipes/grpo_tiny.yaml", "--profile-memory", "model.quantization=nf4", "model.gptq_rows=32",
+        "train.steps=1", "eval.num_examples=0", f"output_dir={run}")
+    mp = summary(run)["memory_by_phase"]
+    assert {"load", "calibration", "rollout"} <= set(mp["peak_mib"]), mp
+    assert mp["peak_mib"]["calibration"] > 0

@@ -222,3 +222,29 @@ def test_a_suggestion_that_changes_the_run_says_so():
     mb = load_config(REPO / "recipes/grpo_qwen_gsm8k.yaml", ["train.micro_batch_size=32"])
     fixes = suggestions(mb, int(0.8 * plan(mb).on_card), "cuda", None)
     assert fixes and all(preserves_results(o) for o, _ in fixes)
+
+
+def test_gptq_calibration_is_planned_and_named_when_it_is_the_peak():
+    """GPTQ holds every calibration text's hidden states and one layer's float64 Hessians (the down
+    projection's is intermediate^2 x 8 B): on Qwen2.5-0.5B with 256 texts of 512 tokens that is the run's
+    largest phase, and fewer calibration rows are offered as a fix (changing the calibration, so marked)."""
+    from lowalign.planner import preserves_results, suggestions
+
+    q = REPO / "recipes/grpo_qwen_gsm8k.yaml"
+
+    def phases(rows):
+        p = plan(load_config(q, ["model.quantization=nf4", f"model.gptq_rows={rows}"]))
+        return {n: (b, how) for n, b, how in p.phases}, p
+
+    assert "calibration" not in phases(0)[0]
+    (small, _), (big, p) = phases(64), phases(256)
+    s = p.shape
+    hessians = 8 * (5 * s.hidden ** 2 + (s.attn_dim or s.hidden) ** 2 + s.intermediate ** 2)
+    assert big["calibration"][0] > hessians + 4 * 8 * s.intermediate ** 2  # down_proj's Hessian + GPTQ buffers
+    T = int(big["calibration"][1].split(" texts x ")[1].split()[0])
+    assert big["calibration"][0] - small["calibration"][0] == 2 * (256 - 64) * T * s.hidden * 2  # bf16 states
+    assert p.peak_phase[0] == "calibration"
+    cfg = load_config(q, ["model.quantization=nf4", "model.gptq_rows=256"])
+    fixes = suggestions(cfg, int(3 * GiB), "cuda", None)
+    assert fixes and any("model.gptq_rows=" in o for o, _ in fixes)
+    assert all(not preserves_results(o) for o, _ in fixes if "model.gptq_rows" in o)
