@@ -161,6 +161,12 @@ def test_calibrated_tiny_model_is_closer_to_full_precision_and_cached(tmp_path, 
         assert torch.equal(p, q), n
     other = ModelBundle.load(cfg).calibrate_nf4(_texts()[:8])  # other texts: another cache entry
     assert other["path"] != info["path"]
+    # a cache written before the token count was stored with the weights: the count is taken again
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(info["path"]), info["path"])  # the same tensors, no metadata
+    old = ModelBundle.load(cfg).calibrate_nf4(_texts())
+    assert old["cached"] and old["tokens"] == info["tokens"]
 
 
 def test_gptq_needs_an_nf4_base_named_before_loading():
