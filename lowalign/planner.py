@@ -50,12 +50,14 @@ CPU_TRAIN_RSS_FACTOR = 1.75
 # of 100 prompts x (48 + 16) tokens measured 681-762 MiB over the static terms (the baseline and final
 # evaluations of two `grpo_smollm2` runs, 2026-12-04) where the terms below count 503
 CPU_DECODE_RSS_FACTOR = 1.4
-# CPU GPTQ calibration (model.gptq_rows): peak RSS of the phase over the resident set after loading, against
-# the live terms of ``calibration`` below: SmolLM2, 256 texts, 626 MiB over 216 planned; builtin:tiny 61 over
-# 28 (`lowalign run recipes/grpo_smollm2_nf4.yaml --profile-memory train.steps=1 eval.num_examples=0` with a
-# fresh cache, 2026-12-04; the float64 Hessians and Cholesky factors of each layer are freed and allocated again
-# at the next, and the heap keeps what they leave). Not measured on CUDA, where the terms are counted as they are.
-CPU_CALIBRATION_RSS_FACTOR = 2.5
+# CPU GPTQ calibration (model.gptq_rows): the phase's peak RSS runs ahead of the live terms of ``calibration``
+# below. `lowalign run recipes/grpo_smollm2_nf4.yaml --profile-memory train.steps=1 eval.num_examples=0` with a
+# fresh cache (2026-12-04): 1312 and 1387 MiB measured (two runs), where the static terms are 805 and the live
+# terms 181; 3.0 plans 1347. builtin:tiny (`recipes/grpo_tiny.yaml model.quantization=nf4 model.gptq_rows=256`):
+# 537 measured, 646 planned (the runtime term is SmolLM2's). The float64 Hessians and Cholesky factors of each
+# layer are freed and allocated again at the next, and the heap keeps what they leave. Not measured on CUDA,
+# where the terms are counted as they are.
+CPU_CALIBRATION_RSS_FACTOR = 3.0
 SAMPLER_COPIES = 3  # [rows, vocab] fp32 buffers per decoding step (HF's scores copy, warped, the cdf)
 GREEDY_COPIES = 2
 
@@ -336,7 +338,9 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         states = 2 * n * T * d * dt  # every text's hidden states in and out of the layer (the embeddings kept)
         hessians = 8 * (5 * d * d + a * a + i * i)  # float64 X^T X per linear: q, k, v, gate, up read d; o; down
         widest = max(d, a, i)
-        gptq = 8 * (4 * widest * widest + 2 * d * widest) + 4 * d * widest  # H's copy, Cholesky factors, W
+        # beside its own H (counted above): H permuted, then each Cholesky factor in its place (two at once), W's
+        # float64 copy and its permutation, the full-precision weight as read
+        gptq = 8 * (2 * widest * widest + 2 * d * widest) + 4 * d * widest
         total = states + hessians + gptq + forward_nograd(min(n, 16), T)  # batches of 16 through the layer
         return int(total * CPU_CALIBRATION_RSS_FACTOR) if device == "cpu" else total
 

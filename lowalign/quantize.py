@@ -67,19 +67,25 @@ def gptq_nf4(w: torch.Tensor, h: torch.Tensor, blocksize: int = 64, damp: float 
         raise ValueError("gptq_nf4: act_order needs fixed absmax (a block's columns are no longer contiguous)")
     levels = nf4_levels(w.device).double()
     w = w.double().clone()
-    h = h.double().clone()
-    dead = h.diagonal() == 0  # inputs that were always zero: their weights cannot matter
-    h[dead, dead] = 1.0
+    diag = h.diagonal().double().clone()
+    dead = diag == 0  # inputs that were always zero: their weights cannot matter
+    diag[dead] = 1.0
     w[:, dead] = 0.0
     fixed = absmax is not None
     absmax = (absmax.to(w.device, torch.float64) if fixed
               else torch.empty(out, n // blocksize, dtype=torch.float64, device=w.device))
     scales = absmax.repeat_interleave(blocksize, 1)  # [out, in]: each column's block scale
-    order = (torch.argsort(h.diagonal(), descending=True, stable=True) if act_order
+    order = (torch.argsort(diag, descending=True, stable=True) if act_order
              else torch.arange(n, device=w.device))
-    w, h, scales = w[:, order], h[order][:, order], scales[:, order]
-    h.diagonal().add_(damp * h.diagonal().mean())
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # H permuted into a matrix of its own (``h`` is left as it was); then each factor replaces the one before,
+    # so at most three [in, in] float64 matrices live at once with ``h`` (down_proj's are intermediate^2 x 8 B)
+    w, scales = w[:, order], scales[:, order]
+    u = h.double()[order][:, order]
+    u.diagonal().copy_(diag[order])  # dead inputs get 1 (their rows and columns are 0)
+    u.diagonal().add_(damp * u.diagonal().mean())
+    u = torch.linalg.cholesky(u)
+    u = torch.cholesky_inverse(u)
+    u = torch.linalg.cholesky(u, upper=True)
     codes = torch.empty(out, n, dtype=torch.uint8, device=w.device)
     tiny = torch.finfo(torch.float32).tiny
     for b0 in range(0, n, blocksize):  # 64 columns at a time; the later ones get their error in one matmul
@@ -244,7 +250,7 @@ def calibrate_nf4(model: nn.Module, batches: Iterable[dict], read_weight: Callab
             w = w.to(hs[n].device)
             absmax = w.reshape(w.shape[0], -1, bs).abs().amax(-1)  # fixed from the start: the scales the
             state, used = nf4_state(m, absmax)                      # kernels will use (double-quantized)
-            codes, _ = gptq_nf4(w, hs[n], bs, damp, absmax=used, act_order=act_order)
+            codes, _ = gptq_nf4(w, hs.pop(n), bs, damp, absmax=used, act_order=act_order)  # each H freed after use
             written[full] = (pack_nf4(codes), absmax)
             set_nf4_weight(m, *written[full], state=state)
         for k, ((args, kwargs), _) in enumerate(caught):  # the calibrated layer's outputs feed the next
