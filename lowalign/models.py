@@ -177,8 +177,6 @@ def safetensors_reader(path: str):
     or nothing cached). LoftQ reads the full-precision weights here."""
     import json
 
-    from safetensors import safe_open
-
     d = Path(path).expanduser()
     if not d.is_dir():
         try:
@@ -188,15 +186,15 @@ def safetensors_reader(path: str):
                                        allow_patterns=["*.safetensors", "*.safetensors.index.json"]))
         except Exception:
             return None
-    index = d / "model.safetensors.index.json"
+    index, one = d / "model.safetensors.index.json", d / "model.safetensors"
+    headers: dict = {}  # file -> its parsed header, read once
     if index.is_file():
         where = {k: d / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-    elif (d / "model.safetensors").is_file():
-        with safe_open(str(d / "model.safetensors"), "pt") as f:
-            where = dict.fromkeys(f.keys(), d / "model.safetensors")
+    elif one.is_file():
+        headers[one] = _safetensors_header(one)
+        where = {k: one for k in headers[one][1] if k != "__metadata__"}
     else:
         return None
-    headers: dict = {}
 
     def read(name: str):
         f = where.get(name)
