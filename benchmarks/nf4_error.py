@@ -118,7 +118,7 @@ def main() -> None:
     last = b.base.config.num_hidden_layers - 1
 
     kl = kl_from(b, rows)
-    gptq = GptqBase(cfg, data, b) if any(m.startswith("gptq") for m in args.modes) else None
+    gptq = GptqBase(cfg, data, b, orig) if any(m.startswith("gptq") for m in args.modes) else None
     role = "reference"
     if args.adapter:  # after the inputs were recorded (adapters off)
         from lowalign.bundle import saved_lora_config
@@ -189,9 +189,10 @@ def main() -> None:
 
 class GptqBase:
     """The GPTQ-calibrated nf4 weights of ``model.gptq_rows: 256`` (dequantized, by module name) and the
-    float32 model's input second moments of each block linear over 128 calibration texts."""
+    float32 model's input second moments of each block linear over 128 calibration texts; ``orig``: the float32
+    model's parameters by name (the copy ``main`` keeps)."""
 
-    def __init__(self, cfg, data, b):
+    def __init__(self, cfg, data, b, orig: dict):
         import bitsandbytes as bnb
 
         from lowalign import api
@@ -202,14 +203,15 @@ class GptqBase:
                   for n, m in g.base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
         del g
         lin = {n: m for n, m in b.base.named_modules() if n in self.q}  # by module name
-        self.w = {n: m.weight.detach().clone() for n, m in lin.items()}
+        self.w = {n: orig[n + ".weight"] for n in lin}
         texts = api.calibration_texts(gcfg, data)
         self.train_rows = [{"prompt": t, "answer": ""} for t in texts[128:192]]  # for sensitivity: not the H's
         self.h = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in lin.items()}
         real = None
 
         def add(n, x):
-            self.h[n].addmm_(x[real].double().T, x[real].double())
+            x = x[real].double()
+            self.h[n].addmm_(x.T, x)
 
         hooks = [m.register_forward_pre_hook(lambda mod, a, n=n: add(n, a[0])) for n, m in lin.items()]
         with torch.no_grad():
