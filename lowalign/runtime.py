@@ -650,12 +650,13 @@ class MemoryPhases:
         try:
             yield
         finally:
+            now = self._now()  # before the peak: memory still growing between the two reads stays under the peak
             peak = self._peak()
             self.overall = max(self.overall, peak)
             self.peaks[name] = max(self.peaks.get(name, 0), peak)
             self.step[name] = max(self.step.get(name, 0), peak)
             if name == "load":
-                self.after_load = self._now()
+                self.after_load = now
 
     def step_metrics(self) -> dict:
         """``memory/<phase>_mib`` of the phases since the last call (one training step's)."""

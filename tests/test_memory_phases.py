@@ -23,6 +23,21 @@ def test_each_phase_has_its_own_peak():
     assert mp.step_metrics() == {}  # per step: emptied once read
     assert mp.overall >= s["big"] * 2**20 - 2**20
 
+def test_after_load_is_read_before_the_load_peak(monkeypatch):
+    """Memory that grows between the phase's two reads (the resident set, then the peak) must not put the
+    after-load figure above the load peak: the resident set is read first. A CI run saw 349.6 > 349.5 MiB
+    when the peak was read first."""
+    reads = iter(range(100, 200))  # the process grows by one unit between any two reads
+    mp = MemoryPhases()
+    mp.start("cpu", True)
+    monkeypatch.setattr(mp, "_reset", lambda: None)
+    monkeypatch.setattr(mp, "_now", lambda: next(reads))
+    monkeypatch.setattr(mp, "_peak", lambda: next(reads))  # VmHWM: at least the resident set at its read
+    with mp.phase("load"):
+        pass
+    assert 0 < mp.after_load <= mp.peaks["load"]
+
+
 def test_off_is_a_no_op():
     mp = MemoryPhases()
     with mp.phase("x"):
