@@ -214,6 +214,7 @@ def profile_rollout(variant: str, run) -> None:
         run(True)
     table = prof.key_averages(group_by_input_shape=True).table(
         sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=60)
+    by_name = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40)
     a = torch.ones(128 * 2**20)  # touched: untouched pages would all read the one zero page
     b = torch.empty_like(a)
     b.copy_(a)
@@ -221,8 +222,8 @@ def profile_rollout(variant: str, run) -> None:
     for _ in range(5):
         b.copy_(a)
     gbs = 5 * 2 * a.numel() * 4 / (time.perf_counter() - t0) / 1e9
-    _log(variant, f"one rollout under torch.profiler:\n{table}\nmemory bandwidth (512 MiB copy, read + "
-                  f"write): {gbs:.1f} GB/s")
+    _log(variant, f"one rollout under torch.profiler:\n{table}\nby op:\n{by_name}\n"
+                  f"memory bandwidth (512 MiB copy, read + write): {gbs:.1f} GB/s")
 
 
 def timed(variant: str, args, run, rows: int, cuda: bool) -> dict:
