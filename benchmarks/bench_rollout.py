@@ -23,12 +23,19 @@ variants run (``--variants plain plain_lora lowalign``; the baseline column is t
 * ``plain_lora``: the same with a peft LoRA (the same r16 adapter) unmerged: what a user's loop does.
 * ``lowalign``: ``lowalign.generation.generate`` as the trainers call it (row-seeded sampler; each prompt's
   prefill computed once and its KV cache shared by the group's completions).
+* ``lowalign_repeated``: the same with each prompt's KV cache repeated to its group's rows (what the rollout
+  did before ``GroupedPrompt``: every decode step's attention reads the prompt once per row).
 * ``lowalign_hf``: the same with ``engine="hf"`` (transformers' ``generate`` on every row's prompt).
+
+``--shots N`` puts N worked examples ("Example: what is 3 + 13? Answer: 16.") before each question: few-shot
+prompts, where the prompt is most of what the decode steps attend to.
 
     python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 \
         --variants plain plain_lora lowalign lowalign_hf
     python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 16 --reps 1 \
         --variants lowalign --profile        # where a rollout's time goes, by op and shape
+    python benchmarks/bench_rollout.py --model package:smollm2-135m-instruct --new-tokens 32 --shots 30 \
+        --variants lowalign lowalign_repeated  # ~600-token prompts: the prompt's keys once per group or per row
 
 Greedy completions of each variant are compared with the baseline's token by token. Prints a markdown table.
 """
@@ -54,7 +61,8 @@ SIZES = {  # the published configurations' numbers (Qwen2.5 family): random weig
     "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                  num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
 }
-VARIANTS = ("dynamic", "static", "static_compiled", "plain", "plain_lora", "lowalign", "lowalign_hf")
+VARIANTS = ("dynamic", "static", "static_compiled", "plain", "plain_lora", "lowalign", "lowalign_repeated",
+            "lowalign_hf")
 
 
 def build_model(size: str, out: Path) -> Path:
@@ -129,6 +137,13 @@ def real_worker(variant: str, args) -> tuple:
     from lowalign.models import resolve_path, resolve_target_modules
 
     texts = chat_prompts(args.model, args.prompts)
+    if args.shots:
+        shots = "".join(f"Example: what is {i} + {2 * i + 7}? Answer: {3 * i + 7}.\n" for i in range(args.shots))
+        texts = [t.replace("What is", shots + "What is", 1) for t in texts]
+    if variant == "lowalign_repeated":
+        from lowalign.generation import GroupedPrompt
+
+        GroupedPrompt.applies = staticmethod(lambda config: False)
     if variant.startswith("lowalign"):
         b = load_policy(Path(resolve_path(args.model)), args.quantization)
         seeds = [row_seed(0, i) for i in range(args.prompts * args.generations)]
@@ -138,7 +153,7 @@ def real_worker(variant: str, args) -> tuple:
                 return generate(b, texts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                                 num_generations=args.generations, do_sample=sample,
                                 row_seeds=seeds if sample else None,
-                                engine="lowalign" if variant == "lowalign" else "hf").completion_ids
+                                engine="hf" if variant == "lowalign_hf" else "lowalign").completion_ids
         return run, args.prompts * args.generations
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -264,6 +279,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--prompt-chars", type=int, default=256, help="prompt length (1 token per character)")
+    ap.add_argument("--shots", type=int, default=0, help="--model: worked examples before each question")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
@@ -305,7 +321,8 @@ def main() -> None:
     ref = Path(args.work) / f"greedy_{anchor}.pt"
     base = next((r for r in rows if r["variant"] == anchor and "error" not in r), None)
     dev = next((r["device"] for r in rows if "device" in r), "?")
-    what = (f"{args.model}, chat prompts of the arithmetic task" if args.model else
+    what = (f"{args.model}, chat prompts of the arithmetic task{f' with {args.shots} examples' if args.shots else ''}"
+            if args.model else
             f"Qwen2.5-{args.size} shape, random weights, {args.prompt_chars}-token prompts")
     print(f"\n{dev}; {what}; quantization {args.quantization}, LoRA r16 unmerged; {args.prompts} prompts x "
           f"{args.generations} generations, {args.new_tokens} new tokens; median of {args.reps}\n")

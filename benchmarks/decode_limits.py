@@ -20,8 +20,9 @@ after the same prefill: the decoder layers called by hand (RMSNorm, rotary, SDPA
 LoRA projections and MLP as modules), none of transformers' per-step mask, cache or output machinery. Prints
 the time of each and whether the greedy tokens are equal.
 
-Each part alternates its variants and prints the median. A bound, not a feature: nothing here is used by
-lowalign.
+Each part alternates its variants and prints the median. The shared-prompt attention is what
+``lowalign.generation.GroupedPrompt`` now does in the rollout; the fused projections and the lean loop were
+measured and not built (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

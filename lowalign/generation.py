@@ -127,10 +127,12 @@ def generate(bundle, prompts: list[str], *, max_new_tokens: int, do_sample: bool
     (:class:`RowSeededSampler`) instead of the global RNG; without, from the global one (``do_sample``) or
     greedily.
 
-    ``engine``: ``"lowalign"`` (:func:`decode`: each distinct prompt's prefill once, its KV cache repeated to
-    its group; finished rows leave the batch) or ``"hf"`` (transformers' ``generate`` on every row's prompt:
-    the reference path, and the one used inside :meth:`ModelBundle.row_scales`, where rows cannot be dropped).
-    Greedy and row-seeded completions are the same tokens on both."""
+    ``engine``: ``"lowalign"`` (:func:`decode`: each distinct prompt's prefill once, its keys read once per
+    group at every step; finished rows leave the batch) or ``"hf"`` (transformers' ``generate`` on every row's
+    prompt: the reference path, and the one used inside :meth:`ModelBundle.row_scales`, where rows cannot be
+    dropped). Greedy and row-seeded completions are the same tokens on both up to float rounding (equal on the
+    nine architecture skeletons of the tests; on SmolLM2, 64 rows x 16 sampled tokens, 2 rows take another
+    token at some step, as they did when the prompt's keys were repeated to the rows)."""
     if engine not in ("lowalign", "hf"):
         raise ValueError(f"engine: '{engine}' is not one of lowalign, hf")
     tok = bundle.tokenizer
@@ -193,14 +195,18 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
     """Completions (B * groups, T) of the left-padded prompts ``ids`` (B, P), ``groups`` per prompt (rows
     grouped), T <= max_new_tokens (the step at which the last row ended), pad after each row's EOS.
 
-    1. Prefill: each distinct prompt once, its KV cache and last-position logits repeated ``groups`` times.
+    1. Prefill: each distinct prompt once, its last-position logits repeated ``groups`` times. Its keys and
+       values stay once per prompt (:class:`GroupedPrompt`: each step's attention reads them once for the
+       group's rows, then each row's own), or, on a model that cannot (sliding windows, eager attention), are
+       repeated to the group's rows.
     2. Decode: step t picks ``pick(logits (n, vocab), t, rows)`` for the n rows still running (``rows``: their
        indices among the B * groups), EOS forbidden while t < ``min_new_tokens``; rows that emit EOS leave the
        batch (their cache rows are dropped), so later steps compute only unfinished rows.
 
     Positions are the mask's running count (as transformers' generate gives left-padded rows); only the last
-    position's logits are computed. The same forward as ``generate`` row by row, so greedy and row-seeded
-    tokens equal those of transformers' ``generate`` on the repeated prompts."""
+    position's logits are computed. The same forward as ``generate`` row by row (the grouped attention up to
+    float rounding), so greedy and row-seeded tokens equal those of transformers' ``generate`` on the repeated
+    prompts."""
     from lowalign.bundle import position_ids_from_mask
 
     kw, first = {"use_cache": True}, {}
@@ -211,14 +217,18 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
         # that strided (B, 1, d) view ran 10x slower in float32 and in bfloat16 took 6.6 s and 5 GB for 100
         # prompts (a contiguous copy: 8 ms; benchmarks/RESULTS.md, "bf16 on CPU")
         first["logits_to_keep"] = torch.tensor([ids.shape[1] - 1], device=ids.device)
-    cache = rollout_cache(model.config, max_new_tokens)
+    grouped = GroupedPrompt.applies(model.config) and groups > 1
+    cache = grouped_prompt_cache(model.config, max_new_tokens) if grouped else rollout_cache(model.config,
+                                                                                               max_new_tokens)
     pos = position_ids_from_mask(mask)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, **{**kw, **first},
                    **{key: cache}).logits[:, -1]
     last = pos[:, -1]
-    if groups > 1:
+    if grouped:
+        kw[GROUPED_KWARG] = cache.state.share(groups, mask)
+    elif groups > 1:
         cache.batch_repeat_interleave(groups)
-        logits, mask, last = (x.repeat_interleave(groups, 0) for x in (logits, mask, last))
+    logits, mask, last = (x.repeat_interleave(groups, 0) for x in (logits, mask, last))
     n = mask.shape[0]
     out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=ids.device)
     rows = torch.arange(n, device=ids.device)
@@ -237,11 +247,111 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
             keep = (~done).nonzero().flatten()
             cache.batch_select_indices(keep)
             rows, nxt, mask, last = rows[keep], nxt[keep], mask[keep], last[keep]
+            if grouped:
+                cache.state.rows = rows
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         last = last + 1
         logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
                        **{key: cache}).logits[:, -1]
+        if grouped and t == 0 and cache.state.attended < cache.state.updated:
+            # some layer's attention never saw the grouped prompt (a decoder that does not pass its keyword
+            # arguments down) and attended to the row's own keys only: the step again on whole rows
+            cache, grouped = cache.state.whole_rows_cache(cache, model.config, max_new_tokens), False
+            del kw[GROUPED_KWARG]
+            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
+                           **{key: cache}).logits[:, -1]
     return out[:, :steps]
+
+
+GROUPED_KWARG = "lowalign_grouped"  # the decoder passes it down to every attention call
+
+
+class GroupedPrompt:
+    """A decode batch whose rows share their prompts' keys and values: ``groups`` rows per prompt (rows
+    grouped), each prompt's keys once in every layer of :func:`grouped_prompt_cache`, each row's generated ones
+    after them. :meth:`attend` is one step's attention (one query per row) over both, cascade style:
+
+        s_p[r] = q[r] K_p[g(r)]^T * scale + bias[g(r)]     the prompt's keys, once per group (B, heads, G R, P)
+        s_c[r] = q[r] K_c[r]^T * scale                    the row's own generated keys
+        out[r] = softmax([s_p[r], s_c[r]]) [V_p[g(r)]; V_c[r]]
+
+    with the R query heads of each key head side by side, so a group's G rows x R heads are one product
+    against the prompt's keys. The prompt's keys are read once per group instead of once per row (the repeat
+    of the unshared cache), and never copied to the rows. ``rows`` are the running rows' indices among the
+    B * G (finished rows leave the batch); ``bias`` (B, 1, 1, P) is 0 on the prompts' real tokens and -inf on
+    their left padding. The softmax runs in float32, as transformers' eager attention does."""
+
+    def __init__(self):
+        self.groups, self.rows, self.bias, self.current = 0, None, None, None
+        self.updated = self.attended = 0  # layers written and attention calls that read the grouped prompt
+
+    @staticmethod
+    def applies(config) -> bool:
+        """Whether a model's decode can run grouped: sdpa attention (whose call lowalign routes,
+        ``prompt_sharing.packed_attention``) and full attention in every layer."""
+        from lowalign.prompt_sharing import _install_packed_attention, packing_mode
+
+        return packing_mode(config) == "block" and _install_packed_attention()
+
+    def share(self, groups: int, prompt_mask: torch.Tensor) -> GroupedPrompt:
+        """Called after the prefill of the B distinct prompts (``prompt_mask`` (B, P)): from now on each
+        prompt serves ``groups`` rows."""
+        self.groups = groups
+        self.rows = torch.arange(prompt_mask.shape[0] * groups, device=prompt_mask.device)
+        self.bias = torch.zeros(prompt_mask.shape[0], 1, 1, prompt_mask.shape[1], device=prompt_mask.device)
+        self.bias.masked_fill_(~prompt_mask.bool()[:, None, None], float("-inf"))
+        return self
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float | None) -> torch.Tensor:
+        """(n, 1, heads, d), sdpa's layout, for ``query`` (n, heads, 1, d) and the running rows' own ``key`` /
+        ``value`` (n, kv heads, t, d); the prompts' are the current layer's."""
+        layer = self.current
+        self.attended += 1
+        pk, pv = layer.keys, layer.values  # (B, kv heads, P, d)
+        B, h, P, d = pk.shape
+        n, heads, G = query.shape[0], query.shape[1], self.groups
+        R = heads // h
+        scale = d ** -0.5 if scale is None else scale
+        q = query.reshape(n, h, R, d)  # query head j * R + i reads key head j
+        full = n == B * G
+        qa = q if full else q.new_zeros(B * G, h, R, d).index_copy_(0, self.rows, q)
+        qa = qa.view(B, G, h, R, d).transpose(1, 2).reshape(B, h, G * R, d)
+        if self.bias.dtype != q.dtype:
+            self.bias = self.bias.to(q.dtype)
+        sp = torch.matmul(qa, pk.transpose(-1, -2)).mul_(scale).add_(self.bias)  # (B, h, G R, P)
+        sp = sp.view(B, h, G, R, P).transpose(1, 2).reshape(B * G, h, R, P)
+        if not full:
+            sp = sp[self.rows]
+        sc = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (n, h, R, t)
+        p = torch.softmax(torch.cat([sp, sc], -1), -1, dtype=torch.float32).to(q.dtype)
+        pp = p[..., :P]
+        if not full:
+            pp = pp.new_zeros(B * G, h, R, P).index_copy_(0, self.rows, pp)
+        op = torch.matmul(pp.reshape(B, G, h, R, P).transpose(1, 2).reshape(B, h, G * R, P), pv)
+        op = op.view(B, h, G, R, d).transpose(1, 2).reshape(B * G, h, R, d)
+        if not full:
+            op = op[self.rows]
+        out = op + torch.matmul(p[..., P:], value)  # (n, h, R, d)
+        return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous()
+
+    def whole_rows(self, key: torch.Tensor, value: torch.Tensor) -> tuple:
+        """The running rows' whole keys and values (n, kv heads, P + t, d), each row's prompt copied in front of
+        its own, and their (n, 1, 1, P + t) boolean mask: what the unshared cache holds, for an attention call
+        :meth:`attend` does not cover."""
+        layer, g = self.current, self.rows // self.groups
+        self.attended += 1
+        n, t = key.shape[0], key.shape[-2]
+        keep = torch.cat([self.bias[g] == 0, torch.ones(n, 1, 1, t, dtype=torch.bool, device=key.device)], -1)
+        return torch.cat([layer.keys[g], key], 2), torch.cat([layer.values[g], value], 2), keep
+
+    def whole_rows_cache(self, cache, config, room: int):
+        """A :func:`rollout_cache` holding each running row's prompt keys and values (its group's, copied), none
+        of the steps since the prefill: for a decoder that cannot decode grouped, from its first step on."""
+        whole, g = rollout_cache(config, room), self.rows // self.groups
+        for i, layer in enumerate(cache.layers):
+            whole.layers[i].update(layer.keys[g], layer.values[g])
+        return whole
 
 
 @functools.cache
@@ -314,6 +424,67 @@ def rollout_cache(config, room: int):
 
     cache, layer = DynamicCache(config=config), _in_place_layer_class()
     cache.layers = [layer(room) if type(x) is DynamicLayer else x for x in cache.layers]
+    return cache
+
+
+@functools.cache
+def _grouped_prompt_layer_class():
+    InPlaceLayer = _in_place_layer_class()
+
+    class GroupedPromptLayer(InPlaceLayer):
+        """A rollout cache layer of :class:`GroupedPrompt`: the prefill's keys and values (one row per
+        distinct prompt) stay as they are; once the state is shared, each step's keys and values are written
+        in place per row (:class:`InPlaceLayer`'s buffer) and only those are returned, the attention reading
+        the prompt's from here."""
+
+        def __init__(self, room: int, state: GroupedPrompt):
+            super().__init__(room)
+            self.state = state
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.state.groups:  # the prefill
+                return super(InPlaceLayer, self).update(key_states, value_states, *args, **kwargs)
+            self.state.current = self
+            self.state.updated += 1
+            if self.k_buf is None:  # the first step: the rows' buffers, empty
+                n, h, _, d = key_states.shape
+                self.k_buf = key_states.new_empty(n, h, self.room, d)
+                self.v_buf = value_states.new_empty(n, h, self.room, d)
+            n = key_states.shape[-2]
+            if self.length + n > self.k_buf.shape[-2]:  # out of room
+                grow = (*self.k_buf.shape[:2], self.room, self.k_buf.shape[-1])
+                self.k_buf = torch.cat([self.k_buf, self.k_buf.new_empty(grow)], 2)
+                self.v_buf = torch.cat([self.v_buf, self.v_buf.new_empty(grow)], 2)
+            self.k_buf[:, :, self.length:self.length + n] = key_states
+            self.v_buf[:, :, self.length:self.length + n] = value_states
+            self.length += n
+            return self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+
+        def get_seq_length(self) -> int:
+            return (self.keys.shape[-2] if self.is_initialized else 0) + self.length
+
+        def _views(self) -> None:  # the rows' buffers are not the layer's keys: those stay the prompts'
+            pass
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            raise NotImplementedError("a grouped prompt is never repeated to its rows")
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.k_buf is not None:
+                self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
+
+    return GroupedPromptLayer
+
+
+def grouped_prompt_cache(config, room: int):
+    """A ``DynamicCache`` for ``config`` (full attention in every layer) whose layers keep each prompt's keys
+    once and each row's generated ones in place (``room`` tokens reserved); ``cache.state`` is its
+    :class:`GroupedPrompt`, passed to the decoder as ``GROUPED_KWARG`` once shared."""
+    from transformers import DynamicCache
+
+    cache, state = DynamicCache(config=config), GroupedPrompt()
+    cache.layers = [_grouped_prompt_layer_class()(room, state) for _ in cache.layers]
+    cache.state = state
     return cache
 
 

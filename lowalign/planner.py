@@ -345,10 +345,14 @@ def plan(cfg, *, device: str = "cuda", completion: int | None = None, world: int
         return int(total * CPU_CALIBRATION_RSS_FACTOR) if device == "cpu" else total
 
     def decode(rows: int, T_total: int, sampled: bool, prompts: int | None = None) -> int:
-        kv = 2 * s.layers * s.kv_dim * rows * T_total * dt
+        # generation.decode prefills each distinct prompt once (``prompts`` of them); with sdpa and full
+        # attention (``s.packing == "block"``) its keys stay once per prompt (GroupedPrompt), else they are
+        # repeated to the group's rows
+        grouped = prompts is not None and s.packing == "block"
+        tokens = prompts * P + rows * (T_total - P) if grouped else rows * T_total
+        kv = 2 * s.layers * s.kv_dim * tokens * dt
         scores = rows * s.vocab * 4 * (SAMPLER_COPIES if sampled else GREEDY_COPIES) + rows * s.vocab * dt
-        # one layer's temporaries over whole prompts; generation.decode prefills each distinct prompt once
-        # (``prompts`` of them) and repeats its KV cache to the group
+        # one layer's temporaries over whole prompts
         prefill = (prompts or rows) * P * (s.hidden * 5 + 4 * s.intermediate) * dt
         total = kv + scores + prefill
         return int(total * CPU_DECODE_RSS_FACTOR) if device == "cpu" else total

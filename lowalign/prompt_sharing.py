@@ -122,6 +122,14 @@ def packed_attention(module, query, key, value, attention_mask, *args, **kwargs)
     P^2 + g C (P + C) pairs, as on whole rows (where the prompt repeats g times). The prompt's keys and values
     are expanded to the g completions, so their gradients are the sums over them. Returns sdpa's
     ((n, P + g C, heads, head_dim), None)."""
+    from lowalign.generation import GROUPED_KWARG
+
+    grouped = kwargs.pop(GROUPED_KWARG, None)
+    if grouped is not None:  # a decode step of grouped rows (lowalign.generation.decode)
+        plain = query.shape[2] == 1 and not any(kwargs.get(k) is not None for k in _OTHER_SCORES)
+        if plain:
+            return grouped.attend(query, key, value, kwargs.get("scaling")), None
+        key, value, attention_mask = grouped.whole_rows(key, value)  # anything else: sdpa on whole rows
     layout = kwargs.pop(LAYOUT_KWARG, None)
     if layout is None:
         return _SDPA(module, query, key, value, attention_mask, *args, **kwargs)
@@ -142,6 +150,7 @@ def packed_attention(module, query, key, value, attention_mask, *args, **kwargs)
 
 
 _SDPA = None
+_OTHER_SCORES = ("softcap", "sliding_window", "s_aux", "head_mask", "position_bias")  # not plain softmax(q k^T)
 
 
 def _install_packed_attention() -> bool:

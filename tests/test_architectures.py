@@ -183,16 +183,19 @@ def test_base_weight_is_the_layers_weight(arch_dir, arch):
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
-def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
-    """Each prompt's prefill once, its KV cache repeated to the group: the same sampled tokens (row-seeded) and
-    greedy tokens as computing every row's prompt, hence the same log-probs; prompts of unequal length (left
-    padding)."""
-    from lowalign.generation import generate, row_seed
+def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir, monkeypatch):
+    """Each prompt's prefill once, its keys read once per group by each step's attention (or, with sliding
+    windows, its KV cache repeated to the group): the same sampled tokens (row-seeded) and greedy tokens as
+    computing every row's prompt, hence the same log-probs; prompts of unequal length (left padding)."""
+    from lowalign.generation import GroupedPrompt, generate, row_seed
     from lowalign.logprobs import token_logprobs
 
     b = _bundle(arch_dir(name))
     prompts = ["12+7=", "3+45=19", "9=", "hello there, 5+5="]
     seeds = [row_seed(7, i) for i in range(len(prompts) * 4)]
+    grouped = []
+    attend = GroupedPrompt.attend
+    monkeypatch.setattr(GroupedPrompt, "attend", lambda self, *a: grouped.append(1) or attend(self, *a))
     with b.use("policy"):
         for kw in (dict(do_sample=False), dict(row_seeds=seeds)):  # sampled last: its rollouts are scored below
             shared, plain = (generate(b, prompts, max_new_tokens=6, num_generations=4, engine=e, **kw)
@@ -204,6 +207,8 @@ def test_shared_prefill_samples_what_the_unshared_path_samples(name, arch_dir):
         lp_shared, lp_plain = (token_logprobs(b, r.input_ids, r.attention_mask, r.target_mask).logps
                                for r in (shared, plain))
     torch.testing.assert_close(lp_shared, lp_plain, rtol=0, atol=0)
+    sliding = getattr(b.base.config.get_text_config(), "sliding_window", None) is not None
+    assert bool(grouped) == (not sliding)  # every full-attention model decodes grouped
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))

@@ -98,3 +98,86 @@ def test_rollout_cache_holds_what_dynamic_cache_holds():
         a, b = ours.update(k, v, 0), ref.update(k, v, 0)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert ours.get_seq_length() == ref.get_seq_length() == 9
+
+
+def test_grouped_attention_equals_sdpa_on_whole_rows():
+    """One decode step over B = 3 prompts x G = 4 rows, 6 query heads on 2 key heads: the grouped attention
+    (each prompt's keys once, then each row's own) equals sdpa on each row's whole cache (its prompt's keys
+    repeated in front of its own, left padding masked), with every row running and with rows finished; and
+    the whole rows it hands an attention call it does not cover are that cache."""
+    import torch.nn.functional as F
+
+    from lowalign.generation import GroupedPrompt
+
+    g = torch.Generator().manual_seed(0)
+    B, G, h, R, d, P, t = 3, 4, 2, 3, 8, 5, 2
+    pk, pv = torch.randn(B, h, P, d, generator=g), torch.randn(B, h, P, d, generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_mask[2, :1] = 0
+    state = GroupedPrompt().share(G, prompt_mask)
+    state.current = type("Layer", (), {"keys": pk, "values": pv})()
+    for rows in (torch.arange(B * G), torch.tensor([0, 2, 3, 5, 9, 11])):  # all running; then some finished
+        n = rows.numel()
+        state.rows = rows
+        q = torch.randn(n, h * R, 1, d, generator=g)
+        k, v = torch.randn(n, h, t, d, generator=g), torch.randn(n, h, t, d, generator=g)
+        got = state.attend(q, k, v, None)
+        grp = rows // G
+        whole_k, whole_v = torch.cat([pk[grp], k], 2), torch.cat([pv[grp], v], 2)
+        keep = torch.cat([prompt_mask[grp].bool(), torch.ones(n, t, dtype=torch.bool)], 1)[:, None, None]
+        want = F.scaled_dot_product_attention(q, whole_k.repeat_interleave(R, 1), whole_v.repeat_interleave(R, 1),
+                                              attn_mask=keep).transpose(1, 2)
+        assert got.shape == (n, 1, h * R, d)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        wk, wv, wm = state.whole_rows(k, v)
+        assert torch.equal(wk, whole_k) and torch.equal(wv, whole_v) and torch.equal(wm, keep)
+
+
+def test_grouped_cache_keeps_one_prompt_per_group():
+    """The grouped cache holds the prefill's B prompts once; decode steps write each row's keys in place past
+    the reserved room, finished rows leave, and the sequence length counts prompt and steps."""
+    from lowalign.generation import grouped_prompt_cache
+
+    cfg = ModelBundle.load(ModelConfig()).base.config
+    cache = grouped_prompt_cache(cfg, room=2)
+    g = torch.Generator().manual_seed(0)
+    pk, pv = torch.randn(3, 2, 5, 4, generator=g), torch.randn(3, 2, 5, 4, generator=g)
+    assert cache.update(pk, pv, 0)[0].shape == (3, 2, 5, 4)  # the prefill: returned and kept as they are
+    cache.state.share(4, torch.ones(3, 5))
+    seen = []
+    for step in range(3):  # the 3rd step outgrows the room of 2
+        if step == 2:
+            cache.batch_select_indices(torch.tensor([0, 4, 7]))
+            seen = [s[[0, 4, 7]] for s in seen]
+        k = torch.randn(12 if step < 2 else 3, 2, 1, 4, generator=g)
+        keys, _ = cache.update(k, k, 0)
+        seen.append(k)
+        assert torch.equal(keys, torch.cat(seen, 2))  # only the rows' own keys
+        assert cache.state.current is cache.layers[0]
+    assert torch.equal(cache.layers[0].keys, pk) and cache.get_seq_length() == 5 + 3
+
+
+def test_a_decoder_that_drops_the_grouped_prompt_decodes_whole_rows(monkeypatch):
+    """A decoder that does not pass its keyword arguments down to attention would attend to each row's own
+    keys only: the first step notices (fewer grouped attention calls than layers written), redoes itself on
+    whole rows, and the completions are still transformers' generate's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from lowalign import generation as Gn
+
+    b = _policy()
+    prompts = [r["prompt"] for r in ArithmeticTask().eval_rows()[:6]]
+    seeds = [row_seed(2, i) for i in range(len(prompts) * 3)]
+    with b.use("policy"):
+        want = generate(b, prompts, max_new_tokens=8, num_generations=3, engine="hf", row_seeds=seeds)
+        assert Gn.GroupedPrompt.applies(b.base.config)  # so routed attention exists; now drop the keyword
+        routed = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", lambda *a, **k: routed(
+            *a, **{n: v for n, v in k.items() if n != Gn.GROUPED_KWARG}))
+        caches = []
+        real = Gn.GroupedPrompt.whole_rows_cache
+        monkeypatch.setattr(Gn.GroupedPrompt, "whole_rows_cache", lambda *a: caches.append(1) or real(*a))
+        got = generate(b, prompts, max_new_tokens=8, num_generations=3, row_seeds=seeds)
+    assert caches == [1]  # it fell back, once
+    assert torch.equal(got.completion_ids, want.completion_ids)

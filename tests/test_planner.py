@@ -1,6 +1,7 @@
 """`lowalign plan`: a breakdown and a verdict from config.json alone, fixes that really fit, and estimates
 within 25% of measured peaks (CPU RSS here; the same comparison runs on a GPU in benchmarks/plan_accuracy.py)."""
 
+import dataclasses
 import importlib.util
 import json
 
@@ -177,9 +178,11 @@ def test_a_preference_file_sets_the_completion_length_not_the_sampling_budget(tm
     assert longest >= 100, note
 
 
-def test_rollout_prefills_each_prompt_once():
-    """generation.decode prefills a prompt once and repeats its KV cache to the group: 8 prompts x 8
-    completions need a quarter of the prefill temporaries of 32 prompts x 2, and the same KV cache."""
+def test_rollout_prefills_each_prompt_once(monkeypatch):
+    """generation.decode prefills a prompt once and keeps its keys once for the group (GroupedPrompt): 8
+    prompts x 8 completions need a quarter of the prefill temporaries of 32 prompts x 2 and a quarter of the
+    prompts' KV cache; the completions' KV cache is the same. A model that repeats the prompt's keys to the
+    group (eager attention) plans the whole rows' cache."""
     q = str(REPO / "recipes/grpo_qwen_gsm8k.yaml")
 
     def rollout(ppg, g):
@@ -188,8 +191,16 @@ def test_rollout_prefills_each_prompt_once():
         return dict((n, b) for n, b, _ in p.phases)["rollout"], p.shape, P
 
     (grouped, s, P), (spread, _, _) = rollout(8, 8), rollout(32, 2)
+    assert s.packing == "block"
     per_prompt = P * (s.hidden * 5 + 4 * s.intermediate) * 2  # one layer's prefill temporaries, bf16
-    assert spread - grouped == 24 * per_prompt
+    prompt_kv = 2 * s.layers * s.kv_dim * P * 2  # one prompt's keys and values, bf16
+    assert spread - grouped == 24 * (per_prompt + prompt_kv)
+    from lowalign import planner
+
+    real = planner.model_shape
+    monkeypatch.setattr(planner, "model_shape", lambda cfg: dataclasses.replace(real(cfg), packing="dense"))
+    repeated, _, _ = rollout(8, 8)
+    assert repeated - grouped == 56 * prompt_kv  # 64 rows' copies of the prompts against 8
 
 
 def test_a_large_evaluation_batch_is_named_as_the_fix():
