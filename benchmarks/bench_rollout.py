@@ -15,6 +15,9 @@ and ``--reps`` times timed. Variants:
 * ``static_compiled``: ``StaticCache`` and transformers' compiled decode step (torch.compile,
   ``reduce-overhead``: CUDA graphs).
 
+``lowalign`` and ``lowalign_repeated`` (below) also run on the random-weight model, with its character
+prompts.
+
 With ``--model PATH`` (a real model directory, e.g. SmolLM2-135M-Instruct converted from its GGUF, or
 ``package:smollm2-135m-instruct``) the prompts are the built-in arithmetic task's chat prompts and three more
 variants run (``--variants plain plain_lora lowalign``; the baseline column is then ``plain_lora``):
@@ -131,30 +134,34 @@ def chat_prompts(model: str, n: int) -> list[str]:
     return [r["prompt"] for r in data.batch(0, n, cfg.seed)]
 
 
+def lowalign_run(b, texts: list[str], variant: str, args) -> tuple:
+    """(generate(sample: bool) -> completion ids, rows) through ``lowalign.generation.generate`` as the
+    trainers call it (row-seeded sampler), for the ``lowalign*`` variants."""
+    from lowalign.generation import GroupedPrompt, generate, row_seed
+
+    if variant == "lowalign_repeated":
+        GroupedPrompt.applies = staticmethod(lambda config: False)
+    seeds = [row_seed(0, i) for i in range(len(texts) * args.generations)]
+
+    def run(sample: bool):
+        with b.use("policy"):
+            return generate(b, texts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                            num_generations=args.generations, do_sample=sample, row_seeds=seeds if sample else None,
+                            engine="hf" if variant == "lowalign_hf" else "lowalign").completion_ids
+    return run, len(texts) * args.generations
+
+
 def real_worker(variant: str, args) -> tuple:
     """(generate(sample: bool) -> completion ids, rows) for the ``--model`` variants."""
-    from lowalign.generation import encode_prompts, generate, row_seed
+    from lowalign.generation import encode_prompts
     from lowalign.models import resolve_path, resolve_target_modules
 
     texts = chat_prompts(args.model, args.prompts)
     if args.shots:
         shots = "".join(f"Example: what is {i} + {2 * i + 7}? Answer: {3 * i + 7}.\n" for i in range(args.shots))
         texts = [t.replace("What is", shots + "What is", 1) for t in texts]
-    if variant == "lowalign_repeated":
-        from lowalign.generation import GroupedPrompt
-
-        GroupedPrompt.applies = staticmethod(lambda config: False)
     if variant.startswith("lowalign"):
-        b = load_policy(Path(resolve_path(args.model)), args.quantization)
-        seeds = [row_seed(0, i) for i in range(args.prompts * args.generations)]
-
-        def run(sample: bool):
-            with b.use("policy"):
-                return generate(b, texts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                num_generations=args.generations, do_sample=sample,
-                                row_seeds=seeds if sample else None,
-                                engine="hf" if variant == "lowalign_hf" else "lowalign").completion_ids
-        return run, args.prompts * args.generations
+        return lowalign_run(load_policy(Path(resolve_path(args.model)), args.quantization), texts, variant, args)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -193,6 +200,9 @@ def worker(variant: str, args) -> dict:
     if args.model:
         return timed(variant, args, *real_worker(variant, args), cuda=torch.cuda.is_available())
     b = load_policy(Path(args.work) / args.size, args.quantization)
+    if variant.startswith("lowalign"):  # the random model's character prompts, lowalign's rollout
+        return timed(variant, args, *lowalign_run(b, prompts(args.prompts, args.prompt_chars), variant, args),
+                     cuda=b.device.type == "cuda")
     tok, model = b.tokenizer, b.causal_lm
     ids, mask = encode_prompts(tok, prompts(args.prompts, args.prompt_chars), b.device)
     ids, mask = ids.repeat_interleave(args.generations, 0), mask.repeat_interleave(args.generations, 0)
