@@ -279,7 +279,8 @@ class GroupedPrompt:
     against the prompt's keys. The prompt's keys are read once per group instead of once per row (the repeat
     of the unshared cache), and never copied to the rows. ``rows`` are the running rows' indices among the
     B * G (finished rows leave the batch); ``bias`` (B, 1, 1, P) is 0 on the prompts' real tokens and -inf on
-    their left padding. The softmax runs in float32, as transformers' eager attention does."""
+    their left padding. Scores, softmax and sums run in float32 whatever the model's dtype (in bfloat16, scores
+    rounded to 8 bits changed greedy tokens where sdpa's kernel, accumulating in float32, did not)."""
 
     def __init__(self):
         self.groups, self.rows, self.bias, self.current = 0, None, None, None
@@ -308,23 +309,23 @@ class GroupedPrompt:
         ``value`` (n, kv heads, t, d); the prompts' are the current layer's."""
         layer = self.current
         self.attended += 1
-        pk, pv = layer.keys, layer.values  # (B, kv heads, P, d)
+        f32 = torch.float32  # scores and weighted sums in float32 (as sdpa's kernels accumulate) at any dtype
+        pk, pv = layer.keys.to(f32), layer.values.to(f32)  # (B, kv heads, P, d)
+        key, value = key.to(f32), value.to(f32)
         B, h, P, d = pk.shape
         n, heads, G = query.shape[0], query.shape[1], self.groups
         R = heads // h
         scale = d ** -0.5 if scale is None else scale
-        q = query.reshape(n, h, R, d)  # query head j * R + i reads key head j
+        q = query.reshape(n, h, R, d).to(f32)  # query head j * R + i reads key head j
         full = n == B * G
         qa = q if full else q.new_zeros(B * G, h, R, d).index_copy_(0, self.rows, q)
         qa = qa.view(B, G, h, R, d).transpose(1, 2).reshape(B, h, G * R, d)
-        if self.bias.dtype != q.dtype:
-            self.bias = self.bias.to(q.dtype)
         sp = torch.matmul(qa, pk.transpose(-1, -2)).mul_(scale).add_(self.bias)  # (B, h, G R, P)
         sp = sp.view(B, h, G, R, P).transpose(1, 2).reshape(B * G, h, R, P)
         if not full:
             sp = sp[self.rows]
         sc = torch.matmul(q, key.transpose(-1, -2)).mul_(scale)  # (n, h, R, t)
-        p = torch.softmax(torch.cat([sp, sc], -1), -1, dtype=torch.float32).to(q.dtype)
+        p = torch.softmax(torch.cat([sp, sc], -1), -1)
         pp = p[..., :P]
         if not full:
             pp = pp.new_zeros(B * G, h, R, P).index_copy_(0, self.rows, pp)
@@ -333,7 +334,7 @@ class GroupedPrompt:
         if not full:
             op = op[self.rows]
         out = op + torch.matmul(p[..., P:], value)  # (n, h, R, d)
-        return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous()
+        return out.reshape(n, heads, 1, d).transpose(1, 2).to(query.dtype).contiguous()
 
     def whole_rows(self, key: torch.Tensor, value: torch.Tensor) -> tuple:
         """The running rows' whole keys and values (n, kv heads, P + t, d), each row's prompt copied in front of
