@@ -110,11 +110,11 @@ def _randomize_lora_b(model) -> None:
                 p.copy_((torch.randn(p.shape, generator=g) * 0.02).to(p))
 
 
-def load_policy(model_dir: Path, quantization: str):
+def load_policy(model_dir: Path, quantization: str, dtype: str = "auto"):
     from lowalign.bundle import ModelBundle
     from lowalign.config import LoraConfig, ModelConfig
 
-    b = ModelBundle.load(ModelConfig(name_or_path=str(model_dir), quantization=quantization,
+    b = ModelBundle.load(ModelConfig(name_or_path=str(model_dir), quantization=quantization, dtype=dtype,
                                      gradient_checkpointing=True))
     torch.manual_seed(0)  # PEFT draws lora_A from the global generator
     b.add_adapter("policy", LoraConfig(r=16, alpha=32))
@@ -161,7 +161,8 @@ def real_worker(variant: str, args) -> tuple:
         shots = "".join(f"Example: what is {i} + {2 * i + 7}? Answer: {3 * i + 7}.\n" for i in range(args.shots))
         texts = [t.replace("What is", shots + "What is", 1) for t in texts]
     if variant.startswith("lowalign"):
-        return lowalign_run(load_policy(Path(resolve_path(args.model)), args.quantization), texts, variant, args)
+        b = load_policy(Path(resolve_path(args.model)), args.quantization, args.dtype)
+        return lowalign_run(b, texts, variant, args)
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -170,7 +171,8 @@ def real_worker(variant: str, args) -> tuple:
     path = resolve_path(args.model)
     tok = load_tokenizer(path)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     if variant == "plain_lora":
         torch.manual_seed(0)
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=resolve_target_modules(
@@ -290,6 +292,8 @@ def main() -> None:
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--prompt-chars", type=int, default=256, help="prompt length (1 token per character)")
     ap.add_argument("--shots", type=int, default=0, help="--model: worked examples before each question")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="--model: the weights' dtype (auto: lowalign's default, float32 on a CPU)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS)
