@@ -230,6 +230,11 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
         cache.batch_repeat_interleave(groups)
     logits, mask, last = (x.repeat_interleave(groups, 0) for x in (logits, mask, last))
     n = mask.shape[0]
+
+    def step(nxt, mask, last):  # one token per running row: (n, vocab) logits
+        return model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
+                     **{key: cache}).logits[:, -1]
+
     out = torch.full((n, max_new_tokens), pad_id, dtype=ids.dtype, device=ids.device)
     rows = torch.arange(n, device=ids.device)
     steps = 0
@@ -251,15 +256,13 @@ def decode(model, ids: torch.Tensor, mask: torch.Tensor, *, groups: int, max_new
                 cache.state.rows = rows
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
         last = last + 1
-        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
-                       **{key: cache}).logits[:, -1]
+        logits = step(nxt, mask, last)
         if grouped and t == 0 and cache.state.attended < cache.state.updated:
             # some layer's attention never saw the grouped prompt (a decoder that does not pass its keyword
             # arguments down) and attended to the row's own keys only: the step again on whole rows
             cache, grouped = cache.state.whole_rows_cache(cache, model.config, max_new_tokens), False
             del kw[GROUPED_KWARG]
-            logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=last[:, None], **kw,
-                           **{key: cache}).logits[:, -1]
+            logits = step(nxt, mask, last)
     return out[:, :steps]
 
 
@@ -374,20 +377,25 @@ def _in_place_layer_class():
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
+            self._write(key_states, value_states)
+            self._views()
+            return self.keys, self.values
+
+        def _write(self, key_states, value_states) -> tuple:
+            """Append to the buffers (made, or grown by ``room``, when full); the first ``length`` positions."""
             n = key_states.shape[-2]
             if self.k_buf is None or self.length + n > self.k_buf.shape[-2]:  # first call (or out of room)
                 cap = self.length + n + self.room
                 k_buf = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
                 v_buf = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
                 if self.length:
-                    k_buf[:, :, :self.length] = self.keys
-                    v_buf[:, :, :self.length] = self.values
+                    k_buf[:, :, :self.length] = self.k_buf[:, :, :self.length]
+                    v_buf[:, :, :self.length] = self.v_buf[:, :, :self.length]
                 self.k_buf, self.v_buf = k_buf, v_buf
             self.k_buf[:, :, self.length:self.length + n] = key_states
             self.v_buf[:, :, self.length:self.length + n] = value_states
             self.length += n
-            self._views()
-            return self.keys, self.values
+            return self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
 
         def _views(self) -> None:
             self.keys, self.values = self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
@@ -447,19 +455,7 @@ def _grouped_prompt_layer_class():
                 return super(InPlaceLayer, self).update(key_states, value_states, *args, **kwargs)
             self.state.current = self
             self.state.updated += 1
-            if self.k_buf is None:  # the first step: the rows' buffers, empty
-                n, h, _, d = key_states.shape
-                self.k_buf = key_states.new_empty(n, h, self.room, d)
-                self.v_buf = value_states.new_empty(n, h, self.room, d)
-            n = key_states.shape[-2]
-            if self.length + n > self.k_buf.shape[-2]:  # out of room
-                grow = (*self.k_buf.shape[:2], self.room, self.k_buf.shape[-1])
-                self.k_buf = torch.cat([self.k_buf, self.k_buf.new_empty(grow)], 2)
-                self.v_buf = torch.cat([self.v_buf, self.v_buf.new_empty(grow)], 2)
-            self.k_buf[:, :, self.length:self.length + n] = key_states
-            self.v_buf[:, :, self.length:self.length + n] = value_states
-            self.length += n
-            return self.k_buf[:, :, :self.length], self.v_buf[:, :, :self.length]
+            return self._write(key_states, value_states)  # the rows' own keys, in place
 
         def get_seq_length(self) -> int:
             return (self.keys.shape[-2] if self.is_initialized else 0) + self.length
@@ -469,10 +465,6 @@ def _grouped_prompt_layer_class():
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             raise NotImplementedError("a grouped prompt is never repeated to its rows")
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self.k_buf is not None:
-                self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
 
     return GroupedPromptLayer
 
