@@ -23,6 +23,7 @@ def test_each_phase_has_its_own_peak():
     assert mp.step_metrics() == {}  # per step: emptied once read
     assert mp.overall >= s["big"] * 2**20 - 2**20
 
+
 def test_after_load_is_read_before_the_load_peak(monkeypatch):
     """Memory that grows between the phase's two reads (the resident set, then the peak) must not put the
     after-load figure above the load peak: the resident set is read first. A CI run saw 349.6 > 349.5 MiB
